@@ -1,0 +1,44 @@
+"""Policy registry: names -> constructors.  ``get_policy`` also accepts checkpoint paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from roadloop.errors import UnknownNameError
+from roadloop.policies.base import Observation, Policy, PolicyOutput
+
+_REGISTRY: dict[str, Callable[[], Policy]] = {}
+
+
+def register_policy(name: str, factory: Callable[[], Policy]) -> None:
+    """Make ``factory`` available under ``name`` (for ``roadloop eval --policy NAME``)."""
+    _REGISTRY[name] = factory
+
+
+def policy_names() -> list[str]:
+    _builtin()
+    return sorted(_REGISTRY)
+
+
+def _builtin() -> None:
+    if "route-idm" not in _REGISTRY:
+        from roadloop.policies.route_idm import RouteIDM
+
+        register_policy("route-idm", RouteIDM)
+    if "expert" not in _REGISTRY:
+        try:
+            from roadloop.policies.expert import Expert
+        except ImportError:  # pragma: no cover - expert not installed
+            return
+        register_policy("expert", Expert)
+
+
+def get_policy(name: str) -> Policy:
+    """A registered policy by name (``route-idm``, ``expert``, ...)."""
+    _builtin()
+    if name in _REGISTRY:
+        return _REGISTRY[name]()
+    raise UnknownNameError("policy", name, list(_REGISTRY))
+
+
+__all__ = ["Observation", "Policy", "PolicyOutput", "get_policy", "policy_names", "register_policy"]

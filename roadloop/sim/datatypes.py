@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 
@@ -57,7 +58,9 @@ class _TensorTree:
         kw = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
+            if f.name == "static":
+                kw[f.name] = v
+            elif isinstance(v, torch.Tensor):
                 kw[f.name] = fn(v)
             elif isinstance(v, _TensorTree):
                 kw[f.name] = v.map_tensors(fn)
@@ -219,7 +222,7 @@ class SimState(_TensorTree):
     stop_done: torch.Tensor  # (B, A, K) bool, agent has already halted at that stop sign
     route_s: torch.Tensor  # (B,) m, ego progress along its route
     route_s_max: torch.Tensor  # (B,) m, furthest progress so far
-    scenario: Scenario  # the static batch (not copied between steps)
+    static: Any  # roadloop.sim.state.SimStatic: the scenario batch + precomputed lookups (shared)
 
     @property
     def batch_size(self) -> int:

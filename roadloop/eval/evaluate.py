@@ -1,0 +1,169 @@
+"""Evaluate a policy on a scenario suite: batched rollouts -> metrics -> ``EvalReport``.
+
+Every aggregate carries a 95% bootstrap confidence interval, overall and per scenario family
+(the validation matrix).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from roadloop.eval.metrics import METRICS, compute_metrics
+from roadloop.policies.base import Policy
+from roadloop.rollout import Rollout, RolloutConfig, rollout
+from roadloop.sim.batching import collate
+from roadloop.sim.datatypes import Scenario
+
+HEADLINE = ["score", "nuplan_score", "collision_at_fault", "collision_any", "offroad", "red_light",
+            "route_completion", "comfort_violation", "progress"]
+
+
+def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``x`` (finite values only); NaN if empty."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return (math.nan, math.nan)
+    if x.size == 1 or np.all(x == x[0]):
+        return (float(x[0]), float(x[0]))
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
+    a = (1 - level) / 2
+    return (float(np.quantile(means, a)), float(np.quantile(means, 1 - a)))
+
+
+@dataclass
+class Stat:
+    mean: float
+    ci: tuple[float, float]
+    n: int
+
+
+def summarize(values: dict[str, np.ndarray]) -> dict[str, Stat]:
+    out = {}
+    for k, v in values.items():
+        fin = v[np.isfinite(v)]
+        if METRICS[k].aggregate == "sum":
+            out[k] = Stat(float(fin.sum()), (float(fin.sum()), float(fin.sum())), int(fin.size))
+        else:
+            out[k] = Stat(float(fin.mean()) if fin.size else math.nan, bootstrap_ci(fin), int(fin.size))
+    return out
+
+
+@dataclass
+class RolloutSummary:
+    rollout_id: str  # "<scenario id>#<seed>@<policy>"
+    scenario_id: str
+    family: str
+    seed: int
+    failed: bool
+    fail_reason: str
+    metrics: dict[str, float]
+
+
+@dataclass
+class EvalReport:
+    policy: str
+    suite: str
+    suite_hash: str
+    seed: int
+    overall: dict[str, Stat]
+    per_family: dict[str, dict[str, Stat]]
+    rollouts: list[RolloutSummary]
+    n_failed: int
+    km_between_incidents: float
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def headline(self) -> dict:
+        """The JSON contract of ``roadloop eval --json``."""
+        o = self.overall
+        return {
+            "policy": self.policy, "suite": self.suite, "suite_hash": self.suite_hash, "seed": self.seed,
+            "n": len(self.rollouts), "n_failed": self.n_failed,
+            "score": o["score"].mean, "score_ci": list(o["score"].ci),
+            "nuplan_score": o["nuplan_score"].mean, "nuplan_score_ci": list(o["nuplan_score"].ci),
+            "collision_at_fault_rate": o["collision_at_fault"].mean,
+            "collision_at_fault_rate_ci": list(o["collision_at_fault"].ci),
+            "collision_any_rate": o["collision_any"].mean, "offroad_rate": o["offroad"].mean,
+            "offroad_rate_ci": list(o["offroad"].ci), "red_light_rate": o["red_light"].mean,
+            "route_completion": o["route_completion"].mean, "comfort_violation_rate": o["comfort_violation"].mean,
+            "progress": o["progress"].mean, "progress_ci": list(o["progress"].ci),
+            "km_between_incidents": self.km_between_incidents, "seconds": self.seconds,
+            "per_family": {f: {k: {"mean": s.mean, "ci": list(s.ci), "n": s.n} for k, s in m.items()}
+                           for f, m in self.per_family.items()},
+        }
+
+    def to_json(self) -> dict:
+        d = self.headline()
+        d["overall"] = {k: asdict(s) for k, s in self.overall.items()}
+        d["rollouts"] = [asdict(r) for r in self.rollouts]
+        d["extra"] = self.extra
+        return d
+
+
+def rollout_id(scenario_id: str, seed: int, policy: str) -> str:
+    return f"{scenario_id}#{seed}@{policy}"
+
+
+def evaluate(policy: Policy, scenarios: list[Scenario], *, suite_name: str = "", suite_hash: str = "",
+             seed: int = 0, batch_size: int = 64, cfg: RolloutConfig | None = None,
+             on_batch: Callable[[int], None] | None = None,
+             keep_rollouts: bool = False) -> tuple[EvalReport, list[tuple[Rollout, Scenario]]]:
+    """Roll ``policy`` out on every scenario (batched), compute metrics, aggregate with CIs."""
+    import time
+
+    t0 = time.perf_counter()
+    per = {k: [] for k in METRICS}
+    summaries: list[RolloutSummary] = []
+    kept = []
+    # batch scenarios with equal step counts together so padding stays small
+    order = sorted(range(len(scenarios)), key=lambda i: (scenarios[i].num_steps, i))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = collate([scenarios[i] for i in idx])
+        seeds = torch.tensor([seed] * len(idx), dtype=torch.int64)
+        with torch.inference_mode():
+            ro = rollout(policy, batch, seeds, cfg)
+            vals = compute_metrics(ro, batch)
+        for j, i in enumerate(idx):
+            m = scenarios[i].meta
+            mv = {k: float(v[j]) for k, v in vals.items()}
+            summaries.append(RolloutSummary(rollout_id(m.scenario_id, seed, ro.policy), m.scenario_id, m.family,
+                                            seed, bool(ro.failed[j]), ro.fail_reason[j], mv))
+            for k in per:
+                per[k].append(mv[k])
+        if keep_rollouts:
+            kept.append((ro, batch))
+        if on_batch:
+            on_batch(len(idx))
+    # restore suite order
+    pos = {i: k for k, i in enumerate(order)}
+    summaries = [summaries[pos[i]] for i in range(len(scenarios))]
+    arr = {k: np.array([s.metrics[k] for s in summaries]) for k in per}
+    overall = summarize(arr)
+    fams = sorted({s.family for s in summaries})
+    per_family = {}
+    for f in fams:
+        mask = np.array([s.family == f for s in summaries])
+        per_family[f] = summarize({k: v[mask] for k, v in arr.items()})
+    incidents = np.nansum(arr["collision_at_fault"]) + np.nansum(arr["offroad"])
+    km = float(np.nansum(arr["km"]))
+    kbi = km / incidents if incidents > 0 else math.inf
+    rep = EvalReport(policy=f"{policy.name}@{policy.version}", suite=suite_name, suite_hash=suite_hash, seed=seed,
+                     overall=overall, per_family=per_family, rollouts=summaries,
+                     n_failed=sum(s.failed for s in summaries), km_between_incidents=kbi,
+                     seconds=time.perf_counter() - t0)
+    return rep, kept
+
+
+def write_json(report: EvalReport, path: str) -> None:
+    from roadloop.io import atomic_write_text, json_clean
+
+    atomic_write_text(path, json.dumps(json_clean(report.to_json()), indent=2))

@@ -1,0 +1,220 @@
+"""Closed-loop metrics, registered by name (see docs/metrics.md for the table).
+
+Every metric maps a ``Rollout`` (time-major, B rollouts) and its scenario batch to a (B,)
+float tensor, one value per rollout.  Failed rollouts (the policy raised or returned NaN) get
+NaN and are counted separately.
+
+AlpaSim scene score (REFERENCE 1.5), per rollout:
+  * drop the warm-up steps (log replay, not scored);
+  * truncate after the first off-road or collision step and after the first step with
+    distance to the log >= 4 m;
+  * 0 if an at-fault collision or off-road occurred (in the kept window); otherwise
+    min(clamp(progress, 0, 1) / 0.8, 1), where progress is the ego's arc length along the route
+    over the kept window divided by the arc length the logged ego covered over the whole
+    scored horizon (progress = 1 when the log travels < 5 m).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from roadloop.errors import UnknownNameError
+from roadloop.rollout import Rollout
+from roadloop.sim.datatypes import AgentType, Scenario
+from roadloop.sim.state import _project_on_route
+
+DIST_TO_LOG_TRUNCATE = 4.0  # m
+LOG_MIN_TRAVEL = 5.0  # m
+PROGRESS_FULL = 0.8
+COMFORT = {  # nuPlan comfort bounds (REFERENCE 1.2)
+    "lon_accel_min": -4.05, "lon_accel_max": 2.40, "lat_accel": 4.89, "jerk": 8.37, "lon_jerk": 4.13,
+    "yaw_rate": 0.95, "yaw_accel": 1.93,
+}
+TTC_THRESHOLD = 0.95  # s
+SPEED_VIOLATION_SCALE = 2.23  # m/s, nuPlan's max overspeed for a 0 speed-limit score
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    fn: Callable[[EpisodeView], torch.Tensor]
+    unit: str
+    range: str
+    aggregate: str  # "mean" or "rate" (mean of a 0/1 value)
+    description: str
+
+
+class EpisodeView:
+    """Lazily computed per-rollout quantities shared by the metrics (each (B,) or (T, B))."""
+
+    def __init__(self, ro: Rollout, scenarios: Scenario):
+        self.ro = ro
+        self.sc = scenarios
+        c = ro.checks
+        T, B = ro.num_steps, ro.batch_size
+        self.T, self.B = T, B
+        scored = ro.scored.view(T, 1).expand(T, B)
+        incident = c.offroad | c.collision | (torch.nan_to_num(c.dist_to_log, nan=0.0) >= DIST_TO_LOG_TRUNCATE)
+        first = torch.where((incident & scored).any(0), (incident & scored).to(torch.int8).argmax(0),
+                            torch.full((B,), T - 1))
+        steps = torch.arange(T).view(T, 1)
+        self.keep = scored & (steps <= first.view(1, B))  # (T, B) steps counted by the AlpaSim score
+        self.scored = scored
+        self.first_scored = int(ro.scored.to(torch.int8).argmax()) if bool(ro.scored.any()) else T
+        self.t_end = first  # (B,) last kept step
+
+    def any_kept(self, x: torch.Tensor) -> torch.Tensor:
+        return (x & self.keep).any(0)
+
+    def any_scored(self, x: torch.Tensor) -> torch.Tensor:
+        return (x & self.scored).any(0)
+
+    def log_travel(self) -> torch.Tensor:
+        """Arc length (B,) m the logged ego covers along the route over the scored horizon."""
+        ag = self.sc.agents
+        t0 = self.first_scored  # checks[t] is state t+1; the scored horizon starts at state t0
+        Tl = ag.num_steps
+        last = torch.where(ag.valid[:, 0], torch.arange(Tl), torch.zeros(Tl, dtype=torch.int64)).amax(-1)
+        last = last.clamp_max(self.T)
+        xy_end = ag.xy[:, 0].gather(1, last.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1)
+        xy0 = ag.xy[:, 0, min(t0, Tl - 1)]
+        r = self.sc.route
+        return _project_on_route(xy_end, r.xy, r.valid) - _project_on_route(xy0, r.xy, r.valid)
+
+    def ego_travel(self) -> torch.Tensor:
+        """Arc length (B,) m the ego covered along the route over the kept window."""
+        p = self.ro.checks.progress
+        t0 = max(self.first_scored - 1, 0)
+        start = p[t0] if self.first_scored > 0 else p[0]
+        return p.gather(0, self.t_end.view(1, -1)).squeeze(0) - start
+
+
+def _progress(v: EpisodeView) -> torch.Tensor:
+    log = v.log_travel()
+    ratio = v.ego_travel() / log.clamp_min(1e-6)
+    return torch.where(log < LOG_MIN_TRAVEL, torch.ones_like(ratio), ratio)
+
+
+def _alpasim_score(v: EpisodeView) -> torch.Tensor:
+    c = v.ro.checks
+    bad = v.any_kept(c.collision_at_fault) | v.any_kept(c.offroad)
+    s = torch.clamp(torch.clamp(_progress(v), 0.0, 1.0) / PROGRESS_FULL, max=1.0)
+    return torch.where(bad, torch.zeros_like(s), s)
+
+
+def _comfort_terms(v: EpisodeView) -> dict[str, torch.Tensor]:
+    """Max absolute comfort quantities (B,) over the scored steps (3-step moving average first)."""
+    ro = v.ro
+    dt = 0.1
+    acc = ro.accel[1:, :, 0]
+    yr = ro.yaw_rate[1:, :, 0]
+    sp = ro.speed[1:, :, 0]
+
+    def smooth(x):
+        k = 3
+        xp = torch.cat((x[:1].expand(k // 2, -1), x, x[-1:].expand(k // 2, -1)), 0)
+        return xp.unfold(0, k, 1).mean(-1)
+
+    acc, yr = smooth(acc), smooth(yr)
+    lat = sp * yr
+    jerk_lon = torch.diff(acc, dim=0, prepend=acc[:1]) / dt
+    jerk = torch.sqrt(jerk_lon ** 2 + (torch.diff(lat, dim=0, prepend=lat[:1]) / dt) ** 2)
+    yacc = torch.diff(yr, dim=0, prepend=yr[:1]) / dt
+    m = v.scored.clone()
+    if v.first_scored < v.T:  # differences that reach back into the warm-up are not scored
+        m[v.first_scored] = False
+    neg = torch.full_like(acc, float("-inf"))
+    mx = lambda x: torch.where(m, x, neg).amax(0)
+    return {"lon_accel_max": mx(acc), "lon_accel_min": -mx(-acc), "lat_accel": mx(lat.abs()),
+            "jerk": mx(jerk), "lon_jerk": mx(jerk_lon.abs()), "yaw_rate": mx(yr.abs()), "yaw_accel": mx(yacc.abs())}
+
+
+def _comfort_violation(v: EpisodeView) -> torch.Tensor:
+    t = _comfort_terms(v)
+    bad = (t["lon_accel_max"] > COMFORT["lon_accel_max"]) | (t["lon_accel_min"] < COMFORT["lon_accel_min"])
+    for k in ("lat_accel", "jerk", "lon_jerk", "yaw_rate", "yaw_accel"):
+        bad |= t[k] > COMFORT[k]
+    return bad.float()
+
+
+def _nuplan_score(v: EpisodeView) -> torch.Tensor:
+    c = v.ro.checks
+    fault = c.collision_at_fault & v.scored
+    hit_static = (fault & (c.collision_kind == AgentType.STATIC)).any(0)
+    hit_moving = (fault & (c.collision_kind != AgentType.STATIC)).any(0)
+    m_coll = torch.where(hit_moving, 0.0, torch.where(hit_static, 0.5, 1.0))
+    m_drive = torch.where(v.any_scored(c.offroad), 0.0, 1.0)
+    wrong_m = (c.wrong_way & v.scored).float().mul(v.ro.speed[1:, :, 0] * 0.1).sum(0)
+    m_dir = torch.where(wrong_m < 2.0, 1.0, torch.where(wrong_m < 6.0, 0.5, 0.0))
+    prog = _progress(v).clamp(0.0, 1.0)
+    # nuPlan's "making progress" uses the progress over the whole scored horizon
+    m_prog = torch.where(prog >= 0.2, 1.0, 0.0)
+    moving = v.ro.speed[1:, :, 0] > 0.1
+    ttc_ok = ~((c.ttc < TTC_THRESHOLD) & moving & v.scored).any(0)
+    over = torch.where(v.scored, c.speeding, torch.zeros_like(c.speeding)).sum(0) / v.scored.sum(0).clamp_min(1)
+    speed_ok = 1.0 - torch.clamp(over / SPEED_VIOLATION_SCALE, 0.0, 1.0)
+    comfort_ok = 1.0 - _comfort_violation(v)
+    weighted = (5 * ttc_ok.float() + 5 * prog + 4 * speed_ok + 2 * comfort_ok) / 16.0
+    return m_coll * m_drive * m_dir * m_prog * weighted
+
+
+def _route_completion(v: EpisodeView) -> torch.Tensor:
+    return (_progress(v) >= 0.95).float()
+
+
+def _km(v: EpisodeView) -> torch.Tensor:
+    sp = v.ro.speed[1:, :, 0]
+    return (sp * 0.1 * v.scored).sum(0) / 1000.0
+
+
+METRICS: dict[str, MetricSpec] = {}
+
+
+def register(spec: MetricSpec) -> MetricSpec:
+    METRICS[spec.name] = spec
+    return spec
+
+
+for _spec in [
+    MetricSpec("score", _alpasim_score, "-", "[0, 1]", "mean", "AlpaSim scene score (module docstring)"),
+    MetricSpec("nuplan_score", _nuplan_score, "-", "[0, 1]", "mean", "nuPlan-style closed-loop score (CLS)"),
+    MetricSpec("progress", _progress, "-", "[0, inf)", "mean",
+               "ego route progress over the kept window / logged ego's progress"),
+    MetricSpec("collision_at_fault", lambda v: v.any_scored(v.ro.checks.collision_at_fault).float(), "-",
+               "{0, 1}", "rate", "an at-fault collision (front or lateral) in the scored steps"),
+    MetricSpec("collision_any", lambda v: v.any_scored(v.ro.checks.collision).float(), "-", "{0, 1}", "rate",
+               "any collision in the scored steps (being rear-ended included)"),
+    MetricSpec("offroad", lambda v: v.any_scored(v.ro.checks.offroad).float(), "-", "{0, 1}", "rate",
+               "a corner of the ego box left the drivable area"),
+    MetricSpec("red_light", lambda v: v.any_scored(v.ro.checks.red_light).float(), "-", "{0, 1}", "rate",
+               "the ego crossed a stop line on red"),
+    MetricSpec("wrong_way", lambda v: v.any_scored(v.ro.checks.wrong_way).float(), "-", "{0, 1}", "rate",
+               "the ego drove against the lane direction"),
+    MetricSpec("route_completion", _route_completion, "-", "{0, 1}", "rate",
+               "progress >= 0.95 of the logged ego's"),
+    MetricSpec("comfort_violation", _comfort_violation, "-", "{0, 1}", "rate",
+               "any nuPlan comfort bound exceeded in the scored steps"),
+    MetricSpec("min_ttc", lambda v: torch.where(v.scored, v.ro.checks.ttc, torch.full_like(v.ro.checks.ttc,
+               float("inf"))).amin(0).clamp_max(10.0), "s", "[0, 10]", "mean",
+               "minimum time-to-collision (capped at 10 s)"),
+    MetricSpec("dist_to_log", lambda v: torch.where(v.keep, torch.nan_to_num(v.ro.checks.dist_to_log, nan=0.0),
+               torch.zeros_like(v.ro.checks.dist_to_log)).sum(0) / v.keep.sum(0).clamp_min(1), "m", "[0, inf)",
+               "mean", "mean distance to the logged ego over the kept window"),
+    MetricSpec("km", _km, "km", "[0, inf)", "sum", "distance driven in the scored steps"),
+]:
+    register(_spec)
+
+
+def compute_metrics(ro: Rollout, scenarios: Scenario, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Per-rollout values {name: (B,)} of the named (default: all) metrics; NaN for failed rollouts."""
+    view = EpisodeView(ro, scenarios)
+    out = {}
+    for n in names or list(METRICS):
+        if n not in METRICS:
+            raise UnknownNameError("metric", n, list(METRICS))
+        val = METRICS[n].fn(view).float()
+        out[n] = torch.where(ro.failed, torch.full_like(val, float("nan")), val)
+    return out

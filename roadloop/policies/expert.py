@@ -1,0 +1,265 @@
+"""``expert``: a privileged planner in the spirit of PDM-Closed (nuPlan 2023 winner).
+
+At every decision, for a batch of B scenes:
+
+1. **Forecast** the other agents 4 s ahead with the simulator's own traffic step: IDM agents
+   follow their paths (reacting to each other and to a constant-velocity ego), log-replay
+   agents are extrapolated at constant velocity (the expert does not peek at the future log).
+2. **Proposals** (P per scene, all batched): IDM along the route centreline for target speeds
+   {0, 0.25, 0.5, 0.75, 1.0} x the desired speed and lateral offsets {0, -1, +1} m (nudges),
+   plus "yield" variants that stop before the next junction entry or crosswalk (unprotected
+   turns, pedestrians).  The route itself encodes required lane changes (blocked lanes,
+   merges); obstacles in each proposal's corridor are its IDM leaders.
+3. **Score** each proposal's first 4 s against the forecast with the simulator's geometry:
+   at-fault collision and off-road are multipliers (0), then a weighted sum of progress, a
+   safety buffer (no contact with a 1 m longer, 0.4 m wider ego box), comfort and a small
+   preference for the nominal proposal (full speed, no offset) and no offset.
+4. **Emergency brake**: if every proposal collides within 2 s, brake as hard as allowed.
+
+It sees ground truth (that is what privileged means).  The chosen plan is returned together
+with a short reasoning string naming the deciding factor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from roadloop.policies.base import PLAN_STEPS, Observation, Policy, PolicyOutput
+from roadloop.policies.route_idm import (
+    desired_speed,
+    idm_plan_along_route,
+    route_obstacles,
+    route_points,
+    stop_line_gap,
+)
+from roadloop.sim import collision
+from roadloop.sim.config import IDMParams, SimConfig
+from roadloop.sim.datatypes import AgentType, SimState, TrafficModel
+from roadloop.sim.geometry import box_corners
+from roadloop.sim.step import step
+
+_INF = 1e9
+SPEED_FRACS = (0.0, 0.25, 0.5, 0.75, 1.0)
+OFFSETS = (0.0, -1.0, 1.0)
+HORIZON = 40  # steps (4 s) scored per proposal
+
+
+class Expert(Policy):
+    """Privileged PDM-Closed-style planner (see module docstring)."""
+
+    name = "expert"
+    version = "1"
+
+    def __init__(self, params: IDMParams | None = None, horizon: int = HORIZON):
+        p = params or IDMParams(T=1.5, s0=2.5, a_max=1.5, b_comf=3.0)
+        self.p = p
+        self.params = torch.tensor([p.a_max, p.b_comf, p.b_max, p.s0, p.T, p.lookahead])
+        self.horizon = horizon
+        self.fc_cfg = SimConfig(check_collision=False, check_offroad=False, check_ttc=False)
+        # proposal table: (speed fraction, offset, yield)
+        props = [(f, o, False) for o in OFFSETS for f in SPEED_FRACS]
+        props += [(f, 0.0, True) for f in SPEED_FRACS[1:]]
+        self.frac = torch.tensor([x[0] for x in props])
+        self.offset = torch.tensor([x[1] for x in props])
+        self.yield_ = torch.tensor([x[2] for x in props])
+        self.nominal = props.index((1.0, 0.0, False))
+        self._stopped: torch.Tensor | None = None
+
+    def reset(self, state: SimState, seeds: torch.Tensor) -> None:
+        self._stopped = torch.zeros_like(state.static.scenario.route.stop_s, dtype=torch.bool)
+
+    # --- helpers ------------------------------------------------------------------------
+    def _update_stops(self, state: SimState) -> torch.Tensor:
+        route = state.static.scenario.route
+        if self._stopped is None or self._stopped.shape != route.stop_s.shape:
+            self._stopped = torch.zeros_like(route.stop_s, dtype=torch.bool)
+        front = state.route_s + 0.5 * state.static.scenario.agents.length[:, 0]
+        near = (route.stop_s - front.unsqueeze(-1)).abs() < 3.0
+        self._stopped = self._stopped | (near & (state.speed[:, :1] < 0.3))
+        return self._stopped
+
+    def forecast(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Other agents over the horizon: xy (B, H, A, 2), yaw (B, H, A), present (B, H, A)."""
+        model = torch.where(state.model == TrafficModel.LOG, torch.full_like(state.model, TrafficModel.CONST_VEL),
+                            state.model)
+        s = state.replace(model=model, t=state.t.clone())
+        B = state.batch_size
+        zero = torch.zeros(B, 2)
+        xs, ys, ps = [], [], []
+        for _ in range(self.horizon):
+            s = step(s, zero, self.fc_cfg)
+            xs.append(s.xy)
+            ys.append(s.yaw)
+            ps.append(s.present)
+        return torch.stack(xs, 1), torch.stack(ys, 1), torch.stack(ps, 1)
+
+    def _junction_gap(self, state: SimState) -> torch.Tensor:
+        """Gap (B,) m from the ego front to the next junction entry or crosswalk on the route."""
+        st = state.static
+        sc = st.scenario
+        route = sc.route
+        M = route.xy.shape[1]
+        ds = st.route_ds
+        junc = sc.map.lane_is_junction.gather(1, route.lane_of_point.clamp_min(0)) & route.valid
+        entry = junc & ~torch.cat((junc[:, :1], junc[:, :-1]), 1)
+        s_pts = torch.arange(M).unsqueeze(0) * ds.unsqueeze(-1)
+        front = state.route_s + 0.5 * sc.agents.length[:, 0]
+        ahead = s_pts > front.unsqueeze(-1) + 0.5
+        in_junction = junc.gather(1, (state.route_s / ds).round().long().clamp(0, M - 1).unsqueeze(-1)).squeeze(-1)
+        g = torch.where(entry & ahead, s_pts - front.unsqueeze(-1), torch.full_like(s_pts, _INF)).amin(-1)
+        # crosswalks: first route point inside any crosswalk quad (axis test against its edges)
+        cw = sc.map.crosswalk_xy  # (B, C, 4, 2)
+        if cw.shape[1] > 0:
+            e = torch.roll(cw, -1, dims=2) - cw  # (B, C, 4, 2)
+            rel = route.xy.unsqueeze(1).unsqueeze(3) - cw.unsqueeze(2)  # (B, C, M, 4, 2)
+            cross = e.unsqueeze(2)[..., 0] * rel[..., 1] - e.unsqueeze(2)[..., 1] * rel[..., 0]
+            inside = ((cross >= 0).all(-1) | (cross <= 0).all(-1)) & sc.map.crosswalk_valid.unsqueeze(-1)
+            inside = inside.any(1) & route.valid
+            gc = torch.where(inside & ahead, s_pts - front.unsqueeze(-1), torch.full_like(s_pts, _INF)).amin(-1)
+            g = torch.minimum(g, gc)
+        return torch.where(in_junction, torch.full_like(g, _INF), g)
+
+    # --- act ------------------------------------------------------------------------------
+    def act(self, obs: Observation) -> PolicyOutput:
+        state = obs.state
+        st = state.static
+        ag = st.scenario.agents
+        B = state.batch_size
+        P = self.frac.numel()
+        H = self.horizon
+        stopped = self._update_stops(state)
+
+        g_stop = stop_line_gap(state, stopped, self.p.b_comf)
+        g_end = st.route_len - state.route_s - 0.5 * ag.length[:, 0]
+        g_stop = torch.minimum(g_stop, g_end.clamp_min(0.0) + 1.0)
+        g_yield = self._junction_gap(state)
+        v_des = desired_speed(state)
+
+        gl, vl = [], []
+        for o in OFFSETS:
+            g, v = route_obstacles(state, lateral_offset=o)
+            gl.append(g)
+            vl.append(v)
+        gl, vl = torch.stack(gl, -1), torch.stack(vl, -1)  # (B, 3)
+        oi = torch.tensor([OFFSETS.index(float(o)) for o in self.offset])
+        g_lead, v_lead = gl[:, oi], vl[:, oi]  # (B, P)
+        stop_p = torch.where(self.yield_.unsqueeze(0), torch.minimum(g_stop.unsqueeze(-1), g_yield.unsqueeze(-1)),
+                             g_stop.unsqueeze(-1).expand(B, P))
+        v0 = (v_des.unsqueeze(-1) * self.frac).clamp_min(0.05)
+        plans = idm_plan_along_route(state, v0, g_lead, v_lead, stop_p, self.params,
+                                     offset=self.offset.unsqueeze(0).expand(B, P))
+        pxy, pyaw, psp = plans.plan_xy, plans.plan_yaw, plans.plan_speed  # (B, P, 64, ...)
+
+        fxy, fyaw, fpres = self.forecast(state)  # (B, H, A, ...)
+        hit_t, buf_hit, off = self._evaluate(state, pxy[:, :, :H], pyaw[:, :, :H], fxy, fyaw, fpres)
+
+        prog = plans.plan_speed[:, :, :H].sum(-1) * 0.1
+        prog_n = prog / prog.amax(-1, keepdim=True).clamp_min(1e-3)
+        acc = torch.diff(psp[:, :, :H], dim=-1, prepend=state.speed[:, :1, None].expand(B, P, 1)) / 0.1
+        comfort = ((acc > -4.05) & (acc < 2.4)).all(-1).float()
+        safe = (hit_t >= _INF) & ~off
+        score = safe.float() * (5 * prog_n + 5 * (~buf_hit).float() + 2 * comfort
+                                - 0.5 * self.offset.abs() - 0.3 * self.yield_.float()) / 12.0
+        score[:, self.nominal] += 0.05 * safe[:, self.nominal].float()
+        best = score.argmax(-1)
+        # emergency: nothing is safe and a collision is < 2 s away -> hardest braking
+        any_safe = safe.any(-1)
+        soon = hit_t.amin(-1) < 20
+        best = torch.where(any_safe, best, hit_t.argmax(-1))
+        emergency = ~any_safe & soon
+        idx = best.view(B, 1, 1, 1)
+        out_xy = pxy.gather(1, idx.expand(B, 1, PLAN_STEPS, 2)).squeeze(1)
+        out_yaw = pyaw.gather(1, idx[..., 0].expand(B, 1, PLAN_STEPS)).squeeze(1)
+        out_sp = psp.gather(1, idx[..., 0].expand(B, 1, PLAN_STEPS)).squeeze(1)
+        if bool(emergency.any()):
+            bxy, byaw, bsp = self._brake_plan(state)
+            e = emergency.view(B, 1)
+            out_xy = torch.where(e.unsqueeze(-1), bxy, out_xy)
+            out_yaw = torch.where(e, byaw, out_yaw)
+            out_sp = torch.where(e, bsp, out_sp)
+        text = self._explain(best, emergency, g_lead, g_stop, g_yield, v_des, state)
+        return PolicyOutput(plan_xy=out_xy, plan_yaw=out_yaw, plan_speed=out_sp, reasoning=text)
+
+    def _brake_plan(self, state: SimState):
+        st = state.static
+        v = state.speed[:, 0]
+        t = torch.arange(1, PLAN_STEPS + 1, dtype=v.dtype) * 0.1
+        b = self.p.b_max
+        vs = (v.unsqueeze(-1) - b * t).clamp_min(0.0)
+        t_stop = (v / b).unsqueeze(-1)
+        dist = torch.where(t < t_stop, v.unsqueeze(-1) * t - 0.5 * b * t * t, (v * v / (2 * b)).unsqueeze(-1))
+        s = state.route_s.unsqueeze(-1) + dist
+        xy, yaw = route_points(st.scenario.route.xy, st.route_ds, st.route_len, s)
+        return xy, yaw, vs
+
+    def _evaluate(self, state, pxy, pyaw, fxy, fyaw, fpres):
+        """First at-fault hit step (B, P) (INF if none), buffer contact (B, P), off-road (B, P)."""
+        st = state.static
+        ag = st.scenario.agents
+        B, P, H, _ = pxy.shape
+        A = fxy.shape[2]
+        L, W = ag.length, ag.width
+        # broad phase on all (B, P, H, A)
+        d = pxy.unsqueeze(3) - fxy.unsqueeze(1)  # (B, P, H, A, 2)
+        r = 0.5 * torch.sqrt(L * L + W * W)  # (B, A)
+        reach = (r[:, :1] + 0.6 + r).view(B, 1, 1, A)
+        pres = fpres.unsqueeze(1).clone()  # (B, 1, H, A)
+        pres[..., 0] = False
+        cand = ((d * d).sum(-1) < reach * reach) & pres
+        hit = torch.zeros(B, P, H, A, dtype=torch.bool)
+        buf = torch.zeros(B, P, H, A, dtype=torch.bool)
+        k = cand.nonzero()
+        if k.numel():
+            b, p, h, a = k.unbind(-1)
+            exy, eyaw = pxy[b, p, h], pyaw[b, p, h]
+            oxy, oyaw = fxy[b, h, a], fyaw[b, h, a]
+            ce = box_corners(exy, eyaw, L[b, 0], W[b, 0])
+            co = box_corners(oxy, oyaw, L[b, a], W[b, a])
+            ov = collision.boxes_overlap(ce, co)
+            # rear-ended contacts are not the ego's fault (other agent behind the ego)
+            rel = oxy - exy
+            x = rel[:, 0] * torch.cos(eyaw) + rel[:, 1] * torch.sin(eyaw)
+            y = -rel[:, 0] * torch.sin(eyaw) + rel[:, 1] * torch.cos(eyaw)
+            rear = (x < -0.5 * L[b, 0]) & (y.abs() <= -x) & (ag.kind[b, a] != int(AgentType.STATIC))
+            hit[b, p, h, a] = ov & ~rear
+            fwd = exy + 0.5 * torch.stack((torch.cos(eyaw), torch.sin(eyaw)), -1)
+            cb = box_corners(fwd, eyaw, L[b, 0] + 1.0, W[b, 0] + 0.4)
+            buf[b, p, h, a] = collision.boxes_overlap(cb, co) & ~rear
+        steps = torch.arange(H).view(1, 1, H)
+        any_hit = hit.any(-1)
+        hit_t = torch.where(any_hit, steps, torch.full_like(steps, int(_INF))).amin(-1).float()
+        hit_t = torch.where(hit_t >= H, torch.full_like(hit_t, _INF), hit_t)
+        off = torch.zeros(B, P, dtype=torch.bool)
+        if st.lane_index is not None:
+            from roadloop.sim import spatial
+
+            sub = slice(1, H, 2)
+            cxy = box_corners(pxy[:, :, sub], pyaw[:, :, sub], L[:, 0].view(B, 1, 1), W[:, 0].view(B, 1, 1))
+            Hs = cxy.shape[2]
+            on, _, _ = spatial.lane_query(cxy.reshape(B, -1, 2),
+                                          pyaw[:, :, sub].unsqueeze(-1).expand(B, P, Hs, 4).reshape(B, -1),
+                                          st.lane_index)
+            off = ~on.view(B, P, Hs * 4).all(-1)
+        return hit_t, buf.any(-1).any(-1), off
+
+    def _explain(self, best, emergency, g_lead, g_stop, g_yield, v_des, state) -> list[str]:
+        out = []
+        for b in range(best.shape[0]):
+            p = int(best[b])
+            f, o, y = float(self.frac[p]), float(self.offset[p]), bool(self.yield_[p])
+            if bool(emergency[b]):
+                out.append("A collision is imminent, so brake hard.")
+            elif y:
+                out.append("Cross traffic or pedestrians may enter the path ahead, so yield before the conflict area.")
+            elif o != 0.0:
+                side = "left" if o > 0 else "right"
+                out.append(f"An obstacle narrows the lane, so nudge {side} and pass it.")
+            elif float(g_stop[b]) < 30.0 and float(g_stop[b]) <= float(g_lead[b, p]):
+                out.append("The light ahead requires stopping at the stop line, so slow down and stop.")
+            elif float(g_lead[b, p]) < 40.0:
+                out.append("A vehicle ahead is close in the lane, so keep a safe gap and follow it.")
+            elif f < 1.0:
+                out.append("Other traffic may conflict with the path, so slow down.")
+            else:
+                out.append("The lane ahead is clear, so keep lane and continue at the speed limit.")
+        return out

@@ -1,0 +1,145 @@
+"""Traffic models for the non-ego agents, batched over B scenarios x A agents.
+
+Each agent follows the model in ``SimState.model``:
+
+* ``LOG``: replays its logged track (appears and disappears with the log's validity mask);
+* ``CONST_VEL``: keeps the heading and speed it had when it appeared;
+* ``IDM``: Intelligent Driver Model car following along its path (``Agents.path_xy``).  The
+  leader is the nearest present agent (the ego included) ahead whose box lies in the agent's
+  path corridor, so IDM agents react to the ego, to each other, to pedestrians and to static
+  objects.  Stop points on the path (stop lines) act as a standing obstacle while their light
+  is red (or yellow and there is room to stop), and stop signs until the agent has halted.
+  Pedestrians use the same model with pedestrian parameters: they walk their path (across
+  crosswalks) and wait for vehicles in their way.  An agent that reaches its path end leaves.
+* ``STATIC``: never moves.
+
+All agents are computed together with dense (B, A, A) pair tensors (no per-agent loops).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from roadloop.sim.datatypes import LightState, SimState, TrafficModel
+from roadloop.sim.state import path_lookup
+
+_INF = 1e9
+
+
+def idm_acceleration(v: torch.Tensor, v0: torch.Tensor, gap: torch.Tensor, v_lead: torch.Tensor,
+                     params: torch.Tensor) -> torch.Tensor:
+    """IDM acceleration (m/s^2).
+
+    v, v0, gap (m), v_lead: (...); params (..., 6): a_max, b_comf, b_max, s0, T, lookahead.
+    ``gap`` >= 1e8 means no leader (free road).
+    """
+    a, b, bmax, s0, T = params[..., 0], params[..., 1], params[..., 2], params[..., 3], params[..., 4]
+    s_star = s0 + torch.clamp(v * T + v * (v - v_lead) / (2.0 * torch.sqrt(a * b)), min=0.0)
+    free = 1.0 - (v / v0.clamp_min(0.1)) ** 4
+    inter = (s_star / gap.clamp_min(0.1)) ** 2
+    return torch.clamp(a * (free - inter), min=-bmax, max=a)
+
+
+def leader_gaps(state: SimState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gap (B, A) m to, and speed (B, A) m/s of, each agent's leader along its path corridor."""
+    st = state.static
+    ag = st.scenario.agents
+    xy, yaw, v = state.xy, state.yaw, state.speed
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    rel = xy.unsqueeze(1) - xy.unsqueeze(2)  # (B, i, j, 2): j relative to i
+    fwd = rel[..., 0] * c.unsqueeze(-1) + rel[..., 1] * s.unsqueeze(-1)
+    look = st.idm[..., 5].unsqueeze(-1)
+    B, A = v.shape
+    eye = torch.eye(A, dtype=torch.bool)
+    cand = (fwd > 0) & (fwd < look) & state.present.unsqueeze(1) & ~eye
+    # the path point of i at the leader candidate's forward distance: nearest uniform sample
+    N = st.path_table.shape[2]
+    u = ((state.path_s.unsqueeze(-1) + fwd) / st.path_ds.clamp_min(1e-6).unsqueeze(-1)).round()
+    u = torch.minimum(u.clamp_min(0), (st.path_len / st.path_ds.clamp_min(1e-6)).unsqueeze(-1)).clamp_max(N - 1)
+    pxy = st.path_table[..., 0:2].gather(2, u.long().unsqueeze(-1).expand(B, A, A, 2))
+    lat = torch.linalg.vector_norm(xy.unsqueeze(1) - pxy, dim=-1)
+    width, length = ag.width, ag.length
+    dyaw = yaw.unsqueeze(1) - yaw.unsqueeze(2)
+    cd, sd = torch.cos(dyaw), torch.sin(dyaw)
+    # half extent of j along i's heading and across it
+    along = 0.5 * (length.unsqueeze(1) * cd.abs() + width.unsqueeze(1) * sd.abs())
+    across = 0.5 * (length.unsqueeze(1) * sd.abs() + width.unsqueeze(1) * cd.abs())
+    cand &= lat < across + 0.5 * width.unsqueeze(-1) + st.lateral_margin.unsqueeze(-1)
+    gap = fwd - along - 0.5 * length.unsqueeze(-1)
+    gap = torch.where(cand, gap, torch.full_like(gap, _INF))
+    g, j = gap.min(-1)
+    v_lead = (v.unsqueeze(1) * cd).gather(-1, j.unsqueeze(-1)).squeeze(-1)
+    return g, torch.where(g < _INF, v_lead, v)
+
+
+def stop_gaps(state: SimState, lights_now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gap (B, A) m to the nearest active stop point, and the updated stop-sign memory (B, A, K)."""
+    st = state.static
+    ag = st.scenario.agents
+    stop_s, light = ag.path_stop_s, ag.path_stop_light
+    front = state.path_s + 0.5 * ag.length
+    g = stop_s - front.unsqueeze(-1)  # (B, A, K)
+    ls = lights_now.gather(1, light.clamp_min(0).flatten(1)).view_as(light)
+    v = state.speed.unsqueeze(-1)
+    b = st.idm[..., 1].unsqueeze(-1)
+    red = (ls == LightState.RED) | ((ls == LightState.YELLOW) & (g > v * v / (2 * b)))
+    is_sign = (light < 0) & torch.isfinite(stop_s)
+    red = torch.where(light >= 0, red, is_sign & ~state.stop_done)
+    active = red & (g > -0.5)
+    gap = torch.where(active, g, torch.full_like(g, _INF)).amin(-1)
+    done = state.stop_done | (is_sign & (g.abs() < 3.0) & (v < 0.3))
+    return gap, done
+
+
+def traffic_step(state: SimState, dt: float) -> dict[str, torch.Tensor]:
+    """Advance every non-ego agent by one step.  Returns new xy, yaw, speed, present, path_s, stop_done."""
+    st = state.static
+    ag = st.scenario.agents
+    t = int(state.t)
+    T = st.log_len_steps
+    model = state.model
+
+    # --- IDM along paths -------------------------------------------------------------------
+    lights_now = st.scenario.light_states[:, :, min(t, T - 1)]
+    g_lead, v_lead = leader_gaps(state)
+    g_stop, stop_done = stop_gaps(state, lights_now)
+    use_stop = g_stop < g_lead
+    gap = torch.where(use_stop, g_stop, g_lead)
+    vl = torch.where(use_stop, torch.zeros_like(v_lead), v_lead)
+    acc = idm_acceleration(state.speed, ag.desired_speed, gap, vl, st.idm)
+    v_new = torch.clamp(state.speed + acc * dt, min=0.0)
+    s_new = state.path_s + 0.5 * (state.speed + v_new) * dt
+    p = path_lookup(st.path_table, st.path_ds, st.path_len, s_new.unsqueeze(-1)).squeeze(-2)
+    idm_present = state.present & (s_new < st.path_len - 0.05)
+
+    # --- log replay ------------------------------------------------------------------------
+    tn = t + 1
+    if tn < T:
+        log_xy, log_yaw, log_v, log_ok = ag.xy[:, :, tn], ag.yaw[:, :, tn], ag.speed[:, :, tn], ag.valid[:, :, tn]
+    else:
+        log_xy, log_yaw, log_v = state.xy, state.yaw, state.speed
+        log_ok = torch.zeros_like(state.present)
+
+    # --- constant velocity -----------------------------------------------------------------
+    cv_xy = state.xy + (state.speed * dt).unsqueeze(-1) * torch.stack((torch.cos(state.yaw), torch.sin(state.yaw)), -1)
+
+    is_idm = (model == TrafficModel.IDM).unsqueeze(-1)
+    is_log = (model == TrafficModel.LOG).unsqueeze(-1)
+    is_cv = (model == TrafficModel.CONST_VEL).unsqueeze(-1)
+    xy = torch.where(is_idm, p[..., :2], torch.where(is_log, log_xy, torch.where(is_cv, cv_xy, state.xy)))
+    m1 = is_idm.squeeze(-1)
+    ml = is_log.squeeze(-1)
+    yaw = torch.where(m1, p[..., 2], torch.where(ml, log_yaw, state.yaw))
+    speed = torch.where(m1, v_new, torch.where(ml, log_v, torch.where(is_cv.squeeze(-1), state.speed, 0.0 * state.speed)))
+    present = torch.where(m1, idm_present, torch.where(ml, log_ok, state.present))
+    path_s = torch.where(m1, s_new, state.path_s)
+
+    # --- agents that appear in the log now (IDM / constant velocity keep their own model) ---
+    spawn = (~state.present) & (st.first_step == tn) & ~ml & (tn < T)
+    if bool(spawn.any()):
+        xy = torch.where(spawn.unsqueeze(-1), log_xy, xy)
+        yaw = torch.where(spawn, log_yaw, yaw)
+        speed = torch.where(spawn, log_v, speed)
+        present = present | spawn
+        path_s = torch.where(spawn, st.spawn_s, path_s)
+    return {"xy": xy, "yaw": yaw, "speed": speed, "present": present, "path_s": path_s, "stop_done": stop_done}
