@@ -59,6 +59,7 @@ class Rollout(_TensorTree):
     accel: torch.Tensor  # (T+1, B, A) m/s^2
     yaw_rate: torch.Tensor  # (T+1, B, A) rad/s
     present: torch.Tensor  # (T+1, B, A) bool
+    route_s: torch.Tensor  # (T+1, B) m, ego progress along the route
     controls: torch.Tensor  # (T, B, 2) ego acceleration m/s^2, curvature 1/m (NaN in warm-up)
     checks: StepChecks  # fields (T, B): result of the step into state t+1
     decision_steps: torch.Tensor  # (D,) int64 step index of each policy call
@@ -145,7 +146,7 @@ def rollout(policy: Policy, scenarios: Scenario, seeds: torch.Tensor | None = No
         xy=torch.stack([s.xy for s in states]), yaw=torch.stack([s.yaw for s in states]),
         speed=torch.stack([s.speed for s in states]), accel=torch.stack([s.accel for s in states]),
         yaw_rate=torch.stack([s.yaw_rate for s in states]), present=torch.stack([s.present for s in states]),
-        controls=torch.stack(controls), checks=_stack_checks(checks),
+        route_s=torch.stack([s.route_s for s in states]), controls=torch.stack(controls), checks=_stack_checks(checks),
         decision_steps=torch.tensor(dsteps, dtype=torch.int64),
         plan_xy=torch.stack(plans) if plans else torch.zeros(0, B, PLAN_STEPS, 2),
         logp=torch.stack(logps) if logps else torch.zeros(0, B),

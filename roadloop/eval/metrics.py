@@ -75,21 +75,25 @@ class EpisodeView:
     def log_travel(self) -> torch.Tensor:
         """Arc length (B,) m the logged ego covers along the route over the scored horizon."""
         ag = self.sc.agents
-        t0 = self.first_scored  # checks[t] is state t+1; the scored horizon starts at state t0
+        t0 = min(self.first_scored, ag.num_steps - 1)  # first scored state
         Tl = ag.num_steps
-        last = torch.where(ag.valid[:, 0], torch.arange(Tl), torch.zeros(Tl, dtype=torch.int64)).amax(-1)
-        last = last.clamp_max(self.T)
+        steps = torch.arange(Tl)
+        last = torch.where(ag.valid[:, 0] & (steps <= self.T), steps, torch.zeros_like(steps)).amax(-1)
         xy_end = ag.xy[:, 0].gather(1, last.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1)
-        xy0 = ag.xy[:, 0, min(t0, Tl - 1)]
         r = self.sc.route
-        return _project_on_route(xy_end, r.xy, r.valid) - _project_on_route(xy0, r.xy, r.valid)
+        return _project_on_route(xy_end, r.xy, r.valid) - _project_on_route(ag.xy[:, 0, t0], r.xy, r.valid)
 
     def ego_travel(self) -> torch.Tensor:
         """Arc length (B,) m the ego covered along the route over the kept window."""
-        p = self.ro.checks.progress
-        t0 = max(self.first_scored - 1, 0)
-        start = p[t0] if self.first_scored > 0 else p[0]
-        return p.gather(0, self.t_end.view(1, -1)).squeeze(0) - start
+        rs = self.ro.route_s  # (T+1, B): state t
+        start = rs[min(self.first_scored, self.T)]
+        return rs.gather(0, (self.t_end + 1).view(1, -1)).squeeze(0) - start
+
+
+def alpasim_score(progress: torch.Tensor, at_fault: torch.Tensor, offroad: torch.Tensor) -> torch.Tensor:
+    """0 on an at-fault collision or off-road, else min(clamp(progress, 0, 1) / 0.8, 1)."""
+    s = torch.clamp(torch.clamp(progress, 0.0, 1.0) / PROGRESS_FULL, max=1.0)
+    return torch.where(at_fault | offroad, torch.zeros_like(s), s)
 
 
 def _progress(v: EpisodeView) -> torch.Tensor:
@@ -100,9 +104,7 @@ def _progress(v: EpisodeView) -> torch.Tensor:
 
 def _alpasim_score(v: EpisodeView) -> torch.Tensor:
     c = v.ro.checks
-    bad = v.any_kept(c.collision_at_fault) | v.any_kept(c.offroad)
-    s = torch.clamp(torch.clamp(_progress(v), 0.0, 1.0) / PROGRESS_FULL, max=1.0)
-    return torch.where(bad, torch.zeros_like(s), s)
+    return alpasim_score(_progress(v), v.any_kept(c.collision_at_fault), v.any_kept(c.offroad))
 
 
 def _comfort_terms(v: EpisodeView) -> dict[str, torch.Tensor]:

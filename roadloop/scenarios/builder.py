@@ -226,7 +226,8 @@ class ScenarioBuilder:
                   path=None, path_lanes: list[int] | None = None, desired_speed: float = 0.0) -> int:
         """Add an agent with a logged track (T, 2)/(T,)/(T,) (shorter tracks are padded invalid).
 
-        ``path`` (N, 2) or ``path_lanes`` gives the polyline IDM / walking agents follow.
+        ``path`` (N, 2) or ``path_lanes`` gives the polyline IDM / walking agents follow; with
+        both, ``path`` is the polyline and ``path_lanes`` (the lanes it runs along) give its stops.
         Returns the agent index (the first agent added is the ego).
         """
         T = self.T
@@ -241,8 +242,9 @@ class ScenarioBuilder:
         P = lambda a, val: np.concatenate((a, np.full((pad, *a.shape[1:]), val, a.dtype)))
         stops: list[tuple[float, int]] = []
         if path_lanes is not None:
-            path = self.lane_chain_xy(path_lanes)
-            stops = self.stops_along(path_lanes, path)
+            if path is None:
+                path = self.lane_chain_xy(path_lanes)
+            stops = self.stops_along(path_lanes, np.asarray(path, float))
         if path is not None:
             path = resample(np.asarray(path, float), PATH_SPACING)
         self.agents.append(_Agent(P(xy, 0.0), P(yaw.astype(float), 0.0), P(speed.astype(float), 0.0),

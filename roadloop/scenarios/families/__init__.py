@@ -1,0 +1,51 @@
+"""Procedural scenario families: ``FAMILIES[name].build_raw(seed) -> Scenario``.
+
+A raw scenario holds the map, the ego's route and initial state (a 1-step track), reactive
+agents' initial states and paths, and scripted agents' full tracks.  The same seed always gives
+a bit-identical scenario.  ``roadloop.scenarios.generate`` turns raw scenarios into logged ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from roadloop.errors import UnknownNameError
+from roadloop.scenarios.families import (
+    construction_zone,
+    cut_in,
+    intersection_protected,
+    lead_braking,
+    merge,
+    multilane_traffic,
+    pedestrian_crossing,
+    roundabout,
+    stopped_vehicle,
+    unprotected_left,
+)
+from roadloop.sim.datatypes import Scenario
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    build_raw: Callable[[int], Scenario]
+    description: str  # one line
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    m.NAME: FamilySpec(m.NAME, m.build_raw, m.DESCRIPTION)
+    for m in (multilane_traffic, lead_braking, cut_in, merge, intersection_protected, unprotected_left,
+              pedestrian_crossing, construction_zone, stopped_vehicle, roundabout)
+}
+
+
+def get_family(name: str) -> FamilySpec:
+    """The family called ``name``; ``UnknownNameError`` listing the known ones otherwise."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnknownNameError("scenario family", name, list(FAMILIES)) from None
+
+
+__all__ = ["FAMILIES", "FamilySpec", "get_family"]
