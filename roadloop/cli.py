@@ -109,7 +109,8 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
         task = prog.add_task(f"eval {pol.name} on {s.name}", total=len(s.scenarios))
         rep, kept = evaluate(pol, s.scenarios, suite_name=s.name, suite_hash=s.content_hash, seed=seed,
                              batch_size=batch_size, cfg=RolloutConfig(replan_every=every),
-                             on_batch=lambda n: prog.advance(task, n), keep_rollouts=report is not None)
+                             on_batch=lambda n: prog.advance(task, n), keep_rollouts=report is not None,
+                             record=True)
     _print_report(rep)
     if json_path:
         write_json(rep, str(json_path))
@@ -135,6 +136,32 @@ def _print_report(rep) -> None:
     fails = [r for r in rep.rollouts if r.failed]
     for r in fails[:10]:
         console.print(f"[yellow]failed[/] {r.rollout_id}: {r.fail_reason}")
+
+
+@app.command("replay")
+@friendly
+def replay_cmd(rollout_id: str = typer.Argument(..., help="e.g. 'cut_in/000003#0@expert@1' (listed in eval reports)"),
+               gif: Path = typer.Option(None, "--gif", help="Also export the replayed rollout as GIF/MP4.")) -> None:
+    """Re-run a recorded rollout and check that it is bit-identical."""
+    from roadloop.eval.replay import replay
+
+    res = replay(rollout_id)
+    if res.identical:
+        console.print(f"[green]identical[/] {rollout_id} (sha256 {res.replayed[:16]})")
+    else:
+        console.print(f"[red]DIFFERENT[/] {rollout_id}: recorded {res.recorded[:16]}, replayed {res.replayed[:16]}")
+    if gif:
+        from roadloop.eval.export import export_rollout
+        from roadloop.sim.batching import collate
+        from roadloop.scenarios.suites import load_suite
+        from roadloop.eval.replay import find
+
+        rec, row = find(rollout_id)
+        by_id = {s.meta.scenario_id: s for s in load_suite(rec.suite).scenarios}
+        export_rollout(res.rollout, collate([by_id[i] for i in rec.scenario_ids]), row, gif)
+        console.print(f"wrote {gif}")
+    if not res.identical:
+        raise typer.Exit(1)
 
 
 @scen_app.command("list")

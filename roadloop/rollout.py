@@ -185,7 +185,11 @@ def _controls(plan: PolicyOutput, state: SimState, k: int, sim: SimConfig) -> to
         pxy = torch.cat((pxy, pxy), 1)
         psp = None if psp is None else torch.cat((psp, psp), 1)
     bounds = dynamics.ActionBounds(accel_min=sim.accel_min, accel_max=sim.accel_max, curvature_max=sim.curvature_max)
-    return dynamics.track_plan(state.xy[:, 0], state.yaw[:, 0], state.speed[:, 0], pxy, psp, dt=sim.dt, bounds=bounds)
+    # a plan with an explicit speed profile is followed step by step; one given by positions only
+    # is followed through its speed 0.4 s ahead (finite differences of positions are noisy)
+    speed_time = sim.dt if psp is not None else 0.4
+    return dynamics.track_plan(state.xy[:, 0], state.yaw[:, 0], state.speed[:, 0], pxy, psp, dt=sim.dt,
+                               bounds=bounds, speed_time=speed_time)
 
 
 def _stack_checks(items: list[StepChecks]) -> StepChecks:

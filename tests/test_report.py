@@ -185,6 +185,7 @@ def test_report_max_rollouts(evaluated):
     page = build_html(rep, kept, max_rollouts=2, title="Two <worst>")
     assert page.count("data-view=") == 2
     assert "2 worst of 5 rollouts" in page and "Two &lt;worst&gt;" in page
+    assert "No rollouts were kept" in build_html(rep, [])
 
 
 def _need_chromium() -> None:

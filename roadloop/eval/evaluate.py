@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from roadloop.eval.metrics import METRICS, compute_metrics
+from roadloop.eval.replay import rollout_id
 from roadloop.policies.base import Policy
 from roadloop.rollout import Rollout, RolloutConfig, rollout
 from roadloop.sim.batching import collate
@@ -108,17 +109,19 @@ class EvalReport:
         return d
 
 
-def rollout_id(scenario_id: str, seed: int, policy: str) -> str:
-    return f"{scenario_id}#{seed}@{policy}"
-
-
 def evaluate(policy: Policy, scenarios: list[Scenario], *, suite_name: str = "", suite_hash: str = "",
              seed: int = 0, batch_size: int = 64, cfg: RolloutConfig | None = None,
              on_batch: Callable[[int], None] | None = None,
-             keep_rollouts: bool = False) -> tuple[EvalReport, list[tuple[Rollout, Scenario]]]:
-    """Roll ``policy`` out on every scenario (batched), compute metrics, aggregate with CIs."""
+             keep_rollouts: bool = False, record: bool = False) -> tuple[EvalReport, list[tuple[Rollout, Scenario]]]:
+    """Roll ``policy`` out on every scenario (batched), compute metrics, aggregate with CIs.
+
+    ``record`` stores each batch in the rollout store so ``roadloop replay ID`` can re-run it.
+    """
     import time
 
+    from roadloop.eval.replay import record_batch
+
+    cfg = cfg or RolloutConfig()
     t0 = time.perf_counter()
     per = {k: [] for k in METRICS}
     summaries: list[RolloutSummary] = []
@@ -139,6 +142,8 @@ def evaluate(policy: Policy, scenarios: list[Scenario], *, suite_name: str = "",
                                             seed, bool(ro.failed[j]), ro.fail_reason[j], mv))
             for k in per:
                 per[k].append(mv[k])
+        if record:
+            record_batch(ro, suite_name, suite_hash, policy.name, policy.version, cfg)
         if keep_rollouts:
             kept.append((ro, batch))
         if on_batch:

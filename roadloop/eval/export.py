@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import textwrap
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,12 @@ def _box(x: float, y: float, h: float, length: float, width: float) -> np.ndarra
     return np.stack((x + c * dx - s * dy, y + s * dx + c * dy), -1)
 
 
-def render_frames(view: dict, size: tuple[int, int] = (640, 480), zoom: float = 6.0, caption: int = 84):
-    """Yield the frames (H, W, 3) uint8 of a ``rollout_view`` dict; ``zoom`` in pixels per metre."""
+def render_frames(view: dict, size: tuple[int, int] = (640, 480), zoom: float = 6.0, caption: int = 84,
+                  frames: Iterable[int] | None = None) -> Iterator[np.ndarray]:
+    """Yield the frames (H, W, 3) uint8 of a ``rollout_view`` dict (all, or the indices ``frames``).
+
+    ``size`` is (width, height) in pixels including the ``caption`` strip; ``zoom`` in pixels per metre.
+    """
     W, H = size
     Hm = H - caption
     sc = _Scene(view)
@@ -129,7 +134,7 @@ def render_frames(view: dict, size: tuple[int, int] = (640, 480), zoom: float = 
     Ws, Hs = W * SS, Hm * SS
     half = np.array([Ws / 2 / z, Hs / 2 / z]) + 6.0
 
-    for f in range(view["n"]):
+    for f in range(view["n"]) if frames is None else frames:
         cx, cy = (ex[f], ey[f]) if np.isfinite(ex[f]) else (ex[0], ey[0])
         img = Image.new("RGB", (Ws, Hs), bg)
         dr = ImageDraw.Draw(img)
@@ -214,7 +219,7 @@ def render_frames(view: dict, size: tuple[int, int] = (640, 480), zoom: float = 
         tw = dr.textlength(ts, font=font)
         dr.rounded_rectangle((Ws - tw - 26 * SS, 10 * SS, Ws - 10 * SS, 33 * SS), 5 * SS, fill=(15, 23, 42))
         dr.text((Ws - tw - 18 * SS, 13 * SS), ts, font=font, fill=(255, 255, 255))
-        frame = img.resize((W, Hm), Image.Resampling.LANCZOS)
+        frame = img.resize((W, Hm), Image.Resampling.BOX)
         # caption strip
         out = Image.new("RGB", (W, H), (255, 255, 255))
         out.paste(frame, (0, 0))
@@ -232,6 +237,19 @@ def render_frames(view: dict, size: tuple[int, int] = (640, 480), zoom: float = 
             cd.text((10, Hm + 26 + 16 * li), line, font=font_s,
                     fill=(71, 85, 105) if txt else (154, 165, 177))
         yield np.asarray(out)
+
+
+def _palette(view: dict, colors: int = 160, **kw) -> Image.Image:
+    """One GIF palette for all frames (from 4 frames spread over the rollout): no colour flicker."""
+    idx = np.unique(np.linspace(0, view["n"] - 1, min(4, view["n"])).round().astype(int)).tolist()
+    strip = np.concatenate(list(render_frames(view, frames=idx, **kw)), axis=0)
+    # make sure the small but important colours (agents by kind, lights) get their own entries
+    keys = [c for k, c in PALETTE.items() if k != "light"] + list(PALETTE["light"].values())
+    w = strip.shape[1]
+    sw = np.repeat(np.array([_rgb(c) for c in keys], np.uint8), 8 * w // len(keys) + 1, axis=0)
+    strip = np.concatenate((strip, sw[: 8 * w].reshape(8, w, 3)), axis=0)
+    return Image.fromarray(strip).quantize(colors=colors, method=Image.Quantize.MEDIANCUT,
+                                           dither=Image.Dither.NONE)
 
 
 def export_rollout(ro: Rollout, scenario: Scenario, b: int, path: Path, fps: int = 10,
@@ -255,8 +273,8 @@ def export_rollout(ro: Rollout, scenario: Scenario, b: int, path: Path, fps: int
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = render_frames(view, size=size, zoom=zoom)
     if suffix == ".gif":
-        ims = [Image.fromarray(fr).quantize(colors=128, method=Image.Quantize.MEDIANCUT,
-                                            dither=Image.Dither.NONE) for fr in frames]
+        pal = _palette(view, size=size, zoom=zoom)
+        ims = [Image.fromarray(fr).quantize(palette=pal, dither=Image.Dither.NONE) for fr in frames]
         tmp = path.with_name(f".{path.name}.tmp")
         ims[0].save(tmp, format="GIF", save_all=True, append_images=ims[1:], duration=int(round(1000 / fps)),
                     loop=0, disposal=1, optimize=False)

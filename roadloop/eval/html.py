@@ -129,7 +129,10 @@ def rollout_view(ro: Rollout, scenario: Scenario, b: int, summary: RolloutSummar
     lanes = []
     lv, lpv, lxy, lw, lj = (_np(m.lane_valid[b]), _np(m.lane_point_valid[b]), _np(m.lane_xy[b]),
                             _np(m.lane_width[b]), _np(m.lane_is_junction[b]))
-    for i in np.flatnonzero(lv).tolist():
+    pad = float(lw.max()) if lw.size else 0.0
+    near = lv & (lpv & (lxy[..., 0] >= box[0] - pad) & (lxy[..., 0] <= box[2] + pad)
+                 & (lxy[..., 1] >= box[1] - pad) & (lxy[..., 1] <= box[3] + pad)).any(-1)
+    for i in np.flatnonzero(near).tolist():
         for run in _clip_polyline(lxy[i][lpv[i]].astype(np.float64), box, float(lw[i])):
             lanes.append({"w": round(float(lw[i]), 2), "j": int(bool(lj[i])), "xy": _r(run)})
     edges = []

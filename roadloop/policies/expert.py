@@ -42,6 +42,7 @@ _INF = 1e9
 SPEED_FRACS = (0.0, 0.25, 0.5, 0.75, 1.0)
 OFFSETS = (0.0, -1.0, 1.0)
 HORIZON = 40  # steps (4 s) scored per proposal
+FORECAST_EVERY = 5  # decisions between fresh forecasts (re-anchored to current positions between)
 
 
 class Expert(Policy):
@@ -67,6 +68,7 @@ class Expert(Policy):
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         self._stopped = torch.zeros_like(state.static.scenario.route.stop_s, dtype=torch.bool)
+        self._fc = None
 
     # --- helpers ------------------------------------------------------------------------
     def _update_stops(self, state: SimState) -> torch.Tensor:
@@ -78,15 +80,35 @@ class Expert(Policy):
         self._stopped = self._stopped | (near & (state.speed[:, :1] < 0.3))
         return self._stopped
 
-    def forecast(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Other agents over the horizon: xy (B, H, A, 2), yaw (B, H, A), present (B, H, A)."""
+    def cached_forecast(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The forecast for the next ``horizon`` steps, recomputed every ``FORECAST_EVERY`` steps.
+
+        In between, the stored forecast is shifted in time and translated so that each agent's
+        first forecast position is its current position (presence from the current state).
+        """
+        t = int(state.t)
+        fc = getattr(self, "_fc", None)
+        if fc is None or fc[0].shape[0] != state.batch_size or not (0 <= t - fc[3] < FORECAST_EVERY):
+            xy, yaw, pres = self.forecast(state, self.horizon + FORECAST_EVERY)
+            self._fc = fc = (xy, yaw, pres, t, state.xy)
+        xy, yaw, pres, t0, xy0 = fc
+        k = t - t0
+        H = self.horizon
+        if k == 0:
+            return xy[:, :H], yaw[:, :H], pres[:, :H]
+        ref = xy[:, k - 1]  # forecast of the current positions
+        shift = torch.where(state.present.unsqueeze(-1), state.xy - ref, torch.zeros_like(ref))
+        return xy[:, k:k + H] + shift.unsqueeze(1), yaw[:, k:k + H], pres[:, k:k + H] & state.present.unsqueeze(1)
+
+    def forecast(self, state: SimState, steps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Other agents over ``steps``: xy (B, H, A, 2), yaw (B, H, A), present (B, H, A)."""
         model = torch.where(state.model == TrafficModel.LOG, torch.full_like(state.model, TrafficModel.CONST_VEL),
                             state.model)
         s = state.replace(model=model, t=state.t.clone())
         B = state.batch_size
         zero = torch.zeros(B, 2)
         xs, ys, ps = [], [], []
-        for _ in range(self.horizon):
+        for _ in range(steps or self.horizon):
             s = step(s, zero, self.fc_cfg)
             xs.append(s.xy)
             ys.append(s.yaw)
@@ -150,7 +172,7 @@ class Expert(Policy):
                                      offset=self.offset.unsqueeze(0).expand(B, P))
         pxy, pyaw, psp = plans.plan_xy, plans.plan_yaw, plans.plan_speed  # (B, P, 64, ...)
 
-        fxy, fyaw, fpres = self.forecast(state)  # (B, H, A, ...)
+        fxy, fyaw, fpres = self.cached_forecast(state)  # (B, H, A, ...)
         hit_t, buf_hit, off = self._evaluate(state, pxy[:, :, :H], pyaw[:, :, :H], fxy, fyaw, fpres)
 
         prog = plans.plan_speed[:, :, :H].sum(-1) * 0.1
@@ -230,16 +252,16 @@ class Expert(Policy):
         hit_t = torch.where(any_hit, steps, torch.full_like(steps, int(_INF))).amin(-1).float()
         hit_t = torch.where(hit_t >= H, torch.full_like(hit_t, _INF), hit_t)
         off = torch.zeros(B, P, dtype=torch.bool)
-        if st.lane_index is not None:
+        shifted = (self.offset != 0).nonzero().flatten()  # centreline proposals follow the route
+        if st.lane_index is not None and shifted.numel():
             from roadloop.sim import spatial
 
-            sub = slice(1, H, 2)
-            cxy = box_corners(pxy[:, :, sub], pyaw[:, :, sub], L[:, 0].view(B, 1, 1), W[:, 0].view(B, 1, 1))
-            Hs = cxy.shape[2]
-            on, _, _ = spatial.lane_query(cxy.reshape(B, -1, 2),
-                                          pyaw[:, :, sub].unsqueeze(-1).expand(B, P, Hs, 4).reshape(B, -1),
-                                          st.lane_index)
-            off = ~on.view(B, P, Hs * 4).all(-1)
+            sub = slice(3, H, 4)
+            qx, qy = pxy[:, shifted, sub], pyaw[:, shifted, sub]
+            cxy = box_corners(qx, qy, L[:, 0].view(B, 1, 1), W[:, 0].view(B, 1, 1))
+            Ps, Hs = cxy.shape[1], cxy.shape[2]
+            on = spatial.on_road(cxy.reshape(B, -1, 2), st.lane_index)
+            off[:, shifted] = ~on.view(B, Ps, Hs * 4).all(-1)
         return hit_t, buf.any(-1).any(-1), off
 
     def _explain(self, best, emergency, g_lead, g_stop, g_yield, v_des, state) -> list[str]:

@@ -117,15 +117,22 @@ def stop_line_gap(state: SimState, stopped: torch.Tensor, b_comf: float) -> torc
     return torch.where(must, g, torch.full_like(g, _INF)).amin(-1)
 
 
+JERK_LIMIT = 3.5  # m/s^3, plans change acceleration no faster (unless braking harder than comfortable)
+
+
 def idm_plan_along_route(state: SimState, v0: torch.Tensor, gap_lead: torch.Tensor, v_lead: torch.Tensor,
                          gap_stop: torch.Tensor, params: torch.Tensor, offset: torch.Tensor | None = None,
                          dt: float = 0.1) -> PolicyOutput:
     """Integrate IDM for 64 steps along the route (obstacles at constant speed) -> plan.
 
     v0, gaps (m), v_lead: (B,) or (B, P) for P proposals; params (6,); offset (B, P) m lateral.
+    The acceleration changes by at most ``JERK_LIMIT`` per second, except that braking harder
+    than the comfortable deceleration ``params[1]`` is applied at once (safety first).
     """
     st = state.static
     route = st.scenario.route
+    shape1 = (-1, *([1] * (v0.dim() - 1)))
+    a_prev = state.accel[:, 0].reshape(shape1).expand_as(v0).clone()
     v = state.speed[:, 0].reshape(-1, *([1] * (v0.dim() - 1))).expand_as(v0).clone()
     s = state.route_s.reshape(v.shape[0], *([1] * (v0.dim() - 1))).expand_as(v0).clone()
     g1, g2 = gap_lead.clone(), gap_stop.clone()
@@ -133,7 +140,10 @@ def idm_plan_along_route(state: SimState, v0: torch.Tensor, gap_lead: torch.Tens
     for _ in range(PLAN_STEPS):
         gap = torch.minimum(g1, g2)
         vl = torch.where(g1 <= g2, v_lead, torch.zeros_like(v_lead))
-        a = idm_acceleration(v, v0, gap, vl, params)
+        a_idm = idm_acceleration(v, v0, gap, vl, params)
+        a = torch.clamp(a_idm, a_prev - JERK_LIMIT * dt, a_prev + JERK_LIMIT * dt)
+        a = torch.where(a_idm < -params[1], torch.minimum(a_idm, a), a)
+        a_prev = a
         vn = (v + a * dt).clamp_min(0.0)
         step = 0.5 * (v + vn) * dt
         s = s + step

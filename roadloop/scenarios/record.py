@@ -1,10 +1,12 @@
 """Fill in a raw scenario's log by simulating it with a careful driver.
 
 Procedural families describe the initial scene, scripted agents (full log tracks) and
-reactive agents (initial state + path).  ``record_logs`` simulates the batch with the
-``route-idm`` ego from step 0 (no warm-up) and writes every agent's simulated track into the
-log, so the log is physically consistent: log-replay agents react to the logged ego as IDM
-agents would.  The report says whether a careful driver got through cleanly.
+reactive agents (initial state + path).  ``record_logs`` simulates the batch with a careful
+driver as the ego from step 0 (no warm-up): by default the privileged ``expert``, which plays
+the role of the human driver of a recorded log.  Every agent's simulated track is written into
+the log, so the log is physically consistent: log-replay agents react to the logged ego as IDM
+agents would.  The report says whether the careful driver got through cleanly; families retry
+with another seed when it did not (a scenario a careful driver cannot complete is invalid).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from roadloop.policies.route_idm import RouteIDM
+from roadloop.policies.base import Policy
+from roadloop.policies.expert import Expert
 from roadloop.rollout import RolloutConfig, rollout
 from roadloop.sim.batching import collate
 from roadloop.sim.config import SimConfig
@@ -36,11 +39,20 @@ class RecordReport:
         return not self.reason
 
 
-def record_logs(raws: list[Scenario], sim: SimConfig | None = None) -> list[tuple[Scenario, RecordReport]]:
+def record_logs(raws: list[Scenario], sim: SimConfig | None = None, driver: Policy | None = None,
+                batch_size: int = 64) -> list[tuple[Scenario, RecordReport]]:
     """Simulate raw scenarios (batched) and return them with full logs plus a validity report."""
+    out: list[tuple[Scenario, RecordReport]] = []
+    for i in range(0, len(raws), batch_size):
+        out += _record_batch(raws[i:i + batch_size], sim or SimConfig(), driver or Expert())
+    return out
+
+
+def _record_batch(raws: list[Scenario], sim: SimConfig, driver: Policy) -> list[tuple[Scenario, RecordReport]]:
     batch = collate(raws)
     T = batch.num_steps
-    ro = rollout(RouteIDM(), batch, cfg=RolloutConfig(max_steps=T - 1, warmup=0, sim=sim or SimConfig()))
+    with torch.inference_mode():
+        ro = rollout(driver, batch, cfg=RolloutConfig(max_steps=T - 1, warmup=0, sim=sim))
     out = []
     for b, raw in enumerate(raws):
         A, Tb = raw.agents.num_agents, raw.num_steps

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from roadloop.sim import collision
+from roadloop.sim import collision, spatial
 from roadloop.sim.config import SimConfig
 from roadloop.sim.datatypes import LightState, SimState, StepChecks
 
@@ -34,11 +34,8 @@ def compute_checks(prev: SimState, state: SimState, cfg: SimConfig) -> StepCheck
         n_pairs = torch.zeros(B, dtype=torch.int64)
 
     if cfg.check_offroad:
-        from roadloop.sim import spatial
-
-        off = spatial.offroad(exy, eyaw, elen, ewid, st.lane_index)
-        on_road, heading_ok, _ = spatial.lane_query(exy.unsqueeze(1), eyaw.unsqueeze(1), st.lane_index)
-        wrong = (on_road & ~heading_ok).squeeze(1)
+        mc = spatial.ego_map_check(exy, eyaw, elen, ewid, st.lane_index)
+        off, wrong = mc.offroad, mc.wrong_way
     else:
         off, wrong = false, false
 

@@ -240,7 +240,8 @@ def _scan(points: torch.Tensor, yaw: torch.Tensor | None, start: torch.Tensor, l
     if not nearest:
         return _Res(on, al, d2, cand)
     best, j = torch.where(inside, d2, torch.inf).min(-1, keepdim=True)
-    return _Res(on, al, best.squeeze(-1), cand.gather(-1, j).squeeze(-1))
+    seg = torch.where(on, cand.gather(-1, j).squeeze(-1), index.seg_pack.shape[0] - 1)
+    return _Res(on, al, best.squeeze(-1), seg)
 
 
 def _query(points: torch.Tensor, yaw: torch.Tensor | None, index: LaneIndex, nearest: bool) -> _Res:

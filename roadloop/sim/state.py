@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from roadloop.errors import ScenarioError
+from roadloop.sim import spatial
 
 from roadloop.sim.config import SimConfig
 from roadloop.sim.datatypes import AgentType, Scenario, SimState, TrafficModel, _TensorTree
@@ -89,8 +90,6 @@ def init_state(scenario: Scenario, cfg: SimConfig | None = None, t0: int = 0) ->
 
     lane_index = None
     if cfg.check_offroad:
-        from roadloop.sim import spatial
-
         lane_index = spatial.build_lane_index(scenario.map, cell_size=cfg.lane_index_cell)
     static = SimStatic(scenario=scenario, path_table=table, path_ds=ds, path_len=plen, spawn_s=spawn_s,
                        first_step=first, idm=idm, lateral_margin=margin, lane_index=lane_index,

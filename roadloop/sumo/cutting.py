@@ -16,12 +16,13 @@ from roadloop.errors import ScenarioError
 from roadloop.scenarios.builder import ScenarioBuilder, arclength, resample
 from roadloop.sim.batching import validate
 from roadloop.sim.datatypes import AgentType, Scenario, ScenarioMeta, TrafficModel
-from roadloop.sumo.network import RoadNetwork, add_crop_to_builder, crop_network
+from roadloop.sumo.network import RoadNetwork, add_crop_to_builder, crop_network, lane_piece
 from roadloop.sumo.traffic import Recording
 
 EGO_CLASSES = {"passenger", "private", "taxi", "evehicle", "hov"}
 MAX_STEP_JUMP = 6.0  # m per 0.1 s step: more is a teleport, not driving
 ROUTE_AHEAD = 60.0  # m of route beyond the ego's position at the end of the window
+ROUTE_MIN_AHEAD = 50.0  # m the ego's recorded drive must continue after the window
 PATH_AHEAD = 30.0  # m of agent path beyond their last position in the window
 META_KEYS = ("netOffset", "projParameter", "convBoundary", "origBoundary", "network_file", "net_version")
 
@@ -37,7 +38,8 @@ def _dedup(seq: np.ndarray) -> list[int]:
 def ego_windows(rec: Recording, num_steps: int, min_travel: float = 40.0,
                 net: RoadNetwork | None = None) -> tuple[dict[int, np.ndarray], set[int]]:
     """Actor -> possible window start steps: a passenger car present for all ``num_steps``,
-    always on imported (passenger) lanes, no teleport, travelling >= ``min_travel`` m.
+    always on imported (passenger) lanes, no teleport, travelling >= ``min_travel`` m, and
+    driving on >= 50 m after the window (or still driving when the recording ends).
 
     With ``net``, windows that cross a junction are preferred: if a vehicle has any, only
     those are returned.  Returns (windows, actors whose windows cross a junction)."""
@@ -57,6 +59,8 @@ def ego_windows(rec: Recording, num_steps: int, min_travel: float = 40.0,
         j = i + T - 1
         ok = ((st[j] - st[i]) == T - 1) & (cd[j] - cd[i] >= min_travel) & (bad[j + 1] - bad[i] == 0)
         ok &= (jump[j] - jump[i]) == 0
+        # the route must go on >= 50 m after the window (recorded, or the vehicle is still driving)
+        ok &= (cd[-1] - cd[j] >= ROUTE_MIN_AHEAD) | (int(st[-1]) == rec.num_steps - 1)
         if net is not None and ok.any():
             jn = np.concatenate(([0], np.cumsum(net.lane_internal[np.maximum(lane, 0)] & (lane >= 0))))
             through = ok & (jn[j + 1] - jn[i] > 0)
@@ -78,41 +82,78 @@ def _project(net: RoadNetwork, lane: int, p: np.ndarray) -> float:
     return float(s[k] + t[k] * (s[k + 1] - s[k]))
 
 
+def _reaches(net: RoadNetwork, lane: int, edge: str, depth: int = 0) -> bool:
+    """``lane`` is on ``edge`` or leads to it through junction-internal lanes."""
+    if not net.lane_internal[lane]:
+        return net.edge_ids[net.lane_edge[lane]] == edge
+    return depth < 3 and any(_reaches(net, int(x), edge, depth + 1) for x in net.successors[lane] if x >= 0)
+
+
+def _blend(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Smoothstep from polyline ``a`` to the roughly parallel ``b`` (lane change), (N, 2)."""
+    a, b = resample(a, 1.0), resample(b, 1.0)
+    u = np.linspace(0.0, 1.0, max(len(a), len(b)))
+    sa, sb = arclength(a) / max(arclength(a)[-1], 1e-9), arclength(b) / max(arclength(b)[-1], 1e-9)
+    pa = np.stack((np.interp(u, sa, a[:, 0]), np.interp(u, sa, a[:, 1])), 1)
+    pb = np.stack((np.interp(u, sb, b[:, 0]), np.interp(u, sb, b[:, 1])), 1)
+    w = (u * u * (3 - 2 * u))[:, None]
+    return (1 - w) * pa + w * pb
+
+
+def _neighbours(net: RoadNetwork, lane: int, depth: int = 3) -> list[int]:
+    out = []
+    for side in (net.lane_left, net.lane_right):
+        x = lane
+        for _ in range(depth):
+            x = int(side[x])
+            if x < 0:
+                break
+            out.append(x)
+    return out
+
+
 def _continue_along_route(net: RoadNetwork, lane: int, p: np.ndarray, route: tuple[str, ...],
                           need: float) -> tuple[list[np.ndarray], list[int]]:
-    """Lane centreline from ``p`` on ``lane`` onward for ``need`` m, following the SUMO route edges."""
+    """Lane centreline from ``p`` on ``lane`` onward for ``need`` m, following the SUMO route
+    edges (changing lanes, blended over the lane, where only a neighbour lane leads on)."""
     s = _project(net, lane, p)
-    xy = net.lane_xy(lane)
-    ls = net.lane_s[net.lane_ptr[lane]:net.lane_ptr[lane + 1]]
-    pieces = [xy[ls > s + 0.5]]
-    got = float(ls[-1] - s)
+    # join a few metres ahead: ``p`` is a box centre, possibly off the centreline (lane change)
+    s = min(s + 4.0, 0.5 * (s + float(net.lane_length[lane])))
+    piece = lane_piece(net, lane, s, float(net.lane_length[lane]))
+    pieces: list[np.ndarray] = []
+    got = float(net.lane_length[lane] - s)
     lanes: list[int] = []
     edge = net.edge_ids[net.lane_edge[lane]]
     pos = route.index(edge) if edge in route else -1
     cur = lane
     for _ in range(12):
-        if got >= need:
-            break
-        succ = [int(x) for x in net.successors[cur] if x >= 0]
-        if not succ:
-            break
         nxt = route[pos + 1] if 0 <= pos < len(route) - 1 else None
-
-        def reaches(c: int, depth: int = 0) -> bool:
-            e = net.edge_ids[net.lane_edge[c]]
-            if not net.lane_internal[c]:
-                return e == nxt
-            return depth < 3 and any(reaches(int(x), depth + 1) for x in net.successors[c] if x >= 0)
-
-        good = [c for c in succ if nxt is not None and reaches(c)]
+        if got >= need or nxt is None:
+            break
+        good = [int(c) for c in net.successors[cur] if c >= 0 and _reaches(net, int(c), nxt)]
+        if not good:
+            for nb in _neighbours(net, cur):
+                good = [int(c) for c in net.successors[nb] if c >= 0 and _reaches(net, int(c), nxt)]
+                if good:
+                    s_nb = _project(net, nb, piece[0])
+                    other = lane_piece(net, nb, s_nb, float(net.lane_length[nb]))
+                    if len(piece) >= 2 and arclength(piece)[-1] > 1.0 and arclength(other)[-1] > 1.0:
+                        piece = _blend(piece, other)
+                    else:
+                        piece = other
+                    lanes.append(nb)
+                    cur = nb
+                    break
         if not good:
             break
+        pieces.append(piece)
         cur = good[0]
         if not net.lane_internal[cur]:
             pos += 1
         lanes.append(cur)
-        pieces.append(net.lane_xy(cur))
+        piece = net.lane_xy(cur)
         got += float(net.lane_length[cur])
+    pieces.append(piece)
     return pieces, lanes
 
 
@@ -125,7 +166,8 @@ def _future(rec: Recording, net: RoadNetwork, v: int, step0: int, s_from: float,
     i0 = a + int(np.searchsorted(rec.step[a:b], step0))
     xy = rec.xy[i0:b]
     # stop at the first teleport / gap: the track after it is not driven
-    brk = np.nonzero((np.diff(rec.step[i0:b]) != 1) | (np.linalg.norm(np.diff(xy, axis=0), axis=1) > MAX_STEP_JUMP))[0]
+    jump = np.linalg.norm(np.diff(xy, axis=0), axis=1) > MAX_STEP_JUMP
+    brk = np.nonzero((np.diff(rec.step[i0:b]) != 1) | jump)[0]
     cut = int(brk[0]) + 1 if len(brk) else len(xy)
     xy = xy[:cut]
     cd = arclength(xy) if len(xy) > 1 else np.zeros(len(xy))
@@ -137,6 +179,7 @@ def _future(rec: Recording, net: RoadNetwork, v: int, step0: int, s_from: float,
     if got < ahead and still_there and lane_seq and rec.route[v]:
         pieces, more = _continue_along_route(net, lane_seq[-1], xy[-1], rec.route[v], ahead - got)
         xy = np.concatenate([xy, *pieces])
+        xy = xy[arclength(xy) <= s_from + ahead + 1.0] if len(xy) > 2 else xy
         lane_seq += more
     return xy, lane_seq
 
@@ -200,7 +243,8 @@ def cut_scenario(rec: Recording, net: RoadNetwork, v: int, t0: int, *, seed: int
     XY[r, k], YAW[r, k], SPD[r, k], VAL[r, k] = rec.xy[mm_idx], rec.yaw[mm_idx], rec.speed[mm_idx], True
 
     # drop agents whose box overlaps a kept one at step 0 (nearest first)
-    ov = _boxes_overlap(XY[:, 0], YAW[:, 0], rec.length[sel], rec.width[sel]) & VAL[:, 0][:, None] & VAL[:, 0][None]
+    ov = _boxes_overlap(XY[:, 0], YAW[:, 0], rec.length[sel], rec.width[sel])
+    ov &= VAL[:, 0][:, None] & VAL[:, 0][None]
     kept: list[int] = [0]
     dropped = 0
     for i in range(1, n):
@@ -248,8 +292,8 @@ def cut_scenario(rec: Recording, net: RoadNetwork, v: int, t0: int, *, seed: int
         else:
             first = lanes_p[0] if lanes_p else -1
             desired = float(net.lane_speed[first]) if first >= 0 else float(max(SPD[i].max(), 5.0))
-        builder.add_agent(XY[i], YAW[i], SPD[i], VAL[i], length=float(rec.length[u]), width=float(rec.width[u]),
-                          kind=AgentType(kind), model=TrafficModel.LOG, path=path,
+        builder.add_agent(XY[i], YAW[i], SPD[i], VAL[i], length=float(rec.length[u]),
+                          width=float(rec.width[u]), kind=AgentType(kind), model=TrafficModel.LOG, path=path,
                           path_lanes=pl if (pl and path is not None) else None, desired_speed=desired)
     t_abs = rec.t_begin + t0 * 0.1
     ex = {k: net.meta[k] for k in META_KEYS if k in net.meta}

@@ -120,6 +120,8 @@ class RoadNetwork:
     lane_width: np.ndarray  # (L,) m
     lane_speed: np.ndarray  # (L,) m/s
     lane_length: np.ndarray  # (L,) m, polyline length
+    lane_geom_factor: np.ndarray  # (L,) polyline length / SUMO lane length (SUMO moves along
+    #                               the shape at speed * factor when they differ)
     lane_internal: np.ndarray  # (L,) bool, junction-internal lane
     lane_edge: np.ndarray  # (L,) int64 index into edge_ids
     lane_left: np.ndarray  # (L,) int64 left neighbour a passenger car may change to, -1 none
@@ -321,7 +323,7 @@ def _load_network(path: str | os.PathLike, name: str | None) -> RoadNetwork:
     skipped: dict[str, int] = {}
     ids: list[str] = []
     shapes: list[np.ndarray] = []
-    width, speed, internal, lane_edge, lane_sidx = [], [], [], [], []
+    width, speed, internal, lane_edge, lane_sidx, sumo_len = [], [], [], [], [], []
     edge_ids: list[str] = []
     edge_lanes: list[list[int]] = []
     degenerate: set[str] = set()
@@ -370,17 +372,44 @@ def _load_network(path: str | os.PathLike, name: str | None) -> RoadNetwork:
             shapes.append(sh)
             width.append(ln.getWidth())
             speed.append(ln.getSpeed())
+            sumo_len.append(ln.getLength())
             internal.append(fn == "internal")
             lane_edge.append(len(edge_ids))
             lane_sidx.append(ln.getIndex())
         if mine:
             edge_ids.append(e.getID())
             edge_lanes.append(mine)
+    # the raw lane graph (SUMO ids) over all lanes; drop internal lanes cut off from the
+    # drivable network (e.g. a junction lane open to cars between delivery-only streets)
+    raw_succ: dict[str, list[str]] = {}
+    conns = []
+    for e in net.getEdges(withInternal=True):
+        if e.getFunction() not in ("", "internal"):
+            continue
+        for ln in e.getLanes():
+            for c in ln.getOutgoing():
+                raw_succ.setdefault(ln.getID(), []).append(c.getViaLaneID() or c.getToLane().getID())
+                conns.append(c)
+    orphans = _orphan_internal(ids, internal, raw_succ, degenerate)
+    if orphans:
+        skipped["orphan_internal"] = len(orphans)
+        keep = [lid not in orphans for lid in ids]
+        new_pos = np.cumsum(keep) - 1
+        ids, shapes, width, speed, sumo_len, internal, lane_edge, lane_sidx = (
+            [x for x, k in zip(col, keep, strict=True) if k]
+            for col in (ids, shapes, width, speed, sumo_len, internal, lane_edge, lane_sidx))
+        remapped = [[int(new_pos[i]) for i in mine if keep[i]] for mine in edge_lanes]
+        kept_edges = [i for i, m in enumerate(remapped) if m]
+        edge_map = {old: new for new, old in enumerate(kept_edges)}
+        edge_ids = [edge_ids[i] for i in kept_edges]
+        edge_lanes = [remapped[i] for i in kept_edges]
+        lane_edge = [edge_map[e] for e in lane_edge]
     rep.skipped = skipped
     if not ids:
         raise NetworkImportError(
             f"SUMO network '{path}' has no drivable lanes (no lane allows passenger cars; "
-            f"{rep.lanes_total} lanes in the file, skipped: {skipped or 'none'})")
+            f"{rep.lanes_total} lanes in the file, skipped: "
+            f"{', '.join(f'{k}={v}' for k, v in sorted(skipped.items())) or 'none'})")
     L = len(ids)
     index = {lid: i for i, lid in enumerate(ids)}
     npts = np.array([len(s) for s in shapes])
@@ -414,34 +443,25 @@ def _load_network(path: str | os.PathLike, name: str | None) -> RoadNetwork:
             outer_r[mine[0]] = True
             outer_l[mine[-1]] = (e.getToNode().getID(), e.getFromNode().getID()) not in node_pairs
 
-    # connections
-    raw_succ: dict[str, list[str]] = {}
+    # connections between imported lanes
     c_from, c_to, c_via, c_tls, c_link, c_dir, c_state = [], [], [], [], [], [], []
-    tls_ids = [t.getID() for t in net.getTrafficLights()]
-    tls_pos = {t: i for i, t in enumerate(tls_ids)}
-    for e in net.getEdges(withInternal=True):
-        if e.getFunction() not in ("", "internal"):
+    tls_pos = {t.getID(): i for i, t in enumerate(net.getTrafficLights())}
+    for c in conns:
+        via = c.getViaLaneID() or ""
+        ai, ti = index.get(c.getFromLane().getID(), -1), index.get(c.getToLane().getID(), -1)
+        if ai < 0 or ti < 0:
             continue
-        for ln in e.getLanes():
-            a = ln.getID()
-            for c in ln.getOutgoing():
-                via = c.getViaLaneID() or ""
-                nxt = via if via else c.getToLane().getID()
-                raw_succ.setdefault(a, []).append(nxt)
-                ai, ti = index.get(a, -1), index.get(c.getToLane().getID(), -1)
-                if ai < 0 or ti < 0:
-                    continue
-                vi = index.get(via, -1) if via else -1
-                if via and vi < 0 and via not in degenerate:
-                    continue
-                c_from.append(ai)
-                c_to.append(ti)
-                c_via.append(vi)
-                tl = c.getTLSID()
-                c_tls.append(tls_pos.get(tl, -1) if tl and not internal[ai] else -1)
-                c_link.append(c.getTLLinkIndex() if c_tls[-1] >= 0 else -1)
-                c_dir.append(ord((c.getDirection() or "?")[0]))
-                c_state.append(c.getState() or "")
+        vi = index.get(via, -1) if via else -1
+        if via and vi < 0 and via not in degenerate:
+            continue
+        c_from.append(ai)
+        c_to.append(ti)
+        c_via.append(vi)
+        tl = c.getTLSID()
+        c_tls.append(tls_pos.get(tl, -1) if tl and not internal[ai] else -1)
+        c_link.append(c.getTLLinkIndex() if c_tls[-1] >= 0 else -1)
+        c_dir.append(ord((c.getDirection() or "?")[0]))
+        c_state.append(c.getState() or "")
 
     def succ_of(lid: str, depth: int = 0) -> list[int]:
         out = []
@@ -492,7 +512,8 @@ def _load_network(path: str | os.PathLike, name: str | None) -> RoadNetwork:
 
     loc = getattr(net, "_location", {}) or {}
     meta = {k: str(v) for k, v in loc.items()}
-    meta.update(network_file=os.path.abspath(path), net_version=".".join(map(str, getattr(net, "_version", ()))),
+    meta.update(network_file=os.path.abspath(path),
+                net_version=".".join(map(str, getattr(net, "_version", ()))),
                 sumo_version=str(getattr(sumolib, "__version__", "")))
     rep.lanes_imported = L
     rep.lanes_internal = int(np.sum(internal))
@@ -505,7 +526,8 @@ def _load_network(path: str | os.PathLike, name: str | None) -> RoadNetwork:
     rnet = RoadNetwork(
         name=name or _net_name(path), path=os.path.abspath(path), lane_ids=ids, lane_pts=pts, lane_ptr=ptr,
         lane_s=s, lane_width=np.asarray(width, float), lane_speed=np.asarray(speed, float),
-        lane_length=length, lane_internal=np.asarray(internal, bool), lane_edge=np.asarray(lane_edge, np.int64),
+        lane_length=length, lane_geom_factor=length / np.maximum(np.asarray(sumo_len, float), 1e-3),
+        lane_internal=np.asarray(internal, bool), lane_edge=np.asarray(lane_edge, np.int64),
         lane_left=left, lane_right=right, lane_outer_left=outer_l, lane_outer_right=outer_r,
         lane_stop_sign=stop_sign, successors=succ, predecessors=pred, conn_from=conn_from,
         conn_to=np.asarray(c_to, np.int64), conn_via=np.asarray(c_via, np.int64), conn_tls=conn_tls,
@@ -516,6 +538,33 @@ def _load_network(path: str | os.PathLike, name: str | None) -> RoadNetwork:
     rnet.grid = LaneGrid(pts, ptr, s)
     rep.seconds = time.perf_counter() - t_start
     return rnet
+
+
+def _orphan_internal(ids: list[str], internal: list[bool], raw_succ: dict[str, list[str]],
+                     degenerate: set[str]) -> set[str]:
+    """Internal lanes without an imported predecessor or successor (iterated to a fixpoint)."""
+    def nexts(lid: str, depth: int = 0):
+        for b in raw_succ.get(lid, ()):
+            if b in degenerate and depth < 4:
+                yield from nexts(b, depth + 1)
+            else:
+                yield b
+
+    succ = {a: set(nexts(a)) for a in ids}
+    pred: dict[str, set[str]] = {}
+    for a, bs in succ.items():
+        for b in bs:
+            pred.setdefault(b, set()).add(a)
+    alive = set(ids)
+    todo = [lid for lid, i in zip(ids, internal, strict=True) if i]
+    changed = True
+    while changed:
+        changed = False
+        for lid in todo:
+            if lid in alive and not (succ[lid] & alive and pred.get(lid, set()) & alive):
+                alive.discard(lid)
+                changed = True
+    return set(ids) - alive
 
 
 def _pad_lists(lists: list[list[int]]) -> np.ndarray:
@@ -585,7 +634,8 @@ def lane_piece(net: RoadNetwork, i: int, s0: float, s1: float) -> np.ndarray:
     return np.concatenate((a[None], p[inner], b[None]))
 
 
-def choose_links(net: RoadNetwork, lanes: np.ndarray, next_lane: dict[int, int] | None = None) -> dict[int, tuple]:
+def choose_links(net: RoadNetwork, lanes: np.ndarray,
+                 next_lane: dict[int, int] | None = None) -> dict[int, tuple]:
     """For each light-controlled lane: the (tls index, link index) that governs its stop line.
 
     A lane can feed several links (left / straight / right).  Preference: the link towards

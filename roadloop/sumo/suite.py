@@ -40,7 +40,8 @@ class SumoNetSpec:
 
 SUMO_REAL_NETWORKS: dict[str, SumoNetSpec] = {
     "bs3d": SumoNetSpec("bs3d/bs.net.xml", description="Braunschweig city centre (OSM), random trips"),
-    "fkk_in": SumoNetSpec("fkk_in/ingolstadt.net.xml.gz", description="Ingolstadt junctions (OSM), random trips"),
+    "fkk_in": SumoNetSpec("fkk_in/ingolstadt.net.xml.gz",
+                          description="Ingolstadt junctions (OSM), random trips"),
     "highway": SumoNetSpec("highway/highway.net.xml", routes=("highway/highway.rou.xml",), warmup=60.0,
                            description="motorway near Bremen with an on-ramp, shipped flows (7,500 veh/h)"),
     "fokr_bs_demo": SumoNetSpec(
@@ -110,7 +111,8 @@ def build_sumo_suite(net_path: str, trips: list[str] | str | None = None, n: int
     if isinstance(trips, (str, os.PathLike)):
         trips = [os.fspath(trips)]
     t = time.perf_counter()
-    rec = record_network(net, trips, additional, seed=seed, begin=begin, warmup=warmup, sim_seconds=sim_seconds)
+    rec = record_network(net, trips, additional, seed=seed, begin=begin, warmup=warmup,
+                         sim_seconds=sim_seconds)
     t_rec = time.perf_counter() - t
     t = time.perf_counter()
     egos = None if split is None else [i for i in rec.ids if split_of(i) == split]

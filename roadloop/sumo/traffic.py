@@ -58,7 +58,8 @@ def _libsumo():
 def sumo_binary(name: str = "sumo") -> str:
     exe = os.path.join(sumo_home(), "bin", name)
     if not os.path.isfile(exe):  # pragma: no cover
-        raise SumoTrafficError(f"SUMO binary '{name}' not found under {sumo_home()}/bin: reinstall eclipse-sumo")
+        raise SumoTrafficError(f"SUMO binary '{name}' not found under {sumo_home()}/bin: "
+                               "reinstall eclipse-sumo")
     return exe
 
 
@@ -150,7 +151,8 @@ def random_trips(net_path: str, seed: int = 0, end: float = 400.0, period: float
     script = os.path.join(sumo_home(), "tools", "randomTrips.py")
     cmd = [sys.executable, script, "-n", net_path, "-o", trips, "-r", routes, "--seed", str(seed),
            "-b", "0", "-e", str(end), "-p", str(period), "--vehicle-class", "passenger",
-           "--vclass", "passenger", "--min-distance", str(min_distance), "--fringe-factor", str(fringe_factor),
+           "--vclass", "passenger", "--min-distance", str(min_distance),
+           "--fringe-factor", str(fringe_factor),
            "--validate", "--remove-loops", "--trip-attributes", 'departLane="best" departSpeed="max"']
     env = dict(os.environ, SUMO_HOME=sumo_home())
     env["PATH"] = os.path.join(sumo_home(), "bin") + os.pathsep + env.get("PATH", "")
@@ -187,7 +189,7 @@ class Recording:
     step: np.ndarray  # (N,) int32
     xy: np.ndarray  # (N, 2) float64 m, box centre
     yaw: np.ndarray  # (N,) float32 rad
-    speed: np.ndarray  # (N,) float32 m/s
+    speed: np.ndarray  # (N,) float32 m/s (SUMO speed x the lane's shape/length factor)
     lane: np.ndarray  # (N,) int32 network lane index, -1 not an imported lane
     tls_states: dict[str, np.ndarray]  # tls id -> (S, num_links) uint8 SUMO state chars
     info: dict[str, str] = field(default_factory=dict)  # seed, files, SUMO version, timings
@@ -216,7 +218,8 @@ def sumo_to_roadloop(front_xy: np.ndarray, angle_deg: np.ndarray, length: np.nda
 
 
 def front_track_to_boxes(step: np.ndarray, ptr: np.ndarray, front: np.ndarray, angle: np.ndarray,
-                         length: np.ndarray, rigid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         length: np.ndarray, rigid: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Box centres (N, 2) and yaws (N,) of actors from their SUMO front-bumper tracks.
 
     SUMO's angle is the lane direction under the front bumper, which jumps at the kinks of
@@ -292,7 +295,8 @@ def record_traffic(net: RoadNetwork, routes: list[str], additional: list[str] = 
         ls.start(cmd)
     except Exception as e:  # libsumo raises its own exception types
         _close(ls)
-        raise SumoTrafficError(f"SUMO failed to start on network '{net.path}' with routes {routes}: {e}") from e
+        raise SumoTrafficError(
+            f"SUMO failed to start on network '{net.path}' with routes {routes}: {e}") from e
     V, P = ls.vehicle, ls.person
     vvars = [tc.VAR_POSITION, tc.VAR_ANGLE, tc.VAR_SPEED, tc.VAR_LANE_ID]
     pvars = [tc.VAR_POSITION, tc.VAR_ANGLE, tc.VAR_SPEED]
@@ -354,16 +358,20 @@ def record_traffic(net: RoadNetwork, routes: list[str], additional: list[str] = 
     is_person = np.array([c in PED_CLASSES for c in vclass], bool)
     centre, yaw = front_track_to_boxes(arr[:, 0].astype(np.int64), ptr, arr[:, 2:4], arr[:, 4], length_a,
                                        is_person)
+    lane = arr[:, 6].astype(np.int32)
+    # speed along the drawn lane shape (SUMO lane lengths may differ from their shapes' lengths)
+    speed = arr[:, 5] * np.where(lane >= 0, net.lane_geom_factor[np.maximum(lane, 0)], 1.0)
     tls_states = {}
     for t, rs in tls_rows.items():
         n = max((len(r) for r in rs), default=0)
-        tls_states[t] = np.frombuffer(b"".join(r.ljust(n, b"o") for r in rs), np.uint8).reshape(len(rs), n).copy()
+        buf = b"".join(r.ljust(n, b"o") for r in rs)
+        tls_states[t] = np.frombuffer(buf, np.uint8).reshape(len(rs), n).copy()
     rec = Recording(
         net_name=net.name, net_path=net.path, t_begin=float(t0), num_steps=n_steps, ids=ids,
         length=length_a, width=np.asarray(width, float), vclass=vclass, vtype=vtype,
         kind=np.array([_kind(c) for c in vclass], np.int64), route=route, ptr=ptr,
         step=arr[:, 0].astype(np.int32), xy=centre, yaw=yaw.astype(np.float32),
-        speed=arr[:, 5].astype(np.float32), lane=arr[:, 6].astype(np.int32), tls_states=tls_states,
+        speed=speed.astype(np.float32), lane=lane, tls_states=tls_states,
         info={"seed": str(seed), "routes": ",".join(routes), "additional": ",".join(additional),
               "sumo_version": sumo_version(), "begin": f"{begin:.1f}", "warmup_s": f"{warmup:.1f}",
               "duration_s": f"{duration:.1f}", "record_seconds": f"{t_sim:.3f}"})

@@ -16,7 +16,7 @@
   const FLAG_TEXT = [["at_fault", "AT-FAULT COLLISION"], ["collision", "COLLISION"], ["offroad", "OFF-ROAD"],
                      ["red_light", "RED LIGHT"], ["wrong_way", "WRONG WAY"]];
 
-  const S = { vi: -1, v: null, f: 0, playing: false, speed: 1, follow: true, zoom: 5, cx: 0, cy: 0,
+  const S = { vi: -1, v: null, f: 0, playing: false, speed: 1, follow: true, zoom: 6, cx: 0, cy: 0,
               acc: 0, last: 0, geo: null, lastText: -1 };
 
   // ---------------------------------------------------------------- geometry helpers
@@ -253,7 +253,7 @@
       kv.append(dt, dd);
     }
     document.querySelectorAll("#rollout-table tr[data-view]").forEach((tr) => tr.classList.toggle("selected", +tr.dataset.view === i));
-    if (!S.follow) fitScene(); else S.zoom = 5;
+    if (!S.follow) fitScene(); else S.zoom = 6;
     if (history.replaceState) history.replaceState(null, "", "#r=" + i);
     draw();
   }
@@ -290,7 +290,7 @@
   playBtn.addEventListener("click", () => setPlaying(!S.playing));
   slider.addEventListener("input", () => { setFrame(+slider.value); });
   $("speed-select").addEventListener("change", (e) => { S.speed = +e.target.value; });
-  followBox.addEventListener("change", () => { if (!followBox.checked) fitScene(); else S.zoom = 5; setFollow(followBox.checked); });
+  followBox.addEventListener("change", () => { if (!followBox.checked) fitScene(); else S.zoom = 6; setFollow(followBox.checked); });
   $("btn-zoom-in").addEventListener("click", () => zoomBy(1.4));
   $("btn-zoom-out").addEventListener("click", () => zoomBy(1 / 1.4));
   $("btn-fit").addEventListener("click", () => { S.follow = false; followBox.checked = false; fitScene(); draw(); });
