@@ -12,12 +12,8 @@ import pytest
 
 from roadloop.sim.batching import validate
 from roadloop.sim.datatypes import ScenarioMeta
-from roadloop.sumo.network import (
-    NetworkImportError,
-    crop_network,
-    load_network,
-    network_to_scenario_map,
-)
+from roadloop.sumo.crop import crop_network, network_to_scenario_map
+from roadloop.sumo.network import NetworkImportError, load_network
 from roadloop.sumo.suite import SUMO_REAL_NETWORKS, get_network
 from roadloop.sumo.traffic import sumo_binary
 

@@ -1,23 +1,16 @@
 """Real road networks and real traffic through SUMO (Eclipse SUMO, EPL-2.0; map data ODbL).
 
-* ``network``: import any SUMO ``.net.xml[.gz]`` with sumolib into a numpy ``RoadNetwork`` and
-  crop regions of it into a ``ScenarioBuilder``;
+* ``network``: import any SUMO ``.net.xml[.gz]`` with sumolib into a numpy ``RoadNetwork``;
+* ``crop``: crop regions of a network into a ``ScenarioBuilder``;
 * ``traffic``: simulate traffic with libsumo and record every vehicle at 10 Hz;
 * ``cutting``: cut a recording into scenarios (one ego vehicle and window each);
 * ``suite``: ``build_sumo_suite`` for any network and ``build_sumo_real`` (``sumo-real``);
 * ``preview``: matplotlib renderings for a visual check.
 """
 
+from roadloop.sumo.crop import add_crop_to_builder, crop_network, network_to_scenario_map
 from roadloop.sumo.cutting import cut_scenario, cut_scenarios
-from roadloop.sumo.network import (
-    ImportReport,
-    NetworkImportError,
-    RoadNetwork,
-    add_crop_to_builder,
-    crop_network,
-    load_network,
-    network_to_scenario_map,
-)
+from roadloop.sumo.network import ImportReport, NetworkImportError, RoadNetwork, load_network
 from roadloop.sumo.suite import SUMO_REAL_NETWORKS, build_sumo_real, build_sumo_suite
 from roadloop.sumo.traffic import Recording, SumoTrafficError, random_trips, record_traffic
 

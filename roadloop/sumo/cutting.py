@@ -16,7 +16,8 @@ from roadloop.errors import ScenarioError
 from roadloop.scenarios.builder import ScenarioBuilder, arclength, resample
 from roadloop.sim.batching import validate
 from roadloop.sim.datatypes import AgentType, Scenario, ScenarioMeta, TrafficModel
-from roadloop.sumo.network import RoadNetwork, add_crop_to_builder, crop_network, lane_piece
+from roadloop.sumo.crop import add_crop_to_builder, crop_network, lane_piece
+from roadloop.sumo.network import RoadNetwork
 from roadloop.sumo.traffic import Recording
 
 EGO_CLASSES = {"passenger", "private", "taxi", "evehicle", "hov"}
@@ -157,6 +158,16 @@ def _continue_along_route(net: RoadNetwork, lane: int, p: np.ndarray, route: tup
     return pieces, lanes
 
 
+def _truncate(xy: np.ndarray, s_max: float) -> np.ndarray:
+    """The polyline's first ``s_max`` m (interpolating the cut point)."""
+    s = arclength(xy)
+    if s[-1] <= s_max:
+        return xy
+    k = int(np.searchsorted(s, s_max))
+    end = np.array([np.interp(s_max, s, xy[:, 0]), np.interp(s_max, s, xy[:, 1])])
+    return np.concatenate((xy[:k], end[None]))
+
+
 def _future(rec: Recording, net: RoadNetwork, v: int, step0: int, s_from: float, ahead: float
             ) -> tuple[np.ndarray, list[int]]:
     """Actor ``v``'s path from step ``step0``: recorded positions until ``ahead`` m past arc
@@ -172,14 +183,14 @@ def _future(rec: Recording, net: RoadNetwork, v: int, step0: int, s_from: float,
     xy = xy[:cut]
     cd = arclength(xy) if len(xy) > 1 else np.zeros(len(xy))
     stop = int(np.searchsorted(cd, s_from + ahead)) + 1
-    xy, lanes = xy[:stop], rec.lane[i0:i0 + stop]
+    xy, lanes = xy[:stop], rec.lane[i0:i0 + cut][:stop]
     got = float(cd[min(stop, len(cd)) - 1]) - s_from if len(cd) else 0.0
     lane_seq = _dedup(lanes[lanes >= 0])
     still_there = cut == b - i0 and int(rec.step[b - 1]) == rec.num_steps - 1
     if got < ahead and still_there and lane_seq and rec.route[v]:
         pieces, more = _continue_along_route(net, lane_seq[-1], xy[-1], rec.route[v], ahead - got)
         xy = np.concatenate([xy, *pieces])
-        xy = xy[arclength(xy) <= s_from + ahead + 1.0] if len(xy) > 2 else xy
+        xy = _truncate(xy, s_from + ahead + 1.0)
         lane_seq += more
     return xy, lane_seq
 

@@ -19,8 +19,10 @@ def _box(xy, yaw, length, width) -> np.ndarray:
 
 
 def render_scenario(sc: Scenario, path: str, step: int | None = None, title: str | None = None,
-                    dpi: int = 110) -> None:
-    """Draw scenario ``sc`` (single) at ``step`` (default: the warm-up end) to a PNG file."""
+                    dpi: int = 110, paths: bool = False) -> None:
+    """Draw scenario ``sc`` (single) at ``step`` (default: the warm-up end) to a PNG file.
+
+    ``paths``: also draw the agents' IDM paths (cyan)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,6 +64,12 @@ def render_scenario(sc: Scenario, path: str, step: int | None = None, title: str
     r = sc.route.xy[sc.route.valid].numpy()
     ax.plot(r[:, 0], r[:, 1], "--", color="tab:red", lw=1.2, zorder=4, label="ego route")
     xy, yaw, val = a.xy.numpy(), a.yaw.numpy(), a.valid.numpy()
+    if paths:
+        for i in range(1, xy.shape[0]):
+            pv = a.path_valid[i].numpy()
+            if pv.any():
+                pp = a.path_xy[i].numpy()[pv]
+                ax.plot(pp[:, 0], pp[:, 1], color="tab:cyan", lw=0.6, zorder=4)
     ax.plot(xy[0, val[0], 0], xy[0, val[0], 1], color="darkred", lw=0.8, zorder=4)
     for i in range(xy.shape[0]):
         if not val[i, t]:
