@@ -22,6 +22,8 @@ scen_app = typer.Typer(no_args_is_help=True, help="Scenario suites: list, build,
 app.add_typer(bench_app, name="bench")
 app.add_typer(scen_app, name="scenarios")
 console = Console()
+if not console.is_terminal:  # piped / CI output: don't squeeze tables to 80 columns
+    console = Console(width=140)
 err_console = Console(stderr=True)
 
 
@@ -152,9 +154,9 @@ def replay_cmd(rollout_id: str = typer.Argument(..., help="e.g. 'cut_in/000003#0
         console.print(f"[red]DIFFERENT[/] {rollout_id}: recorded {res.recorded[:16]}, replayed {res.replayed[:16]}")
     if gif:
         from roadloop.eval.export import export_rollout
-        from roadloop.sim.batching import collate
-        from roadloop.scenarios.suites import load_suite
         from roadloop.eval.replay import find
+        from roadloop.scenarios.suites import load_suite
+        from roadloop.sim.batching import collate
 
         rec, row = find(rollout_id)
         by_id = {s.meta.scenario_id: s for s in load_suite(rec.suite).scenarios}

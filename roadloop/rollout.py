@@ -12,6 +12,13 @@ Loop, for each step t (0.1 s):
   * the ego executes the plan's controls in order, or the tracking controller follows the plan;
   * ``step`` advances every agent and ``compute_checks`` records the per-step checks.
 
+An external traffic simulator can move the non-ego agents instead of roadloop's own traffic
+models (``traffic=``, a ``roadloop.sim.backend.TrafficBackend``, e.g. the SUMO co-simulation
+``roadloop.sumo.cosim.SumoCosim``): it is reset with the initial state, and after each step
+(ego moved by roadloop) it replaces the other agents' poses before the checks run.  Nothing
+else changes: same policy interface, same checks, same metrics.  The rollout closes it when it ends
+(a later ``reset`` starts it again).
+
 A policy that raises, or returns non-finite values for some scenarios, fails those rollouts:
 they are marked ``failed`` with the reason, the ego brakes to a stop, and the other rollouts
 go on.  A plan of the wrong shape is a bug that fails the whole batch the same way.
@@ -26,6 +33,7 @@ import torch
 from roadloop.errors import ConfigError, ControlError
 from roadloop.policies.base import HISTORY_STEPS, PLAN_STEPS, Observation, Policy, PolicyOutput
 from roadloop.sim import dynamics
+from roadloop.sim.backend import TrafficBackend
 from roadloop.sim.checks import compute_checks
 from roadloop.sim.config import SimConfig
 from roadloop.sim.datatypes import Scenario, SimState, StepChecks, _TensorTree
@@ -90,8 +98,11 @@ def _history(buf: list[SimState]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def rollout(policy: Policy, scenarios: Scenario, seeds: torch.Tensor | None = None,
-            cfg: RolloutConfig | None = None) -> Rollout:
-    """Drive ``policy`` through the batched ``scenarios`` in closed loop (see module docstring)."""
+            cfg: RolloutConfig | None = None, traffic: TrafficBackend | None = None) -> Rollout:
+    """Drive ``policy`` through the batched ``scenarios`` in closed loop (see module docstring).
+
+    ``traffic``: an external backend that moves the non-ego agents (None: roadloop's models).
+    """
     cfg = (cfg or RolloutConfig()).validate()
     sim = cfg.sim
     B = scenarios.batch_size
@@ -105,6 +116,23 @@ def rollout(policy: Policy, scenarios: Scenario, seeds: torch.Tensor | None = No
         raise ConfigError(f"rollout of {T} steps leaves nothing after the {warmup}-step warm-up")
 
     state = init_state(scenarios, sim)
+    if traffic is not None:
+        try:
+            traffic.reset(state)
+        except BaseException:
+            traffic.close()
+            raise
+    try:
+        return _run(policy, scenarios, seeds, cfg, state, warmup, T, traffic)
+    finally:
+        if traffic is not None:
+            traffic.close()
+
+
+def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutConfig, state: SimState,
+         warmup: int, T: int, traffic: TrafficBackend | None) -> Rollout:
+    sim = cfg.sim
+    B = scenarios.batch_size
     policy.reset(state, seeds)
     states = [state]
     controls, checks, dsteps, plans, logps, texts = [], [], [], [], [], []
@@ -138,6 +166,8 @@ def rollout(policy: Policy, scenarios: Scenario, seeds: torch.Tensor | None = No
                 brake = torch.stack((torch.full((B,), sim.accel_min * 0.5), torch.zeros(B)), -1)
                 ctrl = torch.where(failed.unsqueeze(-1), brake, ctrl)
         nxt = step(state, ctrl, sim)
+        if traffic is not None:
+            nxt = traffic.step(state, nxt)
         checks.append(compute_checks(state, nxt, sim))
         controls.append(torch.full((B, 2), float("nan")) if ctrl is None else ctrl)
         states.append(nxt)

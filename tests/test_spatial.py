@@ -196,6 +196,11 @@ def test_index_layout_and_options():
     assert idx.seg_pack.dtype == torch.float32 and idx.cell_entries.dtype == torch.int64
     with pytest.raises(ValueError, match="max_per_cell"):
         spatial.build_lane_index(sc.map, max_per_cell=1)
+    # a scenario without valid lanes: everything is off road
+    empty = sc.map.replace(lane_valid=torch.zeros_like(sc.map.lane_valid))
+    idx2 = spatial.build_lane_index(collate([sc, sc.replace(map=empty)]).map)
+    pts = sc.map.lane_xy[0, :4].expand(2, 4, 2)
+    assert spatial.on_road(pts, idx2).tolist() == [[True] * 4, [False] * 4]
     # straight runs are merged: a 100 m straight lane (51 points) is one segment
     idx1, _ = make_index([straight((0, 0), (100, 0))])
     assert idx1.segments(0)[0].shape[0] == 1

@@ -16,6 +16,18 @@ At every decision, for a batch of B scenes:
    preference for the nominal proposal (full speed, no offset) and no offset.
 4. **Emergency brake**: if every proposal collides within 2 s, brake as hard as allowed.
 
+**Driving like the log.**  When the scenario has a recorded ego log (real-world / SUMO
+scenarios, and procedural scenarios once recorded) and the ego is within ``LOG_JOIN`` m of its
+logged position, one more proposal follows the logged trajectory (offsets to it fade out over
+``LOG_BLEND`` steps).  It is taken whenever it is safe: no at-fault contact within the horizon
+and no off-road.  Its check uses the forecast above, except for the agents that are where their
+own log has them now (and are not IDM-driven): those are expected to keep following their logs,
+since the recording is one consistent, collision-free world.  The log plan comes with its
+controls (``unicycle_controls_from_poses``), so it is executed exactly rather than through the
+pure-pursuit tracker; every other row of the batch gets the controls the tracker would give.
+Raw procedural scenarios (log only at step 0) never offer it, so their recordings are
+unchanged.  This is what the AlpaSim score asks for: it truncates at 4 m from the log.
+
 It sees ground truth (that is what privileged means).  The chosen plan is returned together
 with a short reasoning string naming the deciding factor.
 """
@@ -32,10 +44,11 @@ from roadloop.policies.route_idm import (
     route_points,
     stop_line_gap,
 )
-from roadloop.sim import collision
+from roadloop.sim import collision, dynamics
 from roadloop.sim.config import IDMParams, SimConfig
 from roadloop.sim.datatypes import AgentType, SimState, TrafficModel
 from roadloop.sim.geometry import box_corners
+from roadloop.sim.state import _project_on_route
 from roadloop.sim.step import step
 
 _INF = 1e9
@@ -43,6 +56,9 @@ SPEED_FRACS = (0.0, 0.25, 0.5, 0.75, 1.0)
 OFFSETS = (0.0, -1.0, 1.0)
 HORIZON = 40  # steps (4 s) scored per proposal
 FORECAST_EVERY = 5  # decisions between fresh forecasts (re-anchored to current positions between)
+LOG_JOIN = 2.0  # m, the log proposal is offered while the ego is this close to its logged position
+LOG_BLEND = 20  # steps over which the offset between the ego and its log fades out of the log plan
+LOG_CONSISTENT = 0.5  # m, an agent this close to its own logged position is taken to follow its log
 
 
 class Expert(Policy):
@@ -69,6 +85,99 @@ class Expert(Policy):
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         self._stopped = torch.zeros_like(state.static.scenario.route.stop_s, dtype=torch.bool)
         self._fc = None
+        self._log_s = None
+
+    # --- the logged ego trajectory ----------------------------------------------------------
+    def _log_route_s(self, state: SimState) -> torch.Tensor:
+        """Arc length (B, T) m along the route of each logged ego position (cached per rollout)."""
+        sc = state.static.scenario
+        if self._log_s is None or self._log_s.shape[0] != state.batch_size:
+            a, r = sc.agents, sc.route
+            B, T = a.valid.shape[0], a.num_steps
+            xy = a.xy[:, 0].reshape(B * T, 2)
+            rep = lambda x: x.repeat_interleave(T, 0)
+            s = _project_on_route(xy, rep(r.xy), rep(r.valid)).view(B, T)
+            self._log_s = torch.cummax(s, -1).values
+        return self._log_s
+
+    def log_plan(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The proposal that follows the logged ego trajectory from now on.
+
+        Returns xy (B, 64, 2) m, yaw (B, 64) rad, speed (B, 64) m/s and ``ok`` (B,): the log is
+        valid from now to its end (or for the whole plan) and the ego is within ``LOG_JOIN`` m of it.
+        Beyond the log's end the plan continues along the route at the last logged speed; the
+        ego's current offset to its log fades out over ``LOG_BLEND`` steps.
+        """
+        st = state.static
+        a = st.scenario.agents
+        T = a.num_steps
+        t = min(int(state.t), T - 1)
+        B = state.batch_size
+        k = torch.arange(1, PLAN_STEPS + 1)
+        idx = (t + k).clamp_max(T - 1)
+        inlog = (t + k) <= T - 1  # (64,)
+        lxy, lyaw, lsp, lval = a.xy[:, 0, idx], a.yaw[:, 0, idx], a.speed[:, 0, idx], a.valid[:, 0, idx]
+        ok = a.valid[:, 0, t:].all(-1) & (T - 1 - t >= 1)
+        err = state.xy[:, 0] - a.xy[:, 0, t]
+        ok &= torch.linalg.vector_norm(err, dim=-1) < LOG_JOIN
+        if not bool(inlog.all()):  # continue along the route at the last logged speed
+            s_end = self._log_route_s(state)[:, T - 1]
+            v_end = a.speed[:, 0, T - 1]
+            extra = (t + k - (T - 1)).clamp_min(0).to(v_end.dtype) * 0.1
+            rxy, ryaw = route_points(st.scenario.route.xy, st.route_ds, st.route_len,
+                                     s_end.unsqueeze(-1) + v_end.unsqueeze(-1) * extra)
+            # shift so the continuation starts exactly at the last logged position
+            r0, _ = route_points(st.scenario.route.xy, st.route_ds, st.route_len, s_end.unsqueeze(-1))
+            rxy = rxy + (a.xy[:, 0, T - 1] - r0[:, 0]).unsqueeze(1)
+            lxy = torch.where(inlog.view(1, -1, 1), lxy, rxy)
+            lyaw = torch.where(inlog.view(1, -1), lyaw, ryaw)
+            lsp = torch.where(inlog.view(1, -1), lsp, v_end.unsqueeze(-1).expand(B, PLAN_STEPS))
+        u = (k.to(err.dtype) / LOG_BLEND).clamp_max(1.0)
+        w = 1.0 - u * u * (3.0 - 2.0 * u)  # smoothstep fade of the current offset
+        xy = lxy + w.view(1, -1, 1) * err.unsqueeze(1)
+        ok &= (lval | ~inlog.view(1, -1)).all(-1)
+        return xy, lyaw, lsp, ok
+
+    def _log_forecast(self, state: SimState, fxy, fyaw, fpres):
+        """The forecast used to check the log proposal: agents that are where their own log has
+        them now (within ``LOG_CONSISTENT`` m) and are not IDM-driven follow their logs.  Steps
+        after the scenario's last logged step are not checked (the rollout ends there)."""
+        a = state.static.scenario.agents
+        T = a.num_steps
+        t = min(int(state.t), T - 1)
+        H = fxy.shape[1]
+        k = torch.arange(1, H + 1)
+        idx = (t + k).clamp_max(T - 1)
+        inlog = ((t + k) <= T - 1).view(1, H, 1)
+        d = torch.linalg.vector_norm(state.xy - a.xy[:, :, t], dim=-1)
+        cons = (state.present & a.valid[:, :, t] & (d < LOG_CONSISTENT) & (state.model != TrafficModel.IDM))
+        cons = cons.unsqueeze(1) & inlog  # (B, H, A)
+        lxy = a.xy[:, :, idx].transpose(1, 2)  # (B, H, A, 2)
+        lyaw = a.yaw[:, :, idx].transpose(1, 2)
+        lval = a.valid[:, :, idx].transpose(1, 2)
+        # the scenario ends with its log: what would happen after it is not checked
+        pres = torch.where(cons, lval, fpres) & inlog
+        return torch.where(cons.unsqueeze(-1), lxy, fxy), torch.where(cons, lyaw, fyaw), pres
+
+    def _tracking_controls(self, state: SimState, xy: torch.Tensor, speed: torch.Tensor,
+                           rows: torch.Tensor) -> torch.Tensor:
+        """Controls (R, 64, 2) the rollout's plan tracker would apply, step after step, to follow
+        ``xy``/``speed`` (B, 64, ...) in the batch ``rows`` (R,) (the ego's motion is
+        deterministic, so this reproduces what the rollout would do with the plan alone)."""
+        sim = self.fc_cfg
+        bounds = dynamics.ActionBounds(accel_min=sim.accel_min, accel_max=sim.accel_max,
+                                       curvature_max=sim.curvature_max)
+        xy, speed = xy[rows], speed[rows]
+        p, th, v = state.xy[rows, 0], state.yaw[rows, 0], state.speed[rows, 0]
+        out = []
+        for j in range(PLAN_STEPS):
+            pxy, psp = xy[:, j:], speed[:, j:]
+            if pxy.shape[1] < 2:
+                pxy, psp = torch.cat((pxy, pxy), 1), torch.cat((psp, psp), 1)
+            c = dynamics.track_plan(p, th, v, pxy, psp, dt=sim.dt, bounds=bounds, speed_time=sim.dt)
+            out.append(c)
+            p, th, v = dynamics.unicycle_forward(p, th, v, c[:, 0], c[:, 1], sim.dt, bounds)
+        return torch.stack(out, 1)
 
     # --- helpers ------------------------------------------------------------------------
     def _update_stops(self, state: SimState) -> torch.Tensor:
@@ -199,8 +308,29 @@ class Expert(Policy):
             out_xy = torch.where(e.unsqueeze(-1), bxy, out_xy)
             out_yaw = torch.where(e, byaw, out_yaw)
             out_sp = torch.where(e, bsp, out_sp)
+        controls = None
+        lxy, lyaw, lsp, lok = self.log_plan(state)
+        if bool(lok.any()):  # drive like the log where that is safe
+            gxy, gyaw, gpres = self._log_forecast(state, fxy, fyaw, fpres)
+            l_hit, _, l_off = self._evaluate(state, lxy[:, None, :H], lyaw[:, None, :H], gxy, gyaw, gpres,
+                                             offroad_of=torch.ones(1, dtype=torch.bool))
+            use = lok & (l_hit[:, 0] >= _INF) & ~l_off[:, 0]
+            if bool(use.any()):
+                u = use.view(B, 1)
+                pose_xy = torch.cat((state.xy[:, :1], lxy), 1)
+                pose_yaw = torch.cat((state.yaw[:, :1], lyaw), 1)
+                controls = dynamics.unicycle_controls_from_poses(pose_xy, pose_yaw, state.speed[:, 0])
+                rest = (~use).nonzero().flatten()
+                if rest.numel():
+                    controls[rest] = self._tracking_controls(state, out_xy, out_sp, rest)
+                out_xy = torch.where(u.unsqueeze(-1), lxy, out_xy)
+                out_yaw = torch.where(u, lyaw, out_yaw)
+                out_sp = torch.where(u, lsp, out_sp)
+                # explain the log rows by the scene's factors, as for the nominal proposal
+                best = torch.where(use, torch.full_like(best, self.nominal), best)
+                emergency = emergency & ~use
         text = self._explain(best, emergency, g_lead, g_stop, g_yield, v_des, state)
-        return PolicyOutput(plan_xy=out_xy, plan_yaw=out_yaw, plan_speed=out_sp, reasoning=text)
+        return PolicyOutput(plan_xy=out_xy, plan_yaw=out_yaw, plan_speed=out_sp, controls=controls, reasoning=text)
 
     def _brake_plan(self, state: SimState):
         st = state.static
@@ -214,8 +344,11 @@ class Expert(Policy):
         xy, yaw = route_points(st.scenario.route.xy, st.route_ds, st.route_len, s)
         return xy, yaw, vs
 
-    def _evaluate(self, state, pxy, pyaw, fxy, fyaw, fpres):
-        """First at-fault hit step (B, P) (INF if none), buffer contact (B, P), off-road (B, P)."""
+    def _evaluate(self, state, pxy, pyaw, fxy, fyaw, fpres, offroad_of: torch.Tensor | None = None):
+        """First at-fault hit step (B, P) (INF if none), buffer contact (B, P), off-road (B, P).
+
+        ``offroad_of`` (P,) bool: the proposals checked for off-road (default: the offset ones;
+        centreline proposals follow the route)."""
         st = state.static
         ag = st.scenario.agents
         B, P, H, _ = pxy.shape
@@ -252,7 +385,7 @@ class Expert(Policy):
         hit_t = torch.where(any_hit, steps, torch.full_like(steps, int(_INF))).amin(-1).float()
         hit_t = torch.where(hit_t >= H, torch.full_like(hit_t, _INF), hit_t)
         off = torch.zeros(B, P, dtype=torch.bool)
-        shifted = (self.offset != 0).nonzero().flatten()  # centreline proposals follow the route
+        shifted = ((self.offset != 0) if offroad_of is None else offroad_of).nonzero().flatten()
         if st.lane_index is not None and shifted.numel():
             from roadloop.sim import spatial
 

@@ -339,7 +339,7 @@ class ScenarioBuilder:
 
     def _build_agents(self) -> Agents:
         f32 = torch.float32
-        A, T = len(self.agents), self.T
+        A = len(self.agents)
         N = max([len(a.path) for a in self.agents if a.path is not None] + [2])
         K = max([len(a.path_stops) for a in self.agents] + [1])
         path = np.zeros((A, N, 2))

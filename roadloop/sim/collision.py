@@ -46,30 +46,51 @@ def boxes_overlap(corners_a: torch.Tensor, corners_b: torch.Tensor, eps: float =
     return over.all(-1)
 
 
-def _pack(xy: torch.Tensor, yaw: torch.Tensor, length: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
-    """Per-box rows (..., 5) in the input dtype: x, y m; yaw rad; length, width m."""
-    return torch.cat((xy, yaw.unsqueeze(-1), length.unsqueeze(-1), width.unsqueeze(-1)), dim=-1)
+def _columns(xy: torch.Tensor, yaw: torch.Tensor, length: torch.Tensor, width: torch.Tensor,
+             *extra: torch.Tensor) -> torch.Tensor:
+    """Per-box columns (5 + len(extra), B * A): x, y m; yaw rad; half length, half width m; extra."""
+    cols = (xy[..., 0], xy[..., 1], yaw, 0.5 * length, 0.5 * width, *extra)
+    return torch.stack(cols).flatten(1)
 
 
-def _sat(ga: torch.Tensor, gb: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre-form SAT between boxes given as rows (..., 5) (see ``_pack``; broadcast), in float64.
+class _Rel(NamedTuple):
+    """Relative geometry of box pairs, float64, each (K,)."""
 
-    Returns (overlap (...) bool, (..., 2) float64 centre of b in a's frame: x forward, y left).
-    Each box's half extents are compared with the other's projected radius on a's two axes
-    and b's two axes; relative positions and rotations use complex numbers (fewer ops).
+    x: torch.Tensor  # m, centre of b in a's frame (forward)
+    y: torch.Tensor  # m, (left)
+    u: torch.Tensor  # m, centre of b minus centre of a, on b's forward axis
+    v: torch.Tensor  # m, on b's left axis
+    ca: torch.Tensor  # cos / sin of both headings
+    sa: torch.Tensor
+    cb: torch.Tensor
+    sb: torch.Tensor
+    rad: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # overlap radii on the 4 axes
+
+
+def _relative(ga: torch.Tensor, gb: torch.Tensor, eps: float) -> _Rel:
+    """Centre-form SAT quantities for box pairs given as gathered columns (5+, K) (``_columns``).
+
+    On each of the 4 axes (a forward, a left, b forward, b left) the boxes overlap iff the
+    projected centre distance is below ``rad - eps`` (the sum of the projected half extents).
     """
-    ga, gb = ga.to(_F), gb.to(_F)
-    ga, gb = torch.broadcast_tensors(ga, gb)
-    d = torch.view_as_complex((gb[..., :2] - ga[..., :2]).contiguous())  # b - a
-    e = torch.polar(torch.ones_like(ga[..., 2:4]), torch.stack((ga[..., 2], gb[..., 2]), -1))  # (..., 2)
-    proj = torch.view_as_real(d.unsqueeze(-1) * e.conj())  # (..., 2, 2): [[x, y], [u, v]]
-    cs = torch.view_as_real(e[..., 1] * e[..., 0].conj()).abs()  # |cos|, |sin| of yaw_b - yaw_a
-    h = 0.5 * torch.cat((ga[..., 3:5], gb[..., 3:5]), -1)  # hla, hwa, hlb, hwb
-    h_sw = h.roll(2, -1)  # hlb, hwb, hla, hwa   (times |cos|)
-    h_sw2 = h_sw.flip(-1).roll(2, -1)  # hwb, hlb, hwa, hla   (times |sin|)
-    rad = torch.addcmul(torch.addcmul(h, h_sw, cs[..., :1]), h_sw2, cs[..., 1:])
-    over = (proj.flatten(-2).abs() < rad - eps).all(-1)
-    return over, proj[..., 0, :]
+    xa, ya, yawa, hla, hwa = ga[:5].to(_F)
+    xb, yb, yawb, hlb, hwb = gb[:5].to(_F)
+    ca, sa, cb, sb = torch.cos(yawa), torch.sin(yawa), torch.cos(yawb), torch.sin(yawb)
+    dx, dy = xb - xa, yb - ya
+    c = torch.addcmul(ca * cb, sa, sb).abs_()  # |cos(yaw_b - yaw_a)|
+    s = torch.addcmul(ca * sb, -sa, cb).abs_()  # |sin(yaw_b - yaw_a)|
+    x, y = torch.addcmul(dx * ca, dy, sa), torch.addcmul(dy * ca, -dx, sa)
+    u, v = torch.addcmul(dx * cb, dy, sb), torch.addcmul(dy * cb, -dx, sb)
+    rad = (torch.addcmul(torch.addcmul(hla - eps, hlb, c), hwb, s),
+           torch.addcmul(torch.addcmul(hwa - eps, hlb, s), hwb, c),
+           torch.addcmul(torch.addcmul(hlb - eps, hla, c), hwa, s),
+           torch.addcmul(torch.addcmul(hwb - eps, hla, s), hwa, c))
+    return _Rel(x, y, u, v, ca, sa, cb, sb, rad)
+
+
+def _overlap(r: _Rel) -> torch.Tensor:
+    return ((r.x.abs() < r.rad[0]) & (r.y.abs() < r.rad[1]) & (r.u.abs() < r.rad[2])
+            & (r.v.abs() < r.rad[3]))
 
 
 _TRIU: dict[tuple[int, torch.device], torch.Tensor] = {}
@@ -102,30 +123,29 @@ def pairwise_contacts(xy: torch.Tensor, yaw: torch.Tensor, length: torch.Tensor,
 
     Broad phase: bounding circles (radius = half diagonal), all pairs at once as one batched
     matmul of augmented vectors, d_ij^2 - (r_i + r_j)^2 = q_i + q_j - 2 (p_i.p_j + r_i r_j) with
-    q = |p|^2 - r^2 (positions relative to agent 0, a relative margin absorbs rounding, absent
-    agents get q = +1e12).  Narrow phase: SAT (``_sat``) on the candidate pairs i < j only,
+    q = |p|^2 - r^2 (positions relative to agent 0; a relative margin absorbs rounding; absent
+    agents get q = +1e12).  Narrow phase: SAT (float64) on the candidate pairs i < j only,
     gathered with a flat nonzero and scattered back to (i, j) and (j, i).
     """
     B, A = yaw.shape
     out = torch.zeros(B * A * A, dtype=torch.bool, device=xy.device)
-    p = xy - xy[:, :1]
-    r = torch.sqrt(length * length + width * width) * 0.5
-    p2r2 = (p * p).sum(-1) + r * r
-    q = torch.where(present, p2r2 - 2 * r * r, 1e12)
+    px, py = xy[..., 0] - xy[:, :1, 0], xy[..., 1] - xy[:, :1, 1]
+    r = torch.sqrt(torch.addcmul(length * length, width, width)) * 0.5
+    p2r2 = torch.addcmul(torch.addcmul(px * px, py, py), r, r)
+    thr = 1e-5 * torch.where(present, p2r2, 0.0).amax() + 1e-6  # float32 rounding margin
+    q = torch.where(present, p2r2 - 2 * r * r - 0.5 * thr, 1e12)
     one = torch.ones_like(q)
-    u = torch.stack((p[..., 0], p[..., 1], r, q, one), -1)
-    w = torch.stack((-2 * p[..., 0], -2 * p[..., 1], -2 * r, one, q), -1)
-    thr = 1e-5 * torch.where(present, p2r2, 0.0).amax(1).view(B, 1, 1) + 1e-6
-    cand = (torch.bmm(u, w.transpose(1, 2)) < thr) & _triu(A, xy.device)
+    u = torch.stack((px, py, r, q, one), 1)  # (B, 5, A)
+    w = torch.stack((-2 * px, -2 * py, -2 * r, one, q), 1)
+    cand = (torch.bmm(u.transpose(1, 2), w) < 0) & _triu(A, xy.device)
     k = _flat_nonzero(cand)  # flat b * A * A + i * A + j, i < j
     if k.numel():
-        rows = _pack(xy, yaw, length, width).view(B * A, 5)
-        b = k // (A * A)
-        i = (k - b * A * A) // A
-        j = k - (b * A + i) * A
-        hit = _sat(rows.index_select(0, b * A + i), rows.index_select(0, b * A + j), eps)[0]
+        cols = _columns(xy, yaw, length, width)
+        ia = k // A  # b * A + i
+        ib = (k // (A * A)) * A + k % A  # b * A + j
+        hit = _overlap(_relative(cols.index_select(1, ia), cols.index_select(1, ib), eps))
         kh = k[hit]
-        out[torch.cat((kh, (b * A + j)[hit] * A + i[hit]))] = True
+        out[torch.cat((kh, ib[hit] * A + ia[hit] % A))] = True
     return out.view(B, A, A)
 
 
@@ -167,10 +187,12 @@ def ego_collision(xy: torch.Tensor, yaw: torch.Tensor, length: torch.Tensor, wid
     at_fault = torch.zeros(B, dtype=torch.bool, device=dev)
     first = torch.full((B,), A, dtype=torch.int64, device=dev)
     if k.numel():
-        rows = _pack(xy, yaw, length, width).view(B * A, 5)
+        cols = _columns(xy, yaw, length, width)
         b = k // A
-        over, rel = _sat(rows.index_select(0, b * A), rows.index_select(0, k), eps)
-        rear = _rear_sector(rel[:, 0], rel[:, 1], 0.5 * length[:, 0].index_select(0, b))
+        ge = cols.index_select(1, b * A)
+        rel = _relative(ge, cols.index_select(1, k), eps)
+        over = _overlap(rel)
+        rear = _rear_sector(rel.x, rel.y, ge[3].to(_F))
         rear = rear & (kind.view(-1).index_select(0, k) != int(AgentType.STATIC))
         bh = b[over]
         collision[bh] = True
@@ -235,24 +257,20 @@ def time_to_collision(xy: torch.Tensor, yaw: torch.Tensor, speed: torch.Tensor, 
         return ttc
     # narrow phase on the candidates (float64): SAT axes and radii are constant in time and each
     # axis' projected separation is linear in t -> overlap for t in (lo, hi)
-    rows = torch.cat((_pack(xy, yaw, length, width), speed.unsqueeze(-1)), -1).view(B * A, 6).to(_F)
+    cols = _columns(xy, yaw, length, width, speed)
     b = k // A
-    ge, gj = rows.index_select(0, b * A), rows.index_select(0, k)
-    e = torch.polar(torch.ones_like(ge[:, :2]), torch.stack((ge[:, 2], gj[:, 2]), -1))  # (K, 2) headings
-    d0 = torch.view_as_complex((gj[:, :2] - ge[:, :2]).contiguous())  # (K,) position rel. to ego
-    dv = gj[:, 5] * e[:, 1] - ge[:, 5] * e[:, 0]  # (K,) velocity rel. to ego
-    axes = e.conj()
-    p0 = torch.view_as_real(d0.unsqueeze(-1) * axes).flatten(-2)  # (K, 4) projections at t = 0
-    pv = torch.view_as_real(dv.unsqueeze(-1) * axes).flatten(-2)  # their rates, m/s
-    cs = torch.view_as_real(e[:, 1] * e[:, 0].conj()).abs()  # (K, 2) |cos|, |sin| of relative yaw
-    h = 0.5 * torch.cat((ge[:, 3:5], gj[:, 3:5]), -1)
-    h_sw = h.roll(2, -1)
-    h_sw2 = h_sw.flip(-1).roll(2, -1)
-    rad = torch.addcmul(torch.addcmul(h, h_sw, cs[:, :1]), h_sw2, cs[:, 1:]) - eps  # (K, 4)
+    ge, gj = cols.index_select(1, b * A), cols.index_select(1, k)
+    r = _relative(ge, gj, eps)
+    ve, vj = ge[5].to(_F), gj[5].to(_F)
+    dvx, dvy = vj * r.cb - ve * r.ca, vj * r.sb - ve * r.sa  # (K,) velocity relative to the ego
+    p0 = torch.stack((r.x, r.y, r.u, r.v))  # (4, K) projected centre offsets at t = 0
+    pv = torch.stack((torch.addcmul(dvx * r.ca, dvy, r.sa), torch.addcmul(dvy * r.ca, -dvx, r.sa),
+                      torch.addcmul(dvx * r.cb, dvy, r.sb), torch.addcmul(dvy * r.cb, -dvx, r.sb)))
+    rad = torch.stack(r.rad)  # (4, K)
     pv = torch.where(pv.abs() < 1e-12, 1e-12, pv)  # no relative motion: all t or none
     t1, t2 = (-rad - p0) / pv, (rad - p0) / pv
-    lo = torch.minimum(t1, t2).amax(-1)  # boxes overlap for lo < t < hi
-    hi = torch.maximum(t1, t2).amin(-1)
+    lo = torch.minimum(t1, t2).amax(0)  # boxes overlap for lo < t < hi
+    hi = torch.maximum(t1, t2).amin(0)
     if dt is None or dt <= 0:
         t = lo.clamp_min(0.0)
         hit = (t < hi) & (t <= horizon)

@@ -470,7 +470,12 @@ def track_plan(
         lo, hi = max(k - 1, 0), min(k + 1, h)
         v_tgt = seg[..., lo:hi].sum(-1) / ((hi - lo) * dt)
     accel = (v_tgt - speed) / speed_time
-    accel = torch.where((v_tgt < stop_speed) & (speed < stop_speed), -speed / dt, accel)
+    # hold still only if the plan stays slow for the next second (a plan that starts from
+    # standstill with a gentle, jerk-limited acceleration must still get going)
+    k1 = min(max(round(1.0 / dt), 1), h)
+    v_later = plan_speed[..., k1 - 1] if plan_speed is not None else s_later(seg, k1, dt)
+    hold = (v_tgt < stop_speed) & (speed < stop_speed) & (v_later < stop_speed)
+    accel = torch.where(hold, -speed / dt, accel)
 
     # pure pursuit: first plan point whose arc length reaches the lookahead, interpolated back
     # along its segment (or the plan's end if the plan is shorter)
@@ -488,6 +493,11 @@ def track_plan(
     curv = 2.0 * (ry * c - rx * sn) / (rx * rx + ry * ry).clamp_min(1.0)
     accel, curv = _clip_unicycle(accel, curv, bounds)
     return torch.stack((accel, curv), dim=-1)
+
+
+def s_later(seg: torch.Tensor, k: int, dt: float) -> torch.Tensor:
+    """Mean speed (...) m/s over the first ``k`` plan segments ``seg`` (..., H) m."""
+    return seg[..., :k].sum(-1) / (k * dt)
 
 
 def plan_from_controls(

@@ -41,8 +41,8 @@ class LaneIndex(_TensorTree):
     seg_lane: torch.Tensor  # (S+1,) int64 lane (index in its scenario's map) of the segment, -1 sentinel
     seg_half_width: torch.Tensor  # (S+1,) m, half width of the lane (-1 sentinel)
     seg_heading: torch.Tensor  # (S+1,) rad, driving direction of the segment
-    # (S+1, 8) hot-path rows: ax, ay m; dx, dy m (end - start); 1/|d|^2 1/m^2 (0 for a point);
-    # r^2 m^2 with r = half width + tol (-1 for the sentinel); cos, sin of the heading
+    # (8, S+1) hot-path columns (one gather gives contiguous columns): ax, ay m; dx, dy m (end -
+    # start); 1/|d|^2 1/m^2 (0 for a point); r^2 m^2, r = half width + tol (-1: sentinel); cos, sin heading
     seg_pack: torch.Tensor
     seg_offset: torch.Tensor  # (B+1,) int64, scenario b owns segments seg_offset[b]:seg_offset[b+1]
     origin: torch.Tensor  # (B, 2) m, lower-left corner of each scenario's grid
@@ -205,7 +205,7 @@ def build_lane_index(map: Map, cell_size: float = 8.0, max_per_cell: int | None 
         seg_batch=torch.tensor(cat(sb, -1), **i64), seg_lane=torch.tensor(cat(sl, -1), **i64),
         seg_half_width=torch.tensor(cat(r - tol, -1.0), **f32),
         seg_heading=torch.tensor(cat(heading, 0.0), **f32),
-        seg_pack=torch.tensor(pack, **f32), seg_offset=torch.tensor(seg_offset, **i64),
+        seg_pack=torch.tensor(pack.T.copy(), **f32), seg_offset=torch.tensor(seg_offset, **i64),
         origin=torch.tensor(origin, **f32), grid_dims=torch.tensor(dims, **i64),
         cell_offset=torch.tensor(cell_offset, **i64), cell_table=torch.tensor(cell_table, **i64),
         cell_entries=torch.tensor(entries, **i64), cell_size=float(cell_size), tol=float(tol),
@@ -213,61 +213,66 @@ def build_lane_index(map: Map, cell_size: float = 8.0, max_per_cell: int | None 
 
 
 class _Res(NamedTuple):
-    on: torch.Tensor  # (...) bool, inside some candidate capsule
-    aligned: torch.Tensor  # (...) bool, inside a candidate capsule whose heading is within 90 deg of yaw
-    d2: torch.Tensor  # (...) m^2, squared distance to the nearest containing candidate (inf if none)
-    seg: torch.Tensor  # (...) int64 that segment (sentinel S if none)
+    on: torch.Tensor  # (M,) bool, inside some candidate capsule
+    aligned: torch.Tensor | None  # (M,) bool, inside a candidate capsule heading within 90 deg of yaw
+    d2: torch.Tensor | None  # (M,) m^2, squared distance to the nearest containing candidate (inf: none)
+    seg: torch.Tensor | None  # (M,) int64 that segment (sentinel S if none)
 
 
-def _scan(points: torch.Tensor, yaw: torch.Tensor | None, start: torch.Tensor, lo: int, hi: int,
+def _scan(points: torch.Tensor, cs: torch.Tensor | None, start: torch.Tensor, lo: int, hi: int,
           index: LaneIndex, nearest: bool) -> _Res:
-    """Capsule tests of points (..., 2) against cell_entries[start + lo : start + hi]."""
-    idx = start.unsqueeze(-1) + torch.arange(lo, hi, device=points.device)
-    cand = index.cell_entries[idx]  # (..., n)
-    f = index.seg_pack[cand]  # (..., n, 8)
-    apx = points[..., :1] - f[..., 0]
-    apy = points[..., 1:] - f[..., 1]
-    dx, dy = f[..., 2], f[..., 3]
-    t = ((apx * dx + apy * dy) * f[..., 4]).clamp_(0.0, 1.0)
-    qx, qy = apx - t * dx, apy - t * dy
-    d2 = qx * qx + qy * qy
-    inside = d2 <= f[..., 5]
+    """Capsule tests of points (M, 2) against cell_entries[start + lo : start + hi] (start (M,));
+    ``cs`` (M, 2) cos, sin of the query headings (None: no heading test)."""
+    M, n = start.shape[0], hi - lo
+    idx = (start.unsqueeze(-1) + torch.arange(lo, hi, device=start.device)).view(-1)
+    cand = index.cell_entries.index_select(0, idx)  # (M * n,)
+    f = index.seg_pack.index_select(1, cand).view(8, M, n)  # contiguous columns
+    apx = points[:, :1] - f[0]
+    apy = points[:, 1:] - f[1]
+    dx, dy = f[2], f[3]
+    t = torch.addcmul(apx * dx, apy, dy).mul_(f[4]).clamp_(0.0, 1.0)
+    qx, qy = apx.sub_(t * dx), apy.sub_(t * dy)
+    d2 = torch.addcmul(qx * qx, qy, qy)
+    inside = d2 <= f[5]
     on = inside.any(-1)
-    if yaw is None:
-        return _Res(on, on, d2, cand)
-    c, s = torch.cos(yaw).unsqueeze(-1), torch.sin(yaw).unsqueeze(-1)
-    al = (inside & (c * f[..., 6] + s * f[..., 7] >= 0)).any(-1)
+    if cs is None:
+        return _Res(on, None, None, None)
+    al = (inside & (torch.addcmul(cs[:, :1] * f[6], cs[:, 1:], f[7]) >= 0)).any(-1)
     if not nearest:
-        return _Res(on, al, d2, cand)
+        return _Res(on, al, None, None)
     best, j = torch.where(inside, d2, torch.inf).min(-1, keepdim=True)
-    seg = torch.where(on, cand.gather(-1, j).squeeze(-1), index.seg_pack.shape[0] - 1)
+    seg = torch.where(on, cand.view(M, n).gather(-1, j).squeeze(-1), index.seg_pack.shape[1] - 1)
     return _Res(on, al, best.squeeze(-1), seg)
 
 
 def _query(points: torch.Tensor, yaw: torch.Tensor | None, index: LaneIndex, nearest: bool) -> _Res:
-    """Two-pass query of points (B, P, 2) m: first ``n_fast`` candidates, then the overflow."""
-    g = ((points - index.origin.unsqueeze(1)) / index.cell_size).floor().nan_to_num_(0.0)
+    """Two-pass query of points (B, P, 2) m: first ``n_fast`` candidates, then the overflow.
+
+    Returns flat (B * P,) results.
+    """
+    B, P = points.shape[:2]
+    g = ((points - index.origin.unsqueeze(1)) * (1.0 / index.cell_size)).floor_().nan_to_num_(0.0)
     dims = index.grid_dims.unsqueeze(1).to(g.dtype)
     g = torch.minimum(g.clamp_min_(0.0), dims - 1)  # outside points read a border cell (exact test)
-    cell = (g[..., 1] * dims[..., 0] + g[..., 0]).long() + index.cell_offset.unsqueeze(1)  # (B, P)
-    sc = index.cell_table[cell]  # (B, P, 2) start, count
-    start = sc[..., 0]
-    res = _scan(points, yaw, start, 0, index.n_fast, index, nearest)
+    cell = torch.addcmul(g[..., 0], g[..., 1], dims[..., 0]).long() + index.cell_offset.unsqueeze(1)
+    sc = index.cell_table.index_select(0, cell.view(-1))  # (B * P, 2) start, count
+    start = sc[:, 0]
+    pts = points.reshape(B * P, 2)
+    cs = None if yaw is None else torch.stack((torch.cos(yaw), torch.sin(yaw)), -1).view(B * P, 2)
+    res = _scan(pts, cs, start, 0, index.n_fast, index, nearest)
     if index.max_per_cell > index.n_fast:
-        over = (sc[..., 1] > index.n_fast).nonzero(as_tuple=True)
-        if over[0].numel():
-            r2 = _scan(points[over], None if yaw is None else yaw[over], start[over], index.n_fast,
-                       index.max_per_cell, index, nearest)
-            on, al = res.on.clone(), res.aligned.clone()
+        over = (sc[:, 1] > index.n_fast).nonzero().squeeze(1)
+        if over.numel():
+            r2 = _scan(pts.index_select(0, over), None if cs is None else cs.index_select(0, over),
+                       start.index_select(0, over), index.n_fast, index.max_per_cell, index, nearest)
+            on, al, d2, seg = res  # fresh tensors: merge in place
             on[over] |= r2.on
-            al[over] |= r2.aligned
-            d2, seg = res.d2, res.seg
+            if al is not None:
+                al[over] |= r2.aligned
             if nearest:
                 better = r2.d2 < d2[over]
-                d2, seg = d2.clone(), seg.clone()
                 d2[over] = torch.where(better, r2.d2, d2[over])
                 seg[over] = torch.where(better, r2.seg, seg[over])
-            res = _Res(on, al, d2, seg)
     return res
 
 
@@ -276,7 +281,7 @@ def on_road(points: torch.Tensor, index: LaneIndex) -> torch.Tensor:
 
     Points outside the scenario's grid are off road (no capsule reaches there).
     """
-    return _query(points, None, index, nearest=False).on
+    return _query(points, None, index, nearest=False).on.view(points.shape[:2])
 
 
 def lane_query(points: torch.Tensor, yaw: torch.Tensor, index: LaneIndex
@@ -288,7 +293,9 @@ def lane_query(points: torch.Tensor, yaw: torch.Tensor, index: LaneIndex
     nearest_lane (B, P) int64, lane of the containing segment closest to the point, -1 off road.
     """
     res = _query(points, yaw, index, nearest=True)
-    return res.on, ~res.on | res.aligned, index.seg_lane[res.seg]
+    shape = points.shape[:2]
+    lane = index.seg_lane.index_select(0, res.seg).view(shape)
+    return res.on.view(shape), (~res.on | res.aligned).view(shape), lane
 
 
 _FOOT = torch.tensor([[1, 1], [-1, 1], [-1, -1], [1, -1], [1, 0], [0, 1], [-1, 0], [0, -1], [0, 0]],

@@ -13,7 +13,6 @@ import torch
 
 from roadloop.errors import ScenarioError
 from roadloop.sim import spatial
-
 from roadloop.sim.config import SimConfig
 from roadloop.sim.datatypes import AgentType, Scenario, SimState, TrafficModel, _TensorTree
 from roadloop.sim.geometry import interp_polyline, point_segment_distance, polyline_arclength

@@ -130,7 +130,8 @@ def traffic_step(state: SimState, dt: float) -> dict[str, torch.Tensor]:
     m1 = is_idm.squeeze(-1)
     ml = is_log.squeeze(-1)
     yaw = torch.where(m1, p[..., 2], torch.where(ml, log_yaw, state.yaw))
-    speed = torch.where(m1, v_new, torch.where(ml, log_v, torch.where(is_cv.squeeze(-1), state.speed, 0.0 * state.speed)))
+    still = torch.where(is_cv.squeeze(-1), state.speed, torch.zeros_like(state.speed))
+    speed = torch.where(m1, v_new, torch.where(ml, log_v, still))
     present = torch.where(m1, idm_present, torch.where(ml, log_ok, state.present))
     path_s = torch.where(m1, s_new, state.path_s)
 

@@ -8,14 +8,20 @@ their logs, and the traffic-light states SUMO recorded for the window.
 
 from __future__ import annotations
 
+import json
 import zlib
 
 import numpy as np
+import torch
 
 from roadloop.errors import ScenarioError
 from roadloop.scenarios.builder import ScenarioBuilder, arclength, resample
-from roadloop.sim.batching import validate
+from roadloop.sim.batching import collate, validate
+from roadloop.sim.checks import compute_checks
+from roadloop.sim.config import SimConfig
 from roadloop.sim.datatypes import AgentType, Scenario, ScenarioMeta, TrafficModel
+from roadloop.sim.state import init_state
+from roadloop.sim.step import step
 from roadloop.sumo.crop import add_crop_to_builder, crop_network, lane_piece
 from roadloop.sumo.network import RoadNetwork
 from roadloop.sumo.traffic import Recording
@@ -310,7 +316,13 @@ def cut_scenario(rec: Recording, net: RoadNetwork, v: int, t0: int, *, seed: int
     ex = {k: net.meta[k] for k in META_KEYS if k in net.meta}
     ex.update(sumo_version=rec.info.get("sumo_version", ""), vehicle=rec.ids[v], sumo_time=f"{t_abs:.1f}",
               routes=rec.info.get("routes", ""), dropped_overlapping_agents=str(dropped),
-              sumo_seed=rec.info.get("seed", ""))
+              sumo_seed=rec.info.get("seed", ""),
+              # what the co-simulation (roadloop.sumo.cosim) needs to restart the same SUMO run:
+              # SUMO ids of agents 1..A-1 in slot order, the run's begin time, additional files,
+              # extra SUMO options and, for random trips, their randomTrips.py parameters
+              sumo_agents=json.dumps([rec.ids[int(sel[i])] for i in kept[1:]]),
+              sumo_begin=rec.info.get("begin", "0.0"), sumo_additional=rec.info.get("additional", ""),
+              sumo_extra_args=rec.info.get("extra_args", "[]"), random_trips=rec.info.get("random_trips", ""))
     ex.update(extra or {})
     meta = ScenarioMeta(scenario_id=f"sumo-{name}/{rec.ids[v]}@{t_abs:.1f}", family=family or f"sumo_{name}",
                         seed=int(seed), source=f"sumo:{name}", warmup_steps=warmup_steps,
@@ -320,15 +332,59 @@ def cut_scenario(rec: Recording, net: RoadNetwork, v: int, t0: int, *, seed: int
     return sc
 
 
+def log_violations(scenarios: list[Scenario]) -> list[str]:
+    """Replay each scenario's log through roadloop's own per-step checks; one reason per scenario
+    ("" if clean): the logged ego collides (any fault), leaves the lanes or crosses a red stop line
+    after its warm-up.
+
+    SUMO moves vehicles along 1-D lanes: inside junctions their 2-D boxes may overlap or cut
+    across a corner outside every lane shape, and an ego with such a log cannot be scored
+    (replaying the log itself would be penalised).  ``cut_scenarios`` skips these egos.
+    """
+    if not scenarios:
+        return []
+    batch = collate(scenarios)
+    cfg = SimConfig(check_ttc=False)
+    state = init_state(batch, cfg)
+    B = len(scenarios)
+    warm = torch.tensor([s.meta.warmup_steps for s in scenarios])
+    first = {k: torch.full((B,), -1) for k in ("collision", "offroad", "red_light")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: more threads only spin-wait
+    try:
+        _replay_checks(state, cfg, warm, first, batch.num_steps)
+    finally:
+        torch.set_num_threads(threads)
+    out = []
+    for b in range(B):
+        why = [f"logged ego {k.replace('_', ' ')} at step {int(f[b])}" for k, f in first.items() if f[b] >= 0]
+        out.append("; ".join(why))
+    return out
+
+
+def _replay_checks(state, cfg: SimConfig, warm: torch.Tensor, first: dict[str, torch.Tensor], T: int) -> None:
+    with torch.inference_mode():
+        for t in range(T - 1):
+            nxt = step(state, None, cfg)
+            c = compute_checks(state, nxt, cfg)
+            for k, f in first.items():
+                hit = getattr(c, k) & (f < 0) & (t + 1 >= warm)
+                f[hit] = t + 1
+            state = nxt
+
+
 def cut_scenarios(rec: Recording, net: RoadNetwork, n: int, *, seed: int = 0, radius: float = 80.0,
                   max_agents: int = 32, warmup_steps: int = 20, num_steps: int = 170,
                   min_travel: float = 40.0, egos: list[str] | None = None,
-                  extra_fn=None) -> list[Scenario]:
+                  extra_fn=None, check_logs: bool = True,
+                  rejected: list[tuple[str, str]] | None = None) -> list[Scenario]:
     """Up to ``n`` scenarios, one per ego vehicle, egos and window starts drawn with ``seed``
     (egos whose window crosses a junction first).
 
     ``egos`` restricts the ego candidates to these vehicle ids; ``extra_fn(vehicle_id)`` may add
-    metadata (e.g. the split).  Deterministic for a given recording and seed.
+    metadata (e.g. the split).  With ``check_logs`` egos whose log fails roadloop's checks
+    (``log_violations``) are skipped; (scenario id, reason) pairs are appended to ``rejected``.
+    Deterministic for a given recording and seed.
     """
     wins, through = ego_windows(rec, num_steps, min_travel, net)
     cands = sorted(wins, key=lambda v: rec.ids[v])
@@ -339,13 +395,23 @@ def cut_scenarios(rec: Recording, net: RoadNetwork, n: int, *, seed: int = 0, ra
     order = [cands[i] for i in rng.permutation(len(cands))]
     order = [v for v in order if v in through] + [v for v in order if v not in through]
     out: list[Scenario] = []
-    for v in order:
-        if len(out) >= n:
-            break
-        starts = wins[v]
-        r = np.random.default_rng([seed, zlib.crc32(rec.ids[v].encode())])
-        t0 = int(starts[r.integers(len(starts))])
-        out.append(cut_scenario(rec, net, v, t0, seed=seed, radius=radius, max_agents=max_agents,
-                                warmup_steps=warmup_steps, num_steps=num_steps,
-                                extra=extra_fn(rec.ids[v]) if extra_fn else None))
+    i = 0
+    while len(out) < n and i < len(order):
+        chunk = order[i:i + (max(2 * (n - len(out)), 4) if check_logs else n - len(out))]
+        i += len(chunk)
+        scs = []
+        for v in chunk:
+            starts = wins[v]
+            r = np.random.default_rng([seed, zlib.crc32(rec.ids[v].encode())])
+            t0 = int(starts[r.integers(len(starts))])
+            scs.append(cut_scenario(rec, net, v, t0, seed=seed, radius=radius, max_agents=max_agents,
+                                    warmup_steps=warmup_steps, num_steps=num_steps,
+                                    extra=extra_fn(rec.ids[v]) if extra_fn else None))
+        reasons = log_violations(scs) if check_logs else [""] * len(scs)
+        for sc, why in zip(scs, reasons, strict=True):
+            if why:
+                if rejected is not None:
+                    rejected.append((sc.meta.scenario_id, why))
+            elif len(out) < n:
+                out.append(sc)
     return out

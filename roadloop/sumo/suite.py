@@ -8,6 +8,7 @@ seed.  Recordings are cached in-process, so the train and val halves share one s
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import zlib
@@ -79,12 +80,16 @@ def record_network(net: RoadNetwork, trips: list[str] | None = None, additional:
     key = (net.path, tuple(trips or ()), tuple(additional), seed, begin, warmup, sim_seconds)
     if key in _REC_CACHE:
         return _REC_CACHE[key]
+    rt = None
     if not trips:
         diag = float(np.linalg.norm(np.ptp(net.lane_pts, axis=0)))
-        trips = [random_trips(net.path, seed=seed, end=begin + warmup + sim_seconds, period=auto_period(net),
-                              min_distance=float(np.clip(0.3 * diag, 100.0, 500.0)))]
+        rt = {"seed": seed, "end": begin + warmup + sim_seconds, "period": auto_period(net),
+              "min_distance": float(np.clip(0.3 * diag, 100.0, 500.0))}
+        trips = [random_trips(net.path, **rt)]
     rec = record_traffic(net, list(trips), list(additional), begin=begin, warmup=warmup,
                          duration=sim_seconds, seed=seed)
+    if rt is not None:  # the co-simulation regenerates the same trips (roadloop.sumo.cosim)
+        rec.info["random_trips"] = json.dumps(rt)
     _REC_CACHE[key] = rec
     return rec
 

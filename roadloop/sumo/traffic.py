@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -259,6 +260,19 @@ def front_track_to_boxes(step: np.ndarray, ptr: np.ndarray, front: np.ndarray, a
     return centre, yaw
 
 
+def sumo_command(net_path: str, routes: list[str], additional: list[str] = (), *, begin: float = 0.0, seed: int = 0,
+                 extra_args: list[str] = ()) -> list[str]:
+    """The SUMO command line of a recording (``record_traffic``) and of a co-simulation
+    (``roadloop.sumo.cosim``): both must be identical for SUMO to reproduce the recording."""
+    cmd = [sumo_binary(), "-n", net_path, "-r", ",".join(routes), "--begin", str(begin),
+           "--step-length", str(DT), "--seed", str(seed), "--no-step-log", "true", "--no-warnings", "true",
+           "--lanechange.duration", "2", "--time-to-teleport", "120", "--collision.action", "warn",
+           "--xml-validation", "never", *extra_args]
+    if additional:
+        cmd += ["-a", ",".join(additional)]
+    return cmd
+
+
 def _kind(vclass: str) -> int:
     if vclass in PED_CLASSES:
         return int(AgentType.PEDESTRIAN)
@@ -285,12 +299,7 @@ def record_traffic(net: RoadNetwork, routes: list[str], additional: list[str] = 
     ls = _libsumo()
     from libsumo import constants as tc
 
-    cmd = [sumo_binary(), "-n", net.path, "-r", ",".join(routes), "--begin", str(begin),
-           "--step-length", str(DT), "--seed", str(seed), "--no-step-log", "true", "--no-warnings", "true",
-           "--lanechange.duration", "2", "--time-to-teleport", "120", "--collision.action", "warn",
-           "--xml-validation", "never", *extra_args]
-    if additional:
-        cmd += ["-a", ",".join(additional)]
+    cmd = sumo_command(net.path, routes, additional, begin=begin, seed=seed, extra_args=extra_args)
     try:
         ls.start(cmd)
     except Exception as e:  # libsumo raises its own exception types
@@ -374,7 +383,8 @@ def record_traffic(net: RoadNetwork, routes: list[str], additional: list[str] = 
         speed=speed.astype(np.float32), lane=lane, tls_states=tls_states,
         info={"seed": str(seed), "routes": ",".join(routes), "additional": ",".join(additional),
               "sumo_version": sumo_version(), "begin": f"{begin:.1f}", "warmup_s": f"{warmup:.1f}",
-              "duration_s": f"{duration:.1f}", "record_seconds": f"{t_sim:.3f}"})
+              "duration_s": f"{duration:.1f}", "record_seconds": f"{t_sim:.3f}",
+              "extra_args": json.dumps(list(extra_args))})
     return rec
 
 

@@ -204,8 +204,8 @@ def add_idm(b: ScenarioBuilder, ch: Chain, s: float, speed: float, desired: floa
             width: float = CAR_W, kind: AgentType = AgentType.VEHICLE, extra: float = 40.0) -> int:
     """IDM agent at arc length ``s`` of chain ``ch`` with a path from there for the whole scenario."""
     s_end = min(ch.length, s + desired * HORIZON + extra)
-    path = ch.cut(s, s_end)
-    p, yaw = ch.pose(s)
+    path = resample(ch.cut(s, s_end), 1.0)  # as the builder stores it
+    p, yaw = path[0], math.atan2(path[1, 1] - path[0, 1], path[1, 0] - path[0, 0])
     return b.add_agent(p[None], yaw, speed, length=length, width=width, kind=kind, model=TrafficModel.IDM,
                        path=path, path_lanes=ch.stop_lanes_between(s, s_end), desired_speed=desired)
 

@@ -31,7 +31,7 @@ def build_raw(seed: int) -> Scenario:
     margin = float(rng.uniform(0.15, 0.3))
     need = 0.5 * CONE + 0.5 * c.CAR_W + CLEAR + margin  # route-to-cone-centre lateral distance
     if shift:
-        intrusion = float(rng.uniform(1.0, 1.8))
+        intrusion = float(rng.uniform(1.0, min(1.8, w / 2 - 0.2)))  # cone centres stay right of the centreline
     else:
         # the box must stay in its lane: -w/2 + intrusion + need + CAR_W/2 <= w/2 - 0.05
         intrusion = float(rng.uniform(0.3, min(0.8, w - need - 0.5 * c.CAR_W - 0.05)))

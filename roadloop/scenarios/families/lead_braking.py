@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from roadloop.scenarios.families import _common as c
 from roadloop.sim.datatypes import Scenario
 
