@@ -82,7 +82,8 @@ def corners_at(s: Scenario, t: int) -> tuple[np.ndarray, np.ndarray]:
 def segments_cross(p: np.ndarray, q: np.ndarray) -> bool:
     """Whether polylines p and q properly intersect (shared end points do not count)."""
     def orient(a, b, c):
-        return np.sign((b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0]))
+        ab, ac = b - a, c - a
+        return np.sign(ab[..., 0] * ac[..., 1] - ab[..., 1] * ac[..., 0])
     a, b = p[:-1][:, None], p[1:][:, None]
     c, d = q[:-1][None], q[1:][None]
     o1, o2, o3, o4 = orient(a, b, c), orient(a, b, d), orient(c, d, a), orient(c, d, b)

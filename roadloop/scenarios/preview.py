@@ -1,8 +1,9 @@
 """Render a scenario with matplotlib: ``python -m roadloop.scenarios.preview FAMILY SEED out.png``.
 
 Draws lanes (junction lanes dashed), road edges, crosswalks, stop lines coloured by their
-light at step 0, the ego route, agents as boxes at step 0 (ego red, vehicles blue, pedestrians
-orange, static objects grey), the logged tracks of scripted agents and the paths of IDM agents.
+light at step 0, the ego route, agents as boxes at step 0 (ego red, vehicles blue,
+pedestrians orange, cones and barriers dark orange, parked vehicles grey), the logged tracks
+of scripted agents and the paths of IDM agents.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from roadloop.sim.geometry import box_corners  # noqa: E402
 _LIGHT_COLOUR = {LightState.GREEN: "tab:green", LightState.YELLOW: "gold", LightState.RED: "tab:red",
                  LightState.UNKNOWN: "grey"}
 _KIND_COLOUR = {AgentType.VEHICLE: "tab:blue", AgentType.PEDESTRIAN: "tab:orange", AgentType.CYCLIST: "tab:purple",
-                AgentType.STATIC: "dimgrey"}
+                AgentType.STATIC: "darkorange"}
 
 
 def render(s: Scenario, ax, t: int = 0, tracks: bool = True) -> None:
@@ -71,6 +72,8 @@ def render(s: Scenario, ax, t: int = 0, tracks: bool = True) -> None:
             continue
         cr = box_corners(a.xy[i, t], a.yaw[i, t], a.length[i], a.width[i]).numpy()
         colour = "tab:red" if i == 0 else _KIND_COLOUR[AgentType(int(a.kind[i]))]
+        if i > 0 and int(a.model[i]) == TrafficModel.STATIC and int(a.kind[i]) == AgentType.VEHICLE:
+            colour = "slategrey"  # parked / stopped vehicle
         ax.fill(cr[:, 0], cr[:, 1], color=colour, alpha=0.85, zorder=5)
         front = 0.5 * (cr[0] + cr[3])
         ax.plot([float(a.xy[i, t, 0]), front[0]], [float(a.xy[i, t, 1]), front[1]], color="w", lw=0.6, zorder=6)

@@ -30,6 +30,14 @@ class SimStatic(_TensorTree):
     first_step: torch.Tensor  # (B, A) int64 first valid log step (T if never valid)
     idm: torch.Tensor  # (B, A, 6) per-agent IDM a_max, b_comf, b_max, s0, T, lookahead
     lateral_margin: torch.Tensor  # (B, A) m
+    path_x: torch.Tensor  # (B * A * N,) m, path x flattened for torch.take (contiguous)
+    path_y: torch.Tensor  # (B * A * N,) m
+    path_n: int  # N, points per path row
+    path_last: torch.Tensor  # (B, A) index of the last valid path point (float)
+    inv_path_ds: torch.Tensor  # (B, A) 1/m
+    half_len: torch.Tensor  # (B, A) m
+    half_wid: torch.Tensor  # (B, A) m
+    corridor: torch.Tensor  # (B, A) m, half width + lateral margin of the agent's corridor
     lane_index: object | None  # spatial.LaneIndex (None when off-road checks are off)
     route_len: torch.Tensor  # (B,) m, valid route length
     route_ds: torch.Tensor  # (B,) m, spacing of the route points (<= 1 m)
@@ -90,15 +98,20 @@ def init_state(scenario: Scenario, cfg: SimConfig | None = None, t0: int = 0) ->
     lane_index = None
     if cfg.check_offroad:
         lane_index = spatial.build_lane_index(scenario.map, cell_size=cfg.lane_index_cell)
+    model0 = torch.where(a.kind == AgentType.STATIC, torch.full_like(a.model, TrafficModel.STATIC), a.model)
     static = SimStatic(scenario=scenario, path_table=table, path_ds=ds, path_len=plen, spawn_s=spawn_s,
                        first_step=first, idm=idm, lateral_margin=margin, lane_index=lane_index,
+                       path_x=path[..., 0].contiguous().view(-1), path_y=path[..., 1].contiguous().view(-1),
+                       path_n=path.shape[-2], path_last=(n - 1).clamp_min(0).to(path.dtype),
+                       inv_path_ds=1.0 / ds.clamp_min(1e-6),
+                       half_len=0.5 * a.length, half_wid=0.5 * a.width, corridor=0.5 * a.width + margin,
                        route_len=scenario.route.length,
                        route_ds=scenario.route.length / (scenario.route.valid.sum(-1) - 1).clamp_min(1),
                        log_len_steps=T)
 
     present = a.valid[:, :, t0]
     xy = a.xy[:, :, t0]
-    model = torch.where(a.kind == AgentType.STATIC, torch.full_like(a.model, TrafficModel.STATIC), a.model)
+    model = model0
     # agents with a model that needs a path but have none fall back to log replay
     needs_path = model == TrafficModel.IDM
     model = torch.where(needs_path & (plen <= 0), torch.full_like(model, TrafficModel.LOG), model)

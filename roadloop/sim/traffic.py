@@ -41,35 +41,50 @@ def idm_acceleration(v: torch.Tensor, v0: torch.Tensor, gap: torch.Tensor, v_lea
 
 
 def leader_gaps(state: SimState) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gap (B, A) m to, and speed (B, A) m/s of, each agent's leader along its path corridor."""
+    """Gap (B, A) m to, and speed (B, A) m/s of, each agent's leader along its path corridor.
+
+    Broad phase on all (i, j) pairs: j is present, ahead of i (0 < forward distance < i's
+    lookahead).  Narrow phase on the candidate list only: j's box must reach into i's corridor
+    around i's path at j's forward distance (path point looked up in the uniform path table),
+    the gap is the forward distance minus both half extents along i's heading.
+    """
     st = state.static
-    ag = st.scenario.agents
     xy, yaw, v = state.xy, state.yaw, state.speed
-    c, s = torch.cos(yaw), torch.sin(yaw)
-    rel = xy.unsqueeze(1) - xy.unsqueeze(2)  # (B, i, j, 2): j relative to i
-    fwd = rel[..., 0] * c.unsqueeze(-1) + rel[..., 1] * s.unsqueeze(-1)
-    look = st.idm[..., 5].unsqueeze(-1)
     B, A = v.shape
-    eye = torch.eye(A, dtype=torch.bool)
-    cand = (fwd > 0) & (fwd < look) & state.present.unsqueeze(1) & ~eye
-    # the path point of i at the leader candidate's forward distance: nearest uniform sample
-    N = st.path_table.shape[2]
-    u = ((state.path_s.unsqueeze(-1) + fwd) / st.path_ds.clamp_min(1e-6).unsqueeze(-1)).round()
-    u = torch.minimum(u.clamp_min(0), (st.path_len / st.path_ds.clamp_min(1e-6)).unsqueeze(-1)).clamp_max(N - 1)
-    pxy = st.path_table[..., 0:2].gather(2, u.long().unsqueeze(-1).expand(B, A, A, 2))
-    lat = torch.linalg.vector_norm(xy.unsqueeze(1) - pxy, dim=-1)
-    width, length = ag.width, ag.length
-    dyaw = yaw.unsqueeze(1) - yaw.unsqueeze(2)
-    cd, sd = torch.cos(dyaw), torch.sin(dyaw)
-    # half extent of j along i's heading and across it
-    along = 0.5 * (length.unsqueeze(1) * cd.abs() + width.unsqueeze(1) * sd.abs())
-    across = 0.5 * (length.unsqueeze(1) * sd.abs() + width.unsqueeze(1) * cd.abs())
-    cand &= lat < across + 0.5 * width.unsqueeze(-1) + st.lateral_margin.unsqueeze(-1)
-    gap = fwd - along - 0.5 * length.unsqueeze(-1)
-    gap = torch.where(cand, gap, torch.full_like(gap, _INF))
-    g, j = gap.min(-1)
-    v_lead = (v.unsqueeze(1) * cd).gather(-1, j.unsqueeze(-1)).squeeze(-1)
-    return g, torch.where(g < _INF, v_lead, v)
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    x, y = xy[..., 0], xy[..., 1]
+    dx = x.unsqueeze(1) - x.unsqueeze(2)  # (B, i, j): x_j - x_i
+    dy = y.unsqueeze(1) - y.unsqueeze(2)
+    fwd = dx * c.unsqueeze(-1) + dy * s.unsqueeze(-1)
+    follower = state.present & (state.model == TrafficModel.IDM)
+    cand = (fwd > 0) & (fwd < st.idm[..., 5].unsqueeze(-1)) & follower.unsqueeze(-1) & state.present.unsqueeze(1)
+    k = cand.view(-1).nonzero().squeeze(1)  # flat (b, i, j)
+    gap = torch.full((B * A,), _INF)
+    lead = torch.zeros(B * A, dtype=torch.int64)
+    if k.numel():
+        bi = k // A  # b * A + i
+        bj = (k // (A * A)) * A + k % A  # b * A + j
+        f = fwd.view(-1)[k]
+        # i's path point at the forward distance of j (nearest uniform sample)
+        u = (state.path_s.view(-1)[bi] + f) * st.inv_path_ds.view(-1)[bi]
+        u = torch.minimum(u.clamp_min(0.0), st.path_last.view(-1)[bi]).round().long() + bi * st.path_n
+        xf, yf, yawf = x.reshape(-1), y.reshape(-1), yaw.reshape(-1)
+        lx = xf[bj] - torch.take(st.path_x, u)
+        ly = yf[bj] - torch.take(st.path_y, u)
+        dyaw = yawf[bj] - yawf[bi]
+        cd, sd = torch.cos(dyaw).abs(), torch.sin(dyaw).abs()
+        hl, hw = st.half_len.view(-1), st.half_wid.view(-1)
+        along = hl[bj] * cd + hw[bj] * sd
+        across = hl[bj] * sd + hw[bj] * cd + st.corridor.view(-1)[bi]
+        ok = lx * lx + ly * ly < across * across
+        g = torch.where(ok, f - along - hl[bi], torch.full_like(f, _INF))
+        gap.scatter_reduce_(0, bi, g, reduce="amin")
+        # the leader's index: the candidate whose gap equals the minimum
+        is_min = ok & (g == gap[bi])
+        lead.scatter_reduce_(0, bi[is_min], bj[is_min], reduce="amax", include_self=False)
+    gap = gap.view(B, A)
+    vl = v.reshape(-1)[lead].view(B, A) * torch.cos(yaw.reshape(-1)[lead].view(B, A) - yaw)
+    return gap, torch.where(gap < _INF, vl, v)
 
 
 def stop_gaps(state: SimState, lights_now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

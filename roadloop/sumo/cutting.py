@@ -321,7 +321,8 @@ def cut_scenario(rec: Recording, net: RoadNetwork, v: int, t0: int, *, seed: int
               # SUMO ids of agents 1..A-1 in slot order, the run's begin time, additional files,
               # extra SUMO options and, for random trips, their randomTrips.py parameters
               sumo_agents=json.dumps([rec.ids[int(sel[i])] for i in kept[1:]]),
-              sumo_begin=rec.info.get("begin", "0.0"), sumo_additional=rec.info.get("additional", ""),
+              sumo_begin=rec.info.get("begin", "0.0"), sumo_record_begin=f"{rec.t_begin:.1f}",
+              sumo_additional=rec.info.get("additional", ""),
               sumo_extra_args=rec.info.get("extra_args", "[]"), random_trips=rec.info.get("random_trips", ""))
     ex.update(extra or {})
     meta = ScenarioMeta(scenario_id=f"sumo-{name}/{rec.ids[v]}@{t_abs:.1f}", family=family or f"sumo_{name}",

@@ -99,7 +99,8 @@ def build_layout(b: ScenarioBuilder, rng: np.random.Generator, n: int, width: fl
                 ix.moves[(arm, i, t)] = -1  # filled below once every arm exists
         # road edges along the arm, kerb arc to the next arm, crosswalk
         for side in (1.0, -1.0):
-            b.add_road_edge(c.straight_xy(u * box + nv * side * n * width, u * (stop + arm_len) + nv * side * n * width))
+            off = nv * side * n * width
+            b.add_road_edge(c.straight_xy(u * box + off, u * (stop + arm_len) + off))
         centre = u * box + _frame((arm + 1) % 4)[0] * box
         phi = arm * math.pi / 2
         b.add_road_edge(arc(centre, corner, phi - math.pi / 2, phi - math.pi, n=12))
@@ -199,7 +200,8 @@ def add_leavers(b: ScenarioBuilder, rng: np.random.Generator, ix: Intersection, 
             if lane in skip or rng.random() >= p or len(b.agents) >= c.MAX_AGENTS:
                 continue
             v = ix.v_lim * float(rng.uniform(0.6, 0.9))
-            c.add_idm(b, c.chain(b, [lane]), float(rng.uniform(25.0, 70.0)), v, ix.v_lim * float(rng.uniform(0.85, 1.0)))
+            desired = ix.v_lim * float(rng.uniform(0.85, 1.0))
+            c.add_idm(b, c.chain(b, [lane]), float(rng.uniform(25.0, 70.0)), v, desired)
 
 
 __all__ = ["Intersection", "build_layout", "add_signals", "phase_start", "green_left", "approach_slots",

@@ -8,7 +8,7 @@ from roadloop.scenarios.families import _common as c
 from roadloop.sim.datatypes import Scenario
 
 NAME = "cut_in"
-DESCRIPTION = "a vehicle from the adjacent lane cuts in front of the ego with a small gap (2-4 s lane change), then slows"
+DESCRIPTION = "a vehicle from the adjacent lane cuts in close in front of the ego (2-4 s lane change), then slows"
 
 
 def build_raw(seed: int) -> Scenario:

@@ -17,7 +17,7 @@ from roadloop.scenarios.families import _common as c
 from roadloop.sim.datatypes import Scenario
 
 NAME = "merge"
-DESCRIPTION = "on-ramp whose acceleration lane ends: the ego merges into the right lane of a 2-lane road with IDM traffic"
+DESCRIPTION = "on-ramp whose acceleration lane ends: the ego merges into a 2-lane road with IDM traffic"
 RAMP_LIMIT = 20.0  # m/s
 
 
@@ -69,7 +69,6 @@ def build_raw(seed: int) -> Scenario:
     b.edge_of_lane(ramp, "right")
 
     # ego on the ramp; its route merges over [m0, m1] of the acceleration lane
-    ramp_len = float(c.arclength(ramp_xy)[-1])
     s_ego = float(rng.uniform(5.0, 20.0))
     m0 = float(rng.uniform(0.15, 0.4)) * l_acc
     m1 = min(m0 + float(rng.uniform(40.0, 70.0)), l_acc - 15.0)

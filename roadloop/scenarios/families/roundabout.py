@@ -19,7 +19,7 @@ from roadloop.scenarios.families import _common as c
 from roadloop.sim.datatypes import Scenario
 
 NAME = "roundabout"
-DESCRIPTION = "single-lane roundabout with 3-4 arms; ego enters and takes an exit among entering/circulating IDM traffic"
+DESCRIPTION = "single-lane roundabout with 3-4 arms; the ego enters and takes an exit among IDM traffic"
 CIRCLE_LIMIT = 8.0  # m/s
 CONNECTOR_LIMIT = 7.0  # m/s
 
@@ -74,13 +74,14 @@ def build_raw(seed: int) -> Scenario:
         ent.append(b.add_lane(c.straight_xy(u * (r_e + arm_len) + nv * o, u * r_e + nv * o), w, v_lim))
         ext.append(b.add_lane(c.straight_xy(u * r_e - nv * o, u * (r_e + arm_len) - nv * o), w, v_lim))
         for side in (1.0, -1.0):
-            b.add_road_edge(c.straight_xy(u * r_e + nv * side * (o + w / 2), u * (r_e + arm_len) + nv * side * (o + w / 2)))
+            off = nv * side * (o + w / 2)
+            b.add_road_edge(c.straight_xy(u * r_e + off, u * (r_e + arm_len) + off))
     for j, phi in enumerate(phis):  # circle pieces: diverge_j -> merge_j (short), merge_j -> diverge_j+1 (long)
         nxt = phis[(j + 1) % k] + (2 * math.pi if j == k - 1 else 0.0)
         a_d, a_m, a_n = phi - delta, phi + delta, nxt - delta
         short.append(b.add_lane(arc((0, 0), R, a_d, a_m, _arc_n(R, a_d, a_m)), wc, CIRCLE_LIMIT, junction=True))
         long_.append(b.add_lane(arc((0, 0), R, a_m, a_n, _arc_n(R, a_m, a_n)), wc, CIRCLE_LIMIT, junction=True))
-    for j, phi in enumerate(phis):
+    for phi in phis:
         u = np.array([math.cos(phi), math.sin(phi)])
         nv = np.array([-u[1], u[0]])
         pm = R * np.array([math.cos(phi + delta), math.sin(phi + delta)])
