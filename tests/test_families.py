@@ -152,6 +152,19 @@ def test_raw_scenario_is_sound(name, seed):
         for j in range(i + 1, a.num_agents):
             if v[i] and v[j]:
                 assert not sat_overlap(c[i], c[j]), f"agents {i} and {j} overlap at t=0"
+    # scripted agents never run into static objects
+    statics = [j for j in range(a.num_agents) if int(a.model[j]) == TrafficModel.STATIC]
+    diag = np.hypot(_np(a.length), _np(a.width)) / 2
+    for i in range(1, a.num_agents):
+        if int(a.model[i]) != TrafficModel.LOG or int(a.valid[i].sum()) <= 1:
+            continue
+        for t in range(0, s.num_steps, 2):
+            xy = _np(a.xy[i, t])
+            near = [j for j in statics if np.linalg.norm(_np(a.xy[j, t]) - xy) < diag[i] + diag[j]]
+            if near and bool(a.valid[i, t]):
+                c, _ = corners_at(s, t)
+                for j in near:
+                    assert not sat_overlap(c[i], c[j]), f"scripted agent {i} hits static agent {j} at step {t}"
     # reactive agents start on their path, heading along it; scripted tracks are plausible
     for i in range(1, a.num_agents):
         model = int(a.model[i])

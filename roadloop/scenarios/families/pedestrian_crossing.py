@@ -68,7 +68,8 @@ def build_raw(seed: int) -> Scenario:
     c.add_ego(b, [ego_lane], ego_ch.cut(x_ego, x_ego + c.route_need(v_lim) + 20.0), v0, v_lim)
 
     y_park = -w - PARK_W / 2 + 0.1  # parked car centre, slightly towards the kerb
-    blocked: list[tuple[float, float]] = []  # x extents kept free of parked cars
+    blocked: list[tuple[float, float]] = []  # x extents kept free of parked cars on the right
+    blocked_left: list[tuple[float, float]] = []  # ... and on the left
     if occluded:
         stop_need = v_lim * 1.0 + v_lim**2 / (2 * 4.0) + 5.0
         t_conf = float(rng.uniform(3.0, 6.0))  # s, when the pedestrian reaches the ego's corridor
@@ -88,6 +89,7 @@ def build_raw(seed: int) -> Scenario:
         _park(b, [x_car], y_park, 0.0)
         b.add_agent(xy, yaw, speed, length=PED, width=PED, kind=AgentType.PEDESTRIAN)
         blocked.append((x_car - 0.5 * c.CAR_L, x_p + PED))
+        blocked_left.append((x_p - PED, x_p + PED))  # the pedestrian walks on across the street
         x_cw = x_p + float(rng.uniform(25.0, 45.0))
         n_peds = int(rng.integers(1, 3))
         extra = {"t_go": f"{t_go:.1f}"}
@@ -99,12 +101,13 @@ def build_raw(seed: int) -> Scenario:
     b.add_crosswalk([(x_cw - cw_w / 2, -half), (x_cw + cw_w / 2, -half), (x_cw + cw_w / 2, half),
                      (x_cw - cw_w / 2, half)])
     blocked.append((x_cw - cw_w / 2 - 6.0, x_cw + cw_w / 2 + 6.0))
+    blocked_left.append(blocked[-1])
     _crosswalk_peds(b, rng, x_cw, cw_w, half, n_peds)
 
     if parking:  # more parked cars on both sides, clear of the crosswalk and the occluder
         gap = lambda: float(rng.uniform(2.0, 12.0))
         right = c.spawn_slots(rng, x_ego - 30.0, x_cw + 40.0, gap, blocked)
-        left = c.spawn_slots(rng, x_ego - 30.0, x_cw + 40.0, gap, blocked[-1:])
+        left = c.spawn_slots(rng, x_ego - 30.0, x_cw + 40.0, gap, blocked_left)
         _park(b, [x for x in right if rng.random() < 0.35][:4], y_park, 0.0)
         _park(b, [x for x in left if rng.random() < 0.35][:4], w + PARK_W / 2 - 0.1, np.pi)
     # oncoming vehicles that have already passed the ego (they never reach a pedestrian)
