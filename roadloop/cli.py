@@ -27,6 +27,19 @@ if not console.is_terminal:  # piped / CI output: don't squeeze tables to 80 col
 err_console = Console(stderr=True)
 
 
+@app.callback()
+def _main(threads: int = typer.Option(0, "--threads", envvar="ROADLOOP_THREADS",
+                                      help="Torch intra-op threads (0: torch's default, one per core). "
+                                           "Use 1 on a busy machine: idle threads spin-wait.")) -> None:
+    """roadloop: closed-loop post-training of autonomous-driving policies."""
+    if threads < 0:
+        raise typer.BadParameter("--threads must be >= 0")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def friendly(fn):
     """Turn roadloop errors into a one-line message and exit code 2 (no traceback)."""
 
@@ -95,24 +108,43 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
              report: Path = typer.Option(None, "--report", help="Write the HTML report into this folder."),
              seed: int = typer.Option(0, help="Rollout seed (sampling policies)."),
              batch_size: int = typer.Option(64, help="Scenarios simulated together."),
-             replan_hz: float = typer.Option(10.0, help="Replanning rate: 10 or 2 Hz (any divisor of 10).")) -> None:
+             replan_hz: float = typer.Option(10.0, help="Replanning rate: 10 or 2 Hz (any divisor of 10)."),
+             traffic: str = typer.Option("sim", help="Who moves the other agents: 'sim' (roadloop's traffic "
+                                         "models) or 'sumo' (live SUMO co-simulation; SUMO suites only)."),
+             agents: str = typer.Option("log", help="With --traffic sim: 'log' (each agent's own model, log "
+                                        "replay for recorded traffic) or 'idm' (vehicles with a path become "
+                                        "reactive IDM agents).")) -> None:
     """Closed-loop evaluation of a policy on a suite; prints the per-family matrix."""
     from roadloop.eval.evaluate import evaluate, write_json
     from roadloop.policies import get_policy
     from roadloop.rollout import RolloutConfig
-    from roadloop.scenarios.suites import load_suite
+    from roadloop.sim.backend import with_agent_model
 
     pol = get_policy(policy)
     every = round(10.0 / replan_hz)
     if every < 1 or abs(10.0 / every - replan_hz) > 1e-6:
         raise RoadloopError(f"--replan-hz must divide 10 Hz (10, 5, 2, 1...), got {replan_hz}")
-    s = load_suite(suite)
+    if traffic not in ("sim", "sumo"):
+        raise RoadloopError(f"--traffic must be 'sim' or 'sumo', got '{traffic}'")
+    if traffic == "sumo" and agents != "log":
+        raise RoadloopError("--agents applies to --traffic sim (with --traffic sumo, SUMO moves every agent)")
+    s = _load_any_suite(suite)
+    scenarios = [with_agent_model(sc, agents) for sc in s.scenarios]
+    backend = None
+    if traffic == "sumo":
+        from roadloop.sumo.cosim import CosimSpec, SumoCosim
+
+        for sc in scenarios:  # fail early, naming the scenario, if one cannot be co-simulated
+            CosimSpec.from_meta(sc.meta)
+        backend = SumoCosim()
+    mode = "" if traffic == "sim" and agents == "log" else f" [{traffic} traffic, {agents} agents]"
     with progress() as prog:
-        task = prog.add_task(f"eval {pol.name} on {s.name}", total=len(s.scenarios))
-        rep, kept = evaluate(pol, s.scenarios, suite_name=s.name, suite_hash=s.content_hash, seed=seed,
+        task = prog.add_task(f"eval {pol.name} on {s.name}{mode}", total=len(s.scenarios))
+        rep, kept = evaluate(pol, scenarios, suite_name=s.name, suite_hash=s.content_hash, seed=seed,
                              batch_size=batch_size, cfg=RolloutConfig(replan_every=every),
                              on_batch=lambda n: prog.advance(task, n), keep_rollouts=report is not None,
-                             record=True)
+                             record=backend is None and agents == "log", traffic=backend)
+    rep.extra.update(traffic=traffic, agents=agents)
     _print_report(rep)
     if json_path:
         write_json(rep, str(json_path))
@@ -180,17 +212,82 @@ def scen_list() -> None:
         t.add_row(name, spec.description)
     console.print(t)
     console.print("suites: " + ", ".join(list_suites()))
+    from roadloop.sumo.suite import SUMO_SUITES
+
+    console.print("SUMO suites (real road networks, built on first use): " + ", ".join(SUMO_SUITES))
 
 
 @scen_app.command("build")
 @friendly
 def scen_build(suite: str, out: Path = typer.Option(..., help="Directory to write the suite to.")) -> None:
     """Build (or load) a suite and save it in the on-disk format."""
-    from roadloop.scenarios.suites import load_suite, save_suite
+    from roadloop.scenarios.suites import save_suite
 
-    s = load_suite(suite)
+    s = _load_any_suite(suite)
     save_suite(s, out)
     console.print(f"{s.name}: {len(s.scenarios)} scenarios, hash {s.content_hash[:16]} -> {out}")
+
+
+def _load_any_suite(name_or_dir: str):
+    """A suite directory, a named procedural suite or a named SUMO suite (``sumo-real``...)."""
+    from roadloop.scenarios.suites import load_suite
+    from roadloop.sumo.suite import SUMO_SUITES, load_sumo_suite
+
+    if name_or_dir in SUMO_SUITES and not Path(name_or_dir).is_dir():
+        return load_sumo_suite(name_or_dir)
+    return load_suite(name_or_dir)
+
+
+@scen_app.command("import-sumo")
+@friendly
+def scen_import_sumo(net: Path = typer.Argument(..., help="SUMO network (.net.xml or .net.xml.gz)."),
+                     trips: list[Path] = typer.Option(None, "--trips", help="Trip/route file(s) for SUMO "
+                                                      "(repeatable); default: seeded random trips."),
+                     n: int = typer.Option(12, "--n", help="Scenarios to cut (one ego vehicle each)."),
+                     out: Path = typer.Option(None, "--out", help="Suite directory (default: ./<network>-suite)."),
+                     seed: int = typer.Option(0, help="Seed of SUMO, the random trips and the ego choice."),
+                     additional: list[Path] = typer.Option(None, "--additional",
+                                                           help="SUMO additional file(s): vtypes, signal plans."),
+                     warmup: float = typer.Option(90.0, help="Seconds SUMO runs before recording."),
+                     seconds: float = typer.Option(180.0, help="Seconds of traffic recorded."),
+                     name: str = typer.Option(None, help="Network name (default: from the file name).")) -> None:
+    """Build a scenario suite from any SUMO network: import, simulate traffic, cut, save."""
+    import time
+
+    from roadloop.errors import ScenarioError
+    from roadloop.scenarios.suites import Suite, save_suite
+    from roadloop.sumo.suite import build_sumo_suite, get_network
+
+    t0 = time.perf_counter()
+    rnet = get_network(str(net), name)
+    rep = rnet.report
+    console.print(f"imported {rep.summary()}")
+    for why, k in sorted(rep.skipped.items()):
+        console.print(f"  skipped {k} lanes: {why}")
+    for w in rep.warnings[:5]:
+        console.print(f"  [yellow]warning[/] {w}")
+    rejected: list[tuple[str, str]] = []
+    scs = build_sumo_suite(str(net), [str(t) for t in trips] if trips else None, n=n, seed=seed,
+                           sim_seconds=seconds, warmup=warmup, additional=[str(a) for a in additional or ()],
+                           name=rnet.name, rejected=rejected)
+    if not scs:
+        raise ScenarioError(f"SUMO network '{net}': no usable ego vehicle in {seconds:.0f} s of traffic (an ego "
+                            f"must drive >= 40 m on passenger lanes for 17 s; {len(rejected)} rejected by the "
+                            "log checks); try more --seconds or other --trips")
+    suite = Suite.of(f"sumo-{rnet.name}", scs)
+    d = out or Path(f"{rnet.name}-suite")
+    save_suite(suite, d)
+    if rejected:
+        reasons: dict[str, int] = {}
+        for _, why in rejected:
+            key = why.split(" at step")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        console.print("egos skipped (log fails roadloop's checks): "
+                      + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())))
+    if len(scs) < n:
+        console.print(f"[yellow]only {len(scs)} of {n} scenarios[/]: too few usable ego vehicles")
+    console.print(f"{suite.name}: {len(scs)} scenarios, hash {suite.content_hash[:16]} -> {d} "
+                  f"({time.perf_counter() - t0:.1f} s)")
 
 
 def main() -> None:  # pragma: no cover

@@ -18,6 +18,7 @@ from roadloop.eval.metrics import METRICS, compute_metrics
 from roadloop.eval.replay import rollout_id
 from roadloop.policies.base import Policy
 from roadloop.rollout import Rollout, RolloutConfig, rollout
+from roadloop.sim.backend import TrafficBackend
 from roadloop.sim.batching import collate
 from roadloop.sim.datatypes import Scenario
 
@@ -112,10 +113,13 @@ class EvalReport:
 def evaluate(policy: Policy, scenarios: list[Scenario], *, suite_name: str = "", suite_hash: str = "",
              seed: int = 0, batch_size: int = 64, cfg: RolloutConfig | None = None,
              on_batch: Callable[[int], None] | None = None,
-             keep_rollouts: bool = False, record: bool = False) -> tuple[EvalReport, list[tuple[Rollout, Scenario]]]:
+             keep_rollouts: bool = False, record: bool = False,
+             traffic: TrafficBackend | None = None) -> tuple[EvalReport, list[tuple[Rollout, Scenario]]]:
     """Roll ``policy`` out on every scenario (batched), compute metrics, aggregate with CIs.
 
     ``record`` stores each batch in the rollout store so ``roadloop replay ID`` can re-run it.
+    ``traffic``: an external backend moving the non-ego agents (e.g. the SUMO co-simulation),
+    reset for every batch; None: roadloop's own traffic models.
     """
     import time
 
@@ -133,7 +137,7 @@ def evaluate(policy: Policy, scenarios: list[Scenario], *, suite_name: str = "",
         batch = collate([scenarios[i] for i in idx])
         seeds = torch.tensor([seed] * len(idx), dtype=torch.int64)
         with torch.inference_mode():
-            ro = rollout(policy, batch, seeds, cfg)
+            ro = rollout(policy, batch, seeds, cfg, traffic=traffic)
             vals = compute_metrics(ro, batch)
         for j, i in enumerate(idx):
             m = scenarios[i].meta

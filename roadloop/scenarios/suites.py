@@ -103,10 +103,14 @@ def content_hash(scenarios: list[Scenario]) -> str:
 
 
 def code_hash() -> str:
-    """Hash (16 hex) of the sources of roadloop/scenarios and roadloop/sim."""
+    """Hash (16 hex) of the code that determines generated scenarios.
+
+    roadloop/scenarios, roadloop/sim, roadloop/sumo and roadloop/policies (the expert drives the
+    procedural logs) plus the rollout engine."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for sub in ("scenarios", "sim"):
+    h.update((root / "rollout.py").read_bytes())
+    for sub in ("scenarios", "sim", "sumo", "policies"):
         for p in sorted((root / sub).rglob("*.py")):
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
@@ -309,6 +313,10 @@ def load_suite(name_or_dir: str | Path) -> Suite:
         return _load_dir(p)
     name = str(name_or_dir)
     if name not in _SEEDS:
+        from roadloop.sumo.suite import SUMO_SUITES, load_sumo_suite  # sumo-real, -train, -val
+
+        if name in SUMO_SUITES:
+            return load_sumo_suite(name)
         raise UnknownNameError("suite", name, list_suites())
     pairs = suite_pairs(name)
     d = cached_suite_dir(name)

@@ -58,26 +58,29 @@ def leader_gaps(state: SimState) -> tuple[torch.Tensor, torch.Tensor]:
     fwd = dx * c.unsqueeze(-1) + dy * s.unsqueeze(-1)
     follower = state.present & (state.model == TrafficModel.IDM)
     cand = (fwd > 0) & (fwd < st.idm[..., 5].unsqueeze(-1)) & follower.unsqueeze(-1) & state.present.unsqueeze(1)
-    k = cand.view(-1).nonzero().squeeze(1)  # flat (b, i, j)
+    k = cand.view(-1).nonzero().squeeze(1)  # flat (b, i, j) pair index
     gap = torch.full((B * A,), _INF)
     lead = torch.zeros(B * A, dtype=torch.int64)
     if k.numel():
-        bi = k // A  # b * A + i
-        bj = (k // (A * A)) * A + k % A  # b * A + j
-        f = fwd.view(-1)[k]
+        bi = torch.div(k, A, rounding_mode="floor")  # flat agent index (b * A + i) of the follower
+        bj = bi - torch.remainder(bi, A) + torch.remainder(k, A)  # ... and of the candidate leader j
+        f = fwd.view(-1).index_select(0, k)
+        # one packed row per agent: x, y, yaw, half length, half width, corridor, s/ds, 1/ds, last
+        tab = torch.stack((xy[..., 0], xy[..., 1], yaw, st.half_len, st.half_wid, st.corridor,
+                           state.path_s * st.inv_path_ds, st.inv_path_ds, st.path_last), -1).view(B * A, 9)
+        ri, rj = tab.index_select(0, bi), tab.index_select(0, bj)
         # i's path point at the forward distance of j (nearest uniform sample)
-        u = (state.path_s.view(-1)[bi] + f) * st.inv_path_ds.view(-1)[bi]
-        u = torch.minimum(u.clamp_min(0.0), st.path_last.view(-1)[bi]).round().long() + bi * st.path_n
-        xf, yf, yawf = x.reshape(-1), y.reshape(-1), yaw.reshape(-1)
-        lx = xf[bj] - torch.take(st.path_x, u)
-        ly = yf[bj] - torch.take(st.path_y, u)
-        dyaw = yawf[bj] - yawf[bi]
-        cd, sd = torch.cos(dyaw).abs(), torch.sin(dyaw).abs()
-        hl, hw = st.half_len.view(-1), st.half_wid.view(-1)
-        along = hl[bj] * cd + hw[bj] * sd
-        across = hl[bj] * sd + hw[bj] * cd + st.corridor.view(-1)[bi]
-        ok = lx * lx + ly * ly < across * across
-        g = torch.where(ok, f - along - hl[bi], torch.full_like(f, _INF))
+        u = torch.addcmul(ri[:, 6], f, ri[:, 7])
+        u = torch.minimum(u.clamp_min(0.0), ri[:, 8]).round().long() + bi * st.path_n
+        p = st.path_xy_rows.index_select(0, u)
+        lx = rj[:, 0] - p[:, 0]
+        ly = rj[:, 1] - p[:, 1]
+        dyaw = rj[:, 2] - ri[:, 2]
+        cd, sd = torch.cos(dyaw).abs_(), torch.sin(dyaw).abs_()
+        along = torch.addcmul(rj[:, 3] * cd, rj[:, 4], sd)
+        across = torch.addcmul(rj[:, 3] * sd, rj[:, 4], cd).add_(ri[:, 5])
+        ok = torch.addcmul(lx * lx, ly, ly) < across * across
+        g = torch.where(ok, f - along - ri[:, 3], _INF)
         gap.scatter_reduce_(0, bi, g, reduce="amin")
         # the leader's index: the candidate whose gap equals the minimum
         is_min = ok & (g == gap[bi])

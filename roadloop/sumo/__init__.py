@@ -5,9 +5,11 @@
 * ``traffic``: simulate traffic with libsumo and record every vehicle at 10 Hz;
 * ``cutting``: cut a recording into scenarios (one ego vehicle and window each);
 * ``suite``: ``build_sumo_suite`` for any network and ``build_sumo_real`` (``sumo-real``);
+* ``cosim``: ``SumoCosim``, live co-simulation (SUMO moves the traffic, roadloop the ego);
 * ``preview``: matplotlib renderings for a visual check.
 """
 
+from roadloop.sumo.cosim import SumoCosim
 from roadloop.sumo.crop import add_crop_to_builder, crop_network, network_to_scenario_map
 from roadloop.sumo.cutting import cut_scenario, cut_scenarios
 from roadloop.sumo.network import ImportReport, NetworkImportError, RoadNetwork, load_network
@@ -20,6 +22,7 @@ __all__ = [
     "NetworkImportError",
     "Recording",
     "RoadNetwork",
+    "SumoCosim",
     "SumoTrafficError",
     "add_crop_to_builder",
     "build_sumo_real",

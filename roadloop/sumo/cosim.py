@@ -19,8 +19,9 @@ SUMO reproduces the recorded traffic up to the window start.  Then, at every 0.1
    sees the ego where roadloop put it, so traffic reacts to the ego (a follower brakes when the
    ego brakes);
 4. every scenario agent is read back by its SUMO id into its slot: absent -> ``present`` False;
-   box centre and yaw from the front-bumper track exactly as the recording does (the rear
-   bumper on the front's own past path, ``roadloop.sumo.traffic.front_track_to_boxes``);
+   box centre and yaw from the front-bumper track as the recording does (the rear bumper on
+   the front's own past path, ``roadloop.sumo.traffic.front_track_to_boxes``; the tracks are
+   rebuilt over the 10 s before the window, or start from the step-0 box of a slow vehicle);
    speed = SUMO speed x the lane's shape/length factor.
 
 Limits: only the scenario's agent slots are tracked (vehicles that would enter the region
@@ -47,6 +48,7 @@ from roadloop.sumo.traffic import INVALID_POS, SumoTrafficError, random_trips, s
 
 REQUIRED = ("network_file", "vehicle", "sumo_time", "sumo_seed", "sumo_agents", "sumo_begin")
 TELEPORT = 8.0  # m per step: a longer jump starts a new front track (as in the recording)
+TRACK_HISTORY = 10.0  # s before the window start stepped one by one to rebuild the front tracks
 
 
 def _traci():
@@ -83,7 +85,7 @@ class CosimSpec:
     seed: int
     extra_args: tuple[str, ...]
     t0: float  # s, SUMO time of the scenario's step 0
-    t_record: float  # s, SUMO time of the recording's first sample (tracks start there)
+    t_record: float  # s, SUMO time of the recording's first sample (its tracks start there)
     ego: str  # SUMO id of the ego vehicle
     agents: tuple[str, ...]  # SUMO ids of agents 1..A-1
 
@@ -119,17 +121,21 @@ class _Track:
 
     def __init__(self) -> None:
         self.pts: list[np.ndarray] = []
-        self.s: list[float] = []
+        self.s: list[float] = []  # arc length; the track's first front is at s = length
 
-    def start(self, rear: np.ndarray, front: np.ndarray) -> None:
+    def start(self, rear: np.ndarray, front: np.ndarray, length: float) -> None:
         self.pts = [rear, front]
-        self.s = [0.0, float(np.linalg.norm(front - rear))]
+        self.s = [0.0, length]
+
+    def driven(self, length: float) -> float:
+        """Metres the front has moved since the track started."""
+        return self.s[-1] - length if self.s else 0.0
 
     def push(self, front: np.ndarray, angle_deg: float, length: float) -> tuple[np.ndarray, float]:
         yaw_s = math.pi / 2 - math.radians(angle_deg)
         h = np.array([math.cos(yaw_s), math.sin(yaw_s)])
         if not self.pts or float(np.linalg.norm(front - self.pts[-1])) > TELEPORT:
-            self.start(front - length * h, front)
+            self.start(front - length * h, front, length)
         else:
             d = float(np.linalg.norm(front - self.pts[-1]))
             if d > 1e-9:
@@ -172,11 +178,14 @@ def _connect(cmd: list[str], what: str):
     deadline = time.monotonic() + 120.0
     while True:
         try:
-            return Connection("localhost", port, proc, None, True, None)
+            conn = Connection("localhost", port, proc, None, True, None)
+            err.close()
+            return conn
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 err.seek(0)
                 msg = err.read().decode(errors="replace").strip().splitlines()
+                err.close()
                 proc.kill()
                 raise SumoTrafficError(f"scenario '{what}': SUMO did not start: "
                                        f"{msg[-1] if msg else 'exit code ' + str(proc.poll())}") from None
@@ -198,20 +207,24 @@ class _Run:
         self.ego_missing = 0  # steps the ego was not in SUMO
         self.keep_route = 2
 
-    def start(self) -> None:
-        """Start SUMO and run it to the window start; from the recording's first sample on it is
-        stepped one by one to rebuild the agents' front tracks exactly as the recording did."""
+    def start(self, xy: np.ndarray, yaw: np.ndarray, present: np.ndarray) -> None:
+        """Start SUMO and run it to the window start (step 0); the last ``TRACK_HISTORY`` s are
+        stepped one by one to rebuild the agents' front tracks.  An agent whose front moved less
+        than its length in that time starts instead from its step-0 box (``xy`` (A, 2), ``yaw``
+        (A,), ``present`` (A,)): rear bumper -> front bumper, which the rear then follows."""
         _, tc = _traci()
         sp = self.spec
         try:
             self.conn = _connect(sumo_command(sp.net, list(sp.routes), list(sp.additional), begin=sp.begin,
                                               seed=sp.seed, extra_args=list(sp.extra_args)), sp.scenario_id)
-            t_hist = min(sp.t_record, sp.t0)
-            self.conn.simulationStep(round((t_hist - DT) * 10) / 10)
+            # the recording's tracks start at its first sample: so do these
+            n_hist = int(round(min(TRACK_HISTORY, max(sp.t0 - sp.t_record, 0.0)) / DT))
+            if sp.t0 - (n_hist + 1) * DT > sp.begin + 1e-6:
+                self.conn.simulationStep(round(sp.t0 - (n_hist + 1) * DT, 1))
             ids = set(self.conn.vehicle.getIDList()) | set(self.conn.person.getIDList())
             self._subscribe([a for a in sp.agents if a in ids])
             self.conn.simulation.subscribe([tc.VAR_DEPARTED_VEHICLES_IDS, tc.VAR_DEPARTED_PERSONS_IDS])
-            for _ in range(int(round((sp.t0 - t_hist) / DT)) + 1):
+            for _ in range(n_hist + 1):
                 self._advance()
                 self._read()
             now = self.conn.simulation.getTime()
@@ -228,6 +241,12 @@ class _Run:
             raise SumoTrafficError(f"scenario '{sp.scenario_id}': at t={now} s SUMO " + (
                 f"is not at the window start {sp.t0} s" if abs(now - sp.t0) > 1e-6 else
                 f"has no ego vehicle '{sp.ego}'") + " (the SUMO run differs from the recording)")
+        for i in np.nonzero(present[1:])[0] + 1:
+            L = float(self.length[i])
+            tr = self.tracks[i]
+            if self.kinds[i] != AgentType.PEDESTRIAN and tr.driven(L) < L:
+                h = np.array([math.cos(yaw[i]), math.sin(yaw[i])])
+                tr.start(xy[i] - 0.5 * L * h, xy[i] + 0.5 * L * h, L)
 
     def _subscribe(self, ids) -> None:
         _, tc = _traci()
@@ -346,7 +365,8 @@ class SumoCosim:
         for r in self.runs:
             r.keep_route = self.keep_route
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 and len(self.runs) > 1 else None
-        self._map(lambda r: r.start(), self.runs)
+        xy, yaw, pres = state.xy.double().numpy(), state.yaw.double().numpy(), state.present.numpy()
+        self._map(lambda b: self.runs[b].start(xy[b], yaw[b], pres[b]), list(range(len(self.runs))))
 
     def step(self, prev: SimState, nxt: SimState) -> SimState:
         if len(self.runs) != nxt.batch_size:
@@ -361,6 +381,11 @@ class SumoCosim:
         speed = torch.from_numpy(np.stack([o[2] for o in out]))
         present = torch.from_numpy(np.stack([o[3] for o in out]))
         return replace_agents(prev, nxt, xy, yaw, speed, present)
+
+    def ego_missing_steps(self) -> list[int]:
+        """Per scenario of the last batch: steps in which SUMO no longer had the ego vehicle
+        (removed at the end of its route), so that other vehicles could not see it."""
+        return [r.ego_missing for r in self.runs]
 
     def close(self) -> None:
         for r in self.runs:

@@ -102,11 +102,13 @@ def split_of(vehicle_id: str) -> str:
 def build_sumo_suite(net_path: str, trips: list[str] | str | None = None, n: int = 12, seed: int = 0,
                      sim_seconds: float = 180.0, *, warmup: float = 90.0, begin: float = 0.0,
                      additional: list[str] = (), name: str | None = None, split: str | None = None,
-                     radius: float = 80.0, max_agents: int = 32) -> list[Scenario]:
+                     radius: float = 80.0, max_agents: int = 32,
+                     rejected: list[tuple[str, str]] | None = None) -> list[Scenario]:
     """Up to ``n`` scenarios from SUMO traffic on any network (``.net.xml[.gz]``).
 
     ``trips``: trip/route file(s) (checked for unknown edges), or None for seeded random trips.
     ``split``: None (any ego), "train" or "val" (egos whose id hashes to that half).
+    ``rejected`` collects (scenario id, reason) of egos whose log fails roadloop's checks.
     """
     if split not in (None, "train", "val"):
         raise ConfigError(f"split must be None, 'train' or 'val', got {split!r}")
@@ -122,7 +124,7 @@ def build_sumo_suite(net_path: str, trips: list[str] | str | None = None, n: int
     t = time.perf_counter()
     egos = None if split is None else [i for i in rec.ids if split_of(i) == split]
     scs = cut_scenarios(rec, net, n, seed=seed, radius=radius, max_agents=max_agents, egos=egos,
-                        extra_fn=lambda vid: {"split": split_of(vid)})
+                        extra_fn=lambda vid: {"split": split_of(vid)}, rejected=rejected)
     tm = TIMINGS.setdefault(net.name, {"import_s": 0.0, "record_s": 0.0, "cut_s": 0.0, "scenarios": 0.0})
     for k, v in (("import_s", t_net), ("record_s", t_rec), ("cut_s", time.perf_counter() - t),
                  ("scenarios", float(len(scs)))):
@@ -147,3 +149,47 @@ def build_sumo_real(split: str | None = None, per_network: int = 12, seed: int =
                                     warmup=spec.warmup, begin=spec.begin,
                                     additional=[spec.path(a) for a in spec.additional], name=name, split=h)
     return out
+
+
+# --- the named suites (``roadloop eval --suite sumo-real``) ----------------------------------
+
+SUMO_SUITES: dict[str, str | None] = {"sumo-real": None, "sumo-real-train": "train", "sumo-real-val": "val"}
+
+
+def sumo_code_hash() -> str:
+    """Hash (16 hex) of what the SUMO suites depend on: roadloop's scenario, simulator and SUMO
+    sources and the SUMO version."""
+    import hashlib
+    from pathlib import Path
+
+    from roadloop.scenarios.suites import code_hash
+    from roadloop.sumo.traffic import sumo_version
+
+    h = hashlib.sha256(code_hash().encode())
+    for p in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    h.update(sumo_version().encode())
+    return h.hexdigest()[:16]
+
+
+def load_sumo_suite(name: str):
+    """A named SUMO suite (``SUMO_SUITES``) as a ``roadloop.scenarios.suites.Suite``: built on
+    first use (~15 s), then read from ``$ROADLOOP_CACHE/suites/<name>-<hash>`` (verified
+    against its content hash).  The hash covers the sources and the SUMO version."""
+    from pathlib import Path
+
+    from roadloop.errors import ScenarioError, UnknownNameError
+    from roadloop.scenarios.suites import INDEX, Suite, cache_root, load_suite, save_suite
+
+    if name not in SUMO_SUITES:
+        raise UnknownNameError("SUMO suite", name, list(SUMO_SUITES))
+    d = Path(cache_root()) / "suites" / f"{name}-{sumo_code_hash()}"
+    if (d / INDEX).is_file():
+        try:
+            return load_suite(d)
+        except ScenarioError:
+            pass  # damaged cache: rebuild
+    suite = Suite.of(name, build_sumo_real(SUMO_SUITES[name]))
+    save_suite(suite, d)
+    return suite
