@@ -104,3 +104,15 @@ def test_replan_rate_two_hz_runs():
     sc = collate([scenes.lead_vehicle_scene()])
     ro = rollout(RouteSpeed(8.0), sc, cfg=RolloutConfig(replan_every=5))
     assert ro.decision_steps.tolist()[:3] == [10, 15, 20]
+
+
+def test_wrong_length_and_raising_policies_fail_rollouts_with_reasons():
+    from roadloop.testing.policies import Raising, WrongLength
+
+    s1 = scenes.build(scenes.straight_road(40, sid="test/a")[0])
+    rep, _ = evaluate(WrongLength(8.0), [s1], batch_size=1)
+    r = rep.rollouts[0]
+    assert r.failed and "64 waypoints" in r.fail_reason
+    rep, _ = evaluate(Raising(), [s1], batch_size=1)
+    r = rep.rollouts[0]
+    assert r.failed and "model exploded" in r.fail_reason and "RuntimeError" in r.fail_reason

@@ -1,12 +1,12 @@
 """Deterministic replay: an evaluated rollout re-runs bit-identically from its record."""
 
 import pytest
-from roadloop.scenarios.suites import load_suite
 
 from roadloop.errors import RoadloopError
 from roadloop.eval.evaluate import evaluate
 from roadloop.eval.replay import replay
 from roadloop.policies.route_idm import RouteIDM
+from roadloop.scenarios.suites import load_suite
 
 
 def test_replay_is_bit_identical(tmp_path, monkeypatch):
