@@ -1,0 +1,1 @@
+"""Vision-language-action driving policy (Alpamayo-R1 in miniature)."""

@@ -1,0 +1,172 @@
+"""Observation side of the VLA policy: BEV raster, ego-history features, route commands."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from roadloop.policies.base import Observation
+from roadloop.policies.vla.observe import (
+    CH,
+    CHANNELS,
+    COMMANDS,
+    RasterConfig,
+    command_index,
+    ego_history_features,
+    render_bev,
+    route_command,
+)
+from roadloop.scenarios.builder import ScenarioBuilder, straight
+from roadloop.scenarios.families import FAMILIES
+from roadloop.sim.batching import collate
+from roadloop.sim.datatypes import ScenarioMeta
+from roadloop.testing.scenes import build, red_light_scene, straight_road
+
+CFG = RasterConfig()
+EGO_ROW = CFG.size * (1 - CFG.ego_offset) - 0.5  # 47.5: continuous row of the ego centre
+EGO_COL = CFG.size / 2 - 0.5  # 31.5
+
+
+def _state(*scenes):
+    from roadloop.sim.state import init_state
+
+    return init_state(collate(list(scenes)))
+
+
+def _ahead_scene(heading_north: bool = False):
+    """One lane, ego at 10 m, a car 10 m ahead of it (along +x, or along +y if heading_north)."""
+    b = ScenarioBuilder(20)
+    if heading_north:
+        lane = b.add_lane(straight((0, 0), (0, 200)), 3.5, 15.0)
+        p, q, yaw = (0.0, 10.0), (0.0, 20.0), math.pi / 2
+    else:
+        lane = b.add_lane(straight((0, 0), (200, 0)), 3.5, 15.0)
+        p, q, yaw = (10.0, 0.0), (20.0, 0.0), 0.0
+    b.set_route([lane])
+    b.add_agent([p], yaw, 0.0)
+    b.add_agent([q], yaw, 0.0)
+    return b.build(ScenarioMeta("test/ahead", "test", 0, "test", warmup_steps=0))
+
+
+def test_shapes_and_ranges():
+    st = _state(FAMILIES["intersection_protected"].build_raw(0), FAMILIES["merge"].build_raw(0))
+    img = render_bev([st] * 3, CFG)
+    assert img.shape == (2, CFG.frames, len(CHANNELS), CFG.size, CFG.size) and img.dtype == torch.float32
+    signed = [CH["lane_cos"], CH["lane_sin"]]
+    other = [i for i in range(len(CHANNELS)) if i not in signed]
+    assert img[:, :, other].min() >= 0 and img[:, :, other].max() <= 1
+    assert img[:, :, signed].abs().max() <= 1 + 1e-5
+    assert img[:, :, CH["drivable"]].sum() > 0 and img[:, :, CH["vehicles"]].sum() > 0
+
+
+@pytest.mark.parametrize("north", [False, True])
+def test_agent_ahead_painted_above_ego(north):
+    img = render_bev([_state(_ahead_scene(north))], CFG)[0, -1]
+    veh = img[CH["vehicles"]]
+    r_ego, c_ego = int(EGO_ROW), int(EGO_COL)
+    assert veh[r_ego, c_ego] == 1 and veh[r_ego + 1, c_ego + 1] == 1  # ego box around (47.5, 31.5)
+    r_ahead = EGO_ROW - 10.0 / CFG.resolution  # ~34.2
+    assert veh[round(r_ahead), c_ego] == 1 and veh[round(r_ahead), c_ego + 1] == 1
+    # the box is 4.6 m long (about 6 px) and 1.9 m wide (about 2.5 px): a vertical blob
+    rows = veh[:, c_ego].nonzero().squeeze(1)
+    ahead_rows = rows[rows < r_ego - 4]
+    assert abs(ahead_rows.float().mean() - r_ahead) < 1.0 and 5 <= len(ahead_rows) <= 7
+    cols = veh[round(r_ahead)].nonzero().squeeze(1)
+    assert 2 <= len(cols) <= 3
+    # drivable area: the 3.5 m lane straight up, nothing beyond it
+    drv = img[CH["drivable"]][:40]
+    assert (drv[:, 30:34] == 1).all() and (drv[:, :29] == 0).all() and (drv[:, 35:] == 0).all()
+    assert (img[CH["lane_cos"]][:40, 30:34] > 0.99).all()
+    assert (img[CH["route"]][:40, 31:33] == 1).all() and (img[CH["route"]][:, :28] == 0).all()
+    assert (img[CH["centreline"]][:40, 31:33] == 1).all() and (img[CH["centreline"]][:, 30] == 0).all()
+
+
+def test_red_light_on_stop_line():
+    img = render_bev([_state(red_light_scene(stop_x=30.0))], CFG)[0, -1]
+    light = img[CH["light"]]
+    assert light.max() == 1.0
+    rows = (light == 1.0).nonzero()[:, 0].float()
+    assert abs(rows.mean() - (EGO_ROW - 20.0 / CFG.resolution)) < 1.0  # stop line 20 m ahead of the ego
+
+
+def test_frames_differ_when_agents_move():
+    b, ids = straight_road(20)
+    b.add_agent([[25.0, 0.0]], 0.0, 5.0)
+    s0 = _state(build(b))
+    xy = s0.xy.clone()
+    xy[:, 1, 0] += 3.0
+    s1 = s0.replace(xy=xy)
+    img = render_bev([s0, s0, s0, s1], CFG)[0]
+    assert torch.equal(img[0], img[1]) and not torch.equal(img[2, CH["vehicles"]], img[3, CH["vehicles"]])
+    assert torch.equal(img[2, CH["drivable"]], img[3, CH["drivable"]])
+
+
+def test_batch_rows_equal_single():
+    a, b = FAMILIES["intersection_protected"].build_raw(2), FAMILIES["pedestrian_crossing"].build_raw(0)
+    both = render_bev([_state(a, b)], CFG)
+    assert torch.allclose(both[0:1], render_bev([_state(a)], CFG), atol=1e-6)
+    assert torch.allclose(both[1:2], render_bev([_state(b)], CFG), atol=1e-6)
+
+
+def test_ego_history_features():
+    B, T = 2, 16
+    t = torch.arange(T, dtype=torch.float32) * 0.1
+    yaw = torch.full((B, T), math.pi / 2)
+    xy = torch.stack((torch.zeros(B, T), 5.0 + 10.0 * t.expand(B, T)), -1)  # driving north at 10 m/s
+    st = _state(_ahead_scene())
+    obs = Observation(state=st, ego_history_xy=xy, ego_history_yaw=yaw, ego_history_speed=torch.full((B, T), 10.0),
+                      step=0)
+    f = ego_history_features(obs)
+    assert f.shape == (B, 16, 5)
+    assert torch.allclose(f[:, -1], torch.tensor([0.0, 0.0, 1.0, 0.0, 10.0]), atol=1e-5)
+    assert torch.allclose(f[:, 0, :2], torch.tensor([-15.0, 0.0]).expand(B, 2), atol=1e-4)  # 1.5 s behind
+
+
+def _cmds(family: str, seeds) -> list[str]:
+    return [route_command(_state(FAMILIES[family].build_raw(s)))[0] for s in seeds]
+
+
+def test_route_commands_on_families():
+    for s in range(4):
+        raw = FAMILIES["intersection_protected"].build_raw(s)
+        turn = dict(raw.meta.extra)["turn"]
+        want = "turn left at the next intersection" if turn == "left" else "follow the route"
+        assert route_command(_state(raw)) == [want]
+    assert set(_cmds("multilane_traffic", range(3))) == {"follow the route"}
+    assert set(_cmds("merge", range(3))) == {"merge onto the main road"}
+    assert "turn left at the next intersection" in _cmds("unprotected_left", range(4))
+    cmds = route_command(_state(*[FAMILIES["merge"].build_raw(0), FAMILIES["multilane_traffic"].build_raw(0)]))
+    assert cmds == ["merge onto the main road", "follow the route"]
+    idx = command_index(cmds)
+    assert idx.dtype == torch.int64 and [COMMANDS[i] for i in idx] == cmds
+
+
+def test_lane_change_commands():
+    for side in ("left", "right"):
+        b = ScenarioBuilder(20)
+        lo = b.add_lane(straight((0, 0), (200, 0)), 3.5, 15.0)
+        hi = b.add_lane(straight((0, 3.5), (200, 3.5)), 3.5, 15.0)
+        b.neighbours(lo, left=hi)
+        src, dst = (lo, hi) if side == "left" else (hi, lo)
+        y0, y1 = (0.0, 3.5) if side == "left" else (3.5, 0.0)
+        x = np.arange(0.0, 201.0)
+        y = np.interp(x, [0, 20, 50, 200], [y0, y0, y1, y1])
+        b.set_route([src, dst], np.stack((x, y), 1))
+        b.add_agent([[5.0, y0]], 0.0, 10.0)
+        sc = b.build(ScenarioMeta("test/lc", "test", 0, "test", warmup_steps=0))
+        assert route_command(_state(sc)) == [f"keep {side}"]
+
+
+def test_crosswalk_and_vru_channels():
+    b, ids = straight_road(20, lanes=1)
+    b.add_crosswalk([[28.0, -3.0], [31.0, -3.0], [31.0, 3.0], [28.0, 3.0]])  # 18-21 m ahead of the ego
+    b.add_agent([[20.0, 0.0]], math.pi / 2, 1.0, length=0.6, width=0.6, kind=1)  # pedestrian 10 m ahead
+    b.add_static([15.0, 1.0])
+    img = render_bev([_state(build(b))], CFG)[0, -1]
+    cw = img[CH["crosswalk"]].nonzero()[:, 0].float()
+    assert abs(cw.mean() - (EGO_ROW - 19.5 / CFG.resolution)) < 1.0
+    assert img[CH["vru"], round(EGO_ROW - 10.0 / CFG.resolution), 31:33].max() == 1
+    assert img[CH["static"]].sum() >= 1 and img[CH["vru"]].sum() <= 4
