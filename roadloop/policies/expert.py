@@ -43,6 +43,7 @@ from roadloop.policies.route_idm import (
     route_obstacles,
     route_points,
     stop_line_gap,
+    update_stop_memory,
 )
 from roadloop.sim import collision, dynamics
 from roadloop.sim.config import IDMParams, SimConfig
@@ -181,12 +182,7 @@ class Expert(Policy):
 
     # --- helpers ------------------------------------------------------------------------
     def _update_stops(self, state: SimState) -> torch.Tensor:
-        route = state.static.scenario.route
-        if self._stopped is None or self._stopped.shape != route.stop_s.shape:
-            self._stopped = torch.zeros_like(route.stop_s, dtype=torch.bool)
-        front = state.route_s + 0.5 * state.static.scenario.agents.length[:, 0]
-        near = (route.stop_s - front.unsqueeze(-1)).abs() < 3.0
-        self._stopped = self._stopped | (near & (state.speed[:, :1] < 0.3))
+        self._stopped = update_stop_memory(self._stopped, state)
         return self._stopped
 
     def cached_forecast(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

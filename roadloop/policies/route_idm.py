@@ -120,6 +120,16 @@ def stop_line_gap(state: SimState, stopped: torch.Tensor, b_comf: float) -> torc
 JERK_LIMIT = 3.5  # m/s^3, plans change acceleration no faster (unless braking harder than comfortable)
 
 
+def update_stop_memory(stopped: torch.Tensor | None, state: SimState) -> torch.Tensor:
+    """Which route stop lines (B, K) the ego has already halted at (within 3 m, < 0.3 m/s)."""
+    route = state.static.scenario.route
+    if stopped is None or stopped.shape != route.stop_s.shape:
+        stopped = torch.zeros_like(route.stop_s, dtype=torch.bool)
+    front = state.route_s + 0.5 * state.static.scenario.agents.length[:, 0]
+    near = (route.stop_s - front.unsqueeze(-1)).abs() < 3.0
+    return stopped | (near & (state.speed[:, :1] < 0.3))
+
+
 def idm_plan_along_route(state: SimState, v0: torch.Tensor, gap_lead: torch.Tensor, v_lead: torch.Tensor,
                          gap_stop: torch.Tensor, params: torch.Tensor, offset: torch.Tensor | None = None,
                          dt: float = 0.1) -> PolicyOutput:
@@ -197,12 +207,7 @@ class RouteIDM(Policy):
         self._stopped = torch.zeros_like(state.static.scenario.route.stop_s, dtype=torch.bool)
 
     def _update_stops(self, state: SimState) -> torch.Tensor:
-        route = state.static.scenario.route
-        if self._stopped is None or self._stopped.shape != route.stop_s.shape:
-            self._stopped = torch.zeros_like(route.stop_s, dtype=torch.bool)
-        front = state.route_s + 0.5 * state.static.scenario.agents.length[:, 0]
-        near = (route.stop_s - front.unsqueeze(-1)).abs() < 3.0
-        self._stopped = self._stopped | (near & (state.speed[:, :1] < 0.3))
+        self._stopped = update_stop_memory(self._stopped, state)
         return self._stopped
 
     def act(self, obs: Observation) -> PolicyOutput:

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from roadloop.errors import ConfigError, ScenarioError, UnknownNameError
+from roadloop.io import atomic_write_bytes
 from roadloop.scenarios.families import FAMILIES
 from roadloop.sim.batching import validate
 from roadloop.sim.datatypes import SCHEMA_VERSION, Agents, Map, Route, Scenario, ScenarioMeta
@@ -215,19 +215,6 @@ def _file_name(s: Scenario) -> str:
     return s.meta.scenario_id.replace("/", "__") + ".npz"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_suite(suite: Suite, directory: str | Path) -> Path:
     """Write ``suite`` to ``directory`` atomically: scenario files first, ``suite.json`` last."""
     d = Path(directory)
@@ -240,11 +227,11 @@ def save_suite(suite: Suite, directory: str | Path) -> Path:
             raise ScenarioError(f"suite '{suite.name}': duplicate scenario id '{s.meta.scenario_id}'")
         seen.add(name)
         data = scenario_bytes(s)
-        _write_atomic(d / name, data)
+        atomic_write_bytes(d / name, data)
         entries.append({"id": s.meta.scenario_id, "file": name, "sha256": hashlib.sha256(data).hexdigest()})
     index = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "name": suite.name,
              "content_hash": suite.content_hash, "scenarios": entries}
-    _write_atomic(d / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+    atomic_write_bytes(d / INDEX, (json.dumps(index, indent=1) + "\n").encode())
     try:
         fd = os.open(d, os.O_RDONLY)
         try:
