@@ -289,6 +289,65 @@ def scen_import_sumo(net: Path = typer.Argument(..., help="SUMO network (.net.xm
     console.print(f"{suite.name}: {len(scs)} scenarios, hash {suite.content_hash[:16]} -> {d} "
                   f"({time.perf_counter() - t0:.1f} s)")
 
+# --- demonstrations -------------------------------------------------------------------------
+data_app = typer.Typer(no_args_is_help=True, help="Expert demonstrations for imitation learning: collect, info.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("collect")
+@friendly
+def data_collect(suites: str = typer.Option("train", help="Comma-separated suite names or directories."),
+                 out: Path = typer.Option(Path("~/.roadloop/data/demos"), "--out", help="Output directory."),
+                 every: int = typer.Option(2, help="Record every N-th decision step (10 Hz)."),
+                 max_scenarios: int = typer.Option(None, "--max-scenarios", help="Only the first N scenarios."),
+                 max_steps: int = typer.Option(None, "--max-steps", help="Closed-loop steps per rollout (tests)."),
+                 batch_size: int = typer.Option(32, "--batch-size", help="Scenarios per rollout batch (= chunk)."),
+                 shard_size: int = typer.Option(512, "--shard-size", help="Samples per shard at most."),
+                 resume: bool = typer.Option(True, "--resume/--no-resume",
+                                             help="Skip chunks already in the manifest.")) -> None:
+    """Drive the expert in closed loop and write demonstration shards + manifest.json."""
+    import time
+
+    from roadloop.data.collect import collect
+
+    names = [x.strip() for x in suites.split(",") if x.strip()]
+    t0 = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("collect", total=None)
+        man = collect(names, out.expanduser(), shard_size=shard_size, every=every, max_scenarios=max_scenarios,
+                      on_progress=lambda done, total: bar.update(task, completed=done, total=total),
+                      resume=resume, batch_size=batch_size, max_steps=max_steps)
+    dt = time.perf_counter() - t0
+    console.print(f"{man.n_samples} samples from {man.n_scenarios} scenarios in {len(man.shards)} shards, "
+                  f"hash {man.content_hash[:16]} -> {out} ({dt:.1f} s this run)")
+
+
+@data_app.command("info")
+@friendly
+def data_info(directory: Path = typer.Argument(..., help="A demonstration directory."),
+              verify: bool = typer.Option(False, "--verify", help="Also check every shard's sha256.")) -> None:
+    """Summary of a demonstration directory's manifest."""
+    from roadloop.data.collect import load_manifest, verify_shard
+
+    man = load_manifest(directory)
+    size = sum((directory / s["file"]).stat().st_size for s in man.shards if (directory / s["file"]).is_file())
+    if verify:
+        for s in man.shards:
+            verify_shard(directory, s)
+    table = Table(title=f"demonstrations: {directory}")
+    table.add_column("field")
+    table.add_column("value")
+    for k, v in [("suites", ", ".join(f"{n} ({h[:12]})" for n, h in man.suites.items())),
+                 ("samples", str(man.n_samples)), ("scenarios", str(man.n_scenarios)),
+                 ("chunks", f"{len(man.chunks)} / {man.n_chunks}" + ("" if man.complete else " (incomplete)")),
+                 ("shards", str(len(man.shards))), ("size", f"{size / 1e6:.1f} MB"),
+                 ("content hash", man.content_hash), ("code version", man.code_version or "-"),
+                 ("config", json.dumps(man.config)), ("seconds", f"{man.seconds:.1f}")]:
+        table.add_row(k, v)
+    console.print(table)
+    if verify:
+        console.print("all shards match their sha256")
+
 
 def main() -> None:  # pragma: no cover
     try:

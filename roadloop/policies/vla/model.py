@@ -1,0 +1,446 @@
+"""A small decoder-only vision-language-action transformer (Alpamayo-R1 in miniature).
+
+Sequence (one causal transformer, learned absolute positions, pre-LN blocks)::
+
+    [64 BEV patch tokens] [ego history] [command] <bos> t_0 ... t_{L-1} <act> a_0 k_0 a_1 k_1 ... a_63 k_63
+     \\______________ prefix P = 66 ______________/     \\_ L text slots _/       \\__ 128 action tokens __/
+
+* BEV: the (frames, C, H, W) raster with the frames stacked as channels, Conv2d with stride = patch.
+* Text slots hold the CoC tokens + ``<eos>`` then ``<pad>``; pads are masked out as attention keys,
+  so a sequence is equivalent to the same one with its pads removed (sampling skips them).
+* Action tokens: accel bin a_t and curvature bin k_t interleaved, each embedded by its own table
+  plus a learned per-step embedding.  Heads: text vocabulary, accel bins, curvature bins;
+  ``<act>`` and k_t predict a_{t+1}, a_t predicts k_t.
+
+``sample`` decodes with a KV cache; the returned log-probabilities are those of the sampled
+tokens under the model's own distribution (temperature 1, no top-p), i.e. exactly what
+``log_prob`` computes by teacher forcing (needed for GRPO ratios).
+
+Batches (dicts of tensors): ``bev`` (B, F, C, H, W) float, ``history`` (B, 16, 5) float,
+``command`` (B,) int64, and for teacher forcing ``text`` (B, L) int64 (tokens, ``<eos>``, ``<pad>``)
+and ``actions`` (B, 64, 2) int64 bins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from roadloop.errors import RoadloopError
+from roadloop.io import atomic_write_bytes
+from roadloop.policies.vla import tokenizer as tok
+from roadloop.policies.vla.observe import CHANNELS, COMMANDS
+
+FORMAT = "roadloop-vla/1"
+
+
+@dataclass(frozen=True)
+class VLAConfig:
+    d_model: int = 192
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    raster_channels: int = len(CHANNELS)
+    frames: int = 4
+    raster_size: int = 64
+    patch: int = 8
+    history_steps: int = 16
+    history_features: int = 5
+    n_commands: int = len(COMMANDS)
+    text_vocab: int = tok.VOCAB_SIZE
+    max_text_len: int = 48
+    plan_steps: int = 64
+    accel_bins: int = tok.ACCEL_BINS
+    curv_bins: int = tok.CURV_BINS
+    dropout: float = 0.0
+
+    def validate(self) -> VLAConfig:
+        if self.d_model % self.n_heads:
+            raise RoadloopError(f"VLAConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.raster_size % self.patch:
+            raise RoadloopError(f"VLAConfig.raster_size ({self.raster_size}) must be divisible by patch ({self.patch})")
+        for name in ("d_model", "n_layers", "n_heads", "max_text_len", "plan_steps"):
+            if getattr(self, name) < 1:
+                raise RoadloopError(f"VLAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        return self
+
+    @property
+    def n_patches(self) -> int:
+        return (self.raster_size // self.patch) ** 2
+
+    @property
+    def prefix_len(self) -> int:
+        """Vision tokens + history token + command token."""
+        return self.n_patches + 2
+
+    @property
+    def seq_len(self) -> int:
+        return self.prefix_len + 1 + self.max_text_len + 1 + 2 * self.plan_steps
+
+    @staticmethod
+    def preset(name: str) -> VLAConfig:
+        if name not in PRESETS:
+            raise RoadloopError(f"unknown VLA preset '{name}'; known: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]
+
+
+PRESETS: dict[str, VLAConfig] = {
+    "tiny": VLAConfig(d_model=64, n_layers=2, n_heads=2, max_text_len=40),
+    "default": VLAConfig(),
+    "large": VLAConfig(d_model=512, n_layers=8, n_heads=8),
+}
+
+
+class _Cache:
+    """Per-layer key / value buffers (B, H, Smax, dh) + key validity (B, Smax); ``n`` filled slots."""
+
+    def __init__(self, cfg: VLAConfig, B: int, smax: int, device: torch.device, dtype: torch.dtype):
+        dh = cfg.d_model // cfg.n_heads
+        self.k = [torch.zeros(B, cfg.n_heads, smax, dh, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.valid = torch.zeros(B, smax, dtype=torch.bool, device=device)
+        self.n = 0
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: VLAConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.h = cfg.n_heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: _Cache, mask: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        n = cache.n
+        cache.k[layer][:, :, n:n + T] = k
+        cache.v[layer][:, :, n:n + T] = v
+        a = F.scaled_dot_product_attention(q, cache.k[layer][:, :, :n + T], cache.v[layer][:, :, :n + T],
+                                           attn_mask=mask)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class VLAModel(nn.Module):
+    """Decoder-only VLA transformer (see module docstring).  Device / dtype follow the parameters."""
+
+    def __init__(self, cfg: VLAConfig | None = None):
+        super().__init__()
+        cfg = (cfg or VLAConfig()).validate()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.patch = nn.Conv2d(cfg.frames * cfg.raster_channels, d, cfg.patch, stride=cfg.patch)
+        self.history = nn.Sequential(nn.Linear(cfg.history_steps * cfg.history_features, d), nn.GELU(),
+                                     nn.Linear(d, d))
+        self.command = nn.Embedding(cfg.n_commands, d)
+        self.text_emb = nn.Embedding(cfg.text_vocab, d)
+        self.accel_emb = nn.Embedding(cfg.accel_bins, d)
+        self.curv_emb = nn.Embedding(cfg.curv_bins, d)
+        self.step_emb = nn.Embedding(cfg.plan_steps, d)
+        self.pos_emb = nn.Parameter(torch.randn(cfg.seq_len, d) * 0.02)
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.text_head = nn.Linear(d, cfg.text_vocab)
+        self.accel_head = nn.Linear(d, cfg.accel_bins)
+        self.curv_head = nn.Linear(d, cfg.curv_bins)
+        # history features scale: x, y (m), cos, sin, speed (m/s)
+        self.register_buffer("hist_scale", torch.tensor([1 / 20, 1 / 20, 1.0, 1.0, 1 / 10]), persistent=False)
+        forbid = torch.zeros(cfg.text_vocab, dtype=torch.bool)
+        forbid[[i for i in tok.FORBIDDEN_IN_TEXT if i < cfg.text_vocab]] = True
+        self.register_buffer("text_forbid", forbid, persistent=False)
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for b in self.blocks:  # scaled residual init
+            nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+            nn.init.normal_(b.mlp[2].weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    # ------------------------------------------------------------------ positions
+    @property
+    def device(self) -> torch.device:
+        return self.pos_emb.device
+
+    @property
+    def _p_bos(self) -> int:
+        return self.cfg.prefix_len
+
+    @property
+    def _p_act(self) -> int:
+        return self.cfg.prefix_len + 1 + self.cfg.max_text_len
+
+    # ------------------------------------------------------------------ embeddings
+    def _prefix(self, obs: dict) -> torch.Tensor:
+        """(B, P+1, d): vision, history, command, <bos> tokens with positions."""
+        cfg = self.cfg
+        bev = obs["bev"].to(self.device, self.pos_emb.dtype)
+        B = bev.shape[0]
+        img = bev.reshape(B, cfg.frames * cfg.raster_channels, cfg.raster_size, cfg.raster_size)
+        vis = self.patch(img).flatten(2).transpose(1, 2)  # (B, Np, d)
+        hist = obs["history"].to(self.device, self.pos_emb.dtype) * self.hist_scale
+        h = self.history(hist.reshape(B, -1)).unsqueeze(1)
+        c = self.command(obs["command"].to(self.device)).unsqueeze(1)
+        bos = self.text_emb(torch.full((B, 1), tok.BOS_ID, device=self.device))
+        return torch.cat((vis, h, c, bos), 1) + self.pos_emb[: cfg.prefix_len + 1]
+
+    def _action_emb(self, ids: torch.Tensor, slot0: int) -> torch.Tensor:
+        """(B, T) bins of interleaved action slots starting at slot ``slot0`` -> (B, T, d) with positions."""
+        T = ids.shape[1]
+        slots = torch.arange(slot0, slot0 + T, device=self.device)
+        is_acc = (slots % 2 == 0).view(1, T, 1)
+        ea = self.accel_emb(ids.clamp(0, self.cfg.accel_bins - 1))
+        ek = self.curv_emb(ids.clamp(0, self.cfg.curv_bins - 1))
+        e = torch.where(is_acc, ea, ek) + self.step_emb(slots // 2)
+        return e + self.pos_emb[self._p_act + 1 + slots]
+
+    # ------------------------------------------------------------------ transformer
+    def _run(self, x: torch.Tensor, cache: _Cache, valid: torch.Tensor) -> torch.Tensor:
+        """Append tokens x (B, T, d) with key validity (B, T) to the cache; return final hidden states."""
+        B, T, _ = x.shape
+        n = cache.n
+        cache.valid[:, n:n + T] = valid
+        if T == 1:  # decoding step: every cached key is in the past
+            mask = cache.valid[:, None, None, : n + T]
+        else:
+            kpos = torch.arange(n + T, device=x.device)
+            qpos = torch.arange(n, n + T, device=x.device)
+            mask = (kpos[None, :] <= qpos[:, None])[None, None] & cache.valid[:, None, None, : n + T]
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, i, cache, mask)
+        cache.n = n + T
+        return self.ln_f(x)
+
+    def _text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.text_head(h).masked_fill(self.text_forbid, float("-inf"))
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Teacher forcing.  Returns logits: ``text`` (B, L, V) predicting ``batch['text']``,
+        ``accel`` (B, 64, NA) and ``curv`` (B, 64, NK) predicting ``batch['actions']``."""
+        cfg = self.cfg
+        text = batch["text"].to(self.device)
+        actions = batch["actions"].to(self.device)
+        B, L = text.shape
+        if L != cfg.max_text_len:
+            raise RoadloopError(f"text must have {cfg.max_text_len} slots (VLAConfig.max_text_len), got {L}")
+        pre = self._prefix(batch)
+        P1 = pre.shape[1]
+        te = self.text_emb(text) + self.pos_emb[P1:P1 + L]
+        act = self.text_emb(torch.full((B, 1), tok.ACT_ID, device=self.device)) + self.pos_emb[self._p_act]
+        ae = self._action_emb(actions.reshape(B, -1), 0)
+        x = torch.cat((pre, te, act, ae), 1)
+        valid = torch.ones(B, x.shape[1], dtype=torch.bool, device=self.device)
+        valid[:, P1:P1 + L] = text != tok.PAD_ID
+        cache = _Cache(cfg, B, x.shape[1], self.device, x.dtype)
+        h = self._run(x, cache, valid)
+        ht = h[:, P1 - 1:P1 - 1 + L]
+        ha = h[:, self._p_act:self._p_act + 2 * cfg.plan_steps]
+        return {"text": self._text_logits(ht), "accel": self.accel_head(ha[:, 0::2]),
+                "curv": self.curv_head(ha[:, 1::2])}
+
+    def _token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token log-probs: text (B, L) (0 at pads), accel + curv (B, 64, 2); text mask (B, L)."""
+        out = self.forward(batch)
+        text = batch["text"].to(self.device)
+        actions = batch["actions"].to(self.device)
+        mask = text != tok.PAD_ID
+        lt = torch.log_softmax(out["text"].float(), -1).gather(-1, text.unsqueeze(-1)).squeeze(-1)
+        lt = torch.where(mask, lt, 0.0)
+        la = torch.log_softmax(out["accel"].float(), -1).gather(-1, actions[..., :1])
+        lk = torch.log_softmax(out["curv"].float(), -1).gather(-1, actions[..., 1:])
+        return lt, torch.cat((la, lk), -1), mask
+
+    def loss(self, batch: dict, action_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """Mean token cross-entropies: ``text_loss`` (over non-pad slots), ``action_loss`` (over 128
+        action tokens), ``loss = text_loss + action_weight * action_loss``."""
+        lt, la, mask = self._token_logps(batch)
+        text_loss = -lt.sum() / mask.sum().clamp_min(1)
+        action_loss = -la.mean()
+        return {"loss": text_loss + action_weight * action_loss, "text_loss": text_loss, "action_loss": action_loss}
+
+    def log_prob(self, obs: dict, text_ids: torch.Tensor, action_tokens: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact log-likelihood (B,), (B,) of text (B, L) (pads ignored) and actions (B, 64, 2) given obs."""
+        lt, la, _ = self._token_logps({**obs, "text": text_ids, "actions": action_tokens})
+        return lt.sum(1), la.sum((1, 2))
+
+    # ------------------------------------------------------------------ sampling
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None) -> torch.Tensor:
+        """Choose one id per row from logits (B, V): argmax if temperature <= 0, else inverse-CDF
+        sampling of the temperature / nucleus distribution with uniforms u (B,)."""
+        if temperature <= 0 or u is None:
+            return logits.argmax(-1)
+        p = torch.softmax(logits.float() / temperature, -1)
+        ps, idx = torch.sort(p, dim=-1, descending=True, stable=True)
+        cum = ps.cumsum(-1)
+        keep = (cum - ps) < top_p  # smallest prefix whose mass reaches top_p (always >= 1 token)
+        ps = torch.where(keep, ps, 0.0)
+        cum = ps.cumsum(-1)
+        j = torch.searchsorted(cum, (u.to(cum.device) * cum[:, -1]).unsqueeze(-1).contiguous(), right=True)
+        j = torch.minimum(j, keep.sum(-1, keepdim=True) - 1)
+        return idx.gather(-1, j).squeeze(-1)
+
+    @staticmethod
+    def _uniforms(gens, B: int) -> torch.Tensor | None:
+        if gens is None:
+            return torch.rand(B)
+        if isinstance(gens, torch.Generator):
+            return torch.rand(B, generator=gens)
+        return torch.cat([torch.rand(1, generator=g) for g in gens])
+
+    @torch.no_grad()
+    def sample(self, obs: dict, temperature: float = 1.0, top_p: float = 0.95,
+               generator: torch.Generator | list[torch.Generator] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Autoregressive decoding with a KV cache.
+
+        ``generator``: one CPU generator for the batch, or one per row (results then do not depend on
+        the batch composition), or None (global RNG).  temperature <= 0: greedy.
+        Returns text_ids (B, L) (tokens, ``<eos>``, pads), action_tokens (B, 64, 2), logp_text (B,),
+        logp_action (B,) (log-likelihood under the model, = ``log_prob``).
+        """
+        cfg = self.cfg
+        greedy = temperature <= 0
+        pre = self._prefix(obs)
+        B, P1, _ = pre.shape
+        L = cfg.max_text_len
+        cache = _Cache(cfg, B, cfg.seq_len, self.device, pre.dtype)
+        h = self._run(pre, cache, torch.ones(B, P1, dtype=torch.bool, device=self.device))[:, -1]
+        text = torch.full((B, L), tok.PAD_ID, dtype=torch.int64, device=self.device)
+        lp_text = torch.zeros(B, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        for i in range(L):
+            logits = self._text_logits(h)
+            u = None if greedy else self._uniforms(generator, B)
+            t = self._pick(logits, temperature, top_p, u)
+            lp = torch.log_softmax(logits.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+            lp_text += torch.where(done, 0.0, lp)
+            t = torch.where(done, tok.PAD_ID, t)
+            text[:, i] = t
+            done = done | (t == tok.EOS_ID)
+            if bool((t == tok.PAD_ID).all()):
+                break  # every row finished: the remaining pad slots are masked keys, skip them
+            x = self.text_emb(t).unsqueeze(1) + self.pos_emb[P1 + i]
+            h = self._run(x, cache, (t != tok.PAD_ID).unsqueeze(1))[:, -1]
+        x = self.text_emb(torch.full((B, 1), tok.ACT_ID, device=self.device)) + self.pos_emb[self._p_act]
+        h = self._run(x, cache, torch.ones(B, 1, dtype=torch.bool, device=self.device))[:, -1]
+        acts = torch.zeros(B, 2 * cfg.plan_steps, dtype=torch.int64, device=self.device)
+        lp_act = torch.zeros(B, device=self.device)
+        for j in range(2 * cfg.plan_steps):
+            logits = self.accel_head(h) if j % 2 == 0 else self.curv_head(h)
+            u = None if greedy else self._uniforms(generator, B)
+            a = self._pick(logits, temperature, top_p, u)
+            lp_act += torch.log_softmax(logits.float(), -1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
+            acts[:, j] = a
+            if j + 1 < 2 * cfg.plan_steps:
+                x = self._action_emb(a.unsqueeze(1), j)
+                h = self._run(x, cache, torch.ones(B, 1, dtype=torch.bool, device=self.device))[:, -1]
+        return text, acts.view(B, cfg.plan_steps, 2), lp_text, lp_act
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def state_hash(model: nn.Module) -> str:
+    """sha256 (16 hex) of the weights (safetensors bytes)."""
+    from safetensors.torch import save
+
+    return hashlib.sha256(save(_cpu_state(model))).hexdigest()[:16]
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(model: VLAModel, path_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` (config, vocab / bins fingerprint, weights hash,
+    ``extra``) into ``path_dir``, each atomically (weights first; the config names their hash)."""
+    from safetensors.torch import save
+
+    path_dir = Path(path_dir)
+    data = save(_cpu_state(model))
+    meta = {"format": FORMAT, "config": dataclasses.asdict(model.cfg), "vocab_sha": tok.VOCAB_SHA,
+            "weights_sha256": hashlib.sha256(data).hexdigest(), "params": param_count(model), "extra": extra or {}}
+    atomic_write_bytes(path_dir / "model.safetensors", data)
+    atomic_write_bytes(path_dir / "config.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+    return path_dir
+
+
+def load_checkpoint(path_dir: str | Path, device: str | torch.device = "cpu") -> tuple[VLAModel, dict]:
+    """Load a checkpoint written by ``save_checkpoint``; returns (model in eval mode, meta dict).
+
+    Raises ``RoadloopError`` naming the problem: missing / corrupt files, unknown config keys,
+    vocabulary mismatch, weights hash mismatch, tensor names / shapes that the config's model lacks.
+    """
+    from safetensors.torch import load
+
+    path_dir = Path(path_dir)
+    cpath, wpath = path_dir / "config.json", path_dir / "model.safetensors"
+    for p in (cpath, wpath):
+        if not p.is_file():
+            raise RoadloopError(f"VLA checkpoint {path_dir}: missing {p.name}")
+    try:
+        meta = json.loads(cpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RoadloopError(f"VLA checkpoint {cpath}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+        raise RoadloopError(f"VLA checkpoint {cpath}: not a {FORMAT} config (format {meta.get('format')!r})"
+                            if isinstance(meta, dict) else f"VLA checkpoint {cpath}: not a JSON object")
+    fields = {f.name for f in dataclasses.fields(VLAConfig)}
+    unknown = sorted(set(meta["config"]) - fields)
+    if unknown:
+        raise RoadloopError(f"VLA checkpoint {cpath}: unknown config key(s) {unknown} "
+                            f"(this code knows {sorted(fields)})")
+    if meta.get("vocab_sha") != tok.VOCAB_SHA:
+        raise RoadloopError(f"VLA checkpoint {cpath}: text vocabulary {meta.get('vocab_sha')} differs from this code's "
+                            f"{tok.VOCAB_SHA} (tokenizer.VOCAB changed)")
+    try:
+        cfg = VLAConfig(**meta["config"])
+        model = VLAModel(cfg)
+    except (TypeError, ValueError, RoadloopError) as e:
+        raise RoadloopError(f"VLA checkpoint {cpath}: invalid config: {e}") from e
+    data = wpath.read_bytes()
+    want = meta.get("weights_sha256")
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise RoadloopError(f"VLA checkpoint {wpath}: weights hash does not match config.json (corrupt or replaced)")
+    try:
+        sd = load(data)
+    except Exception as e:  # safetensors raises its own error types
+        raise RoadloopError(f"VLA checkpoint {wpath}: cannot read weights ({e})") from e
+    own = model.state_dict()
+    missing, extra_keys = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or extra_keys:
+        raise RoadloopError(f"VLA checkpoint {wpath}: tensors missing {missing[:5]}, unexpected {extra_keys[:5]}")
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise RoadloopError(f"VLA checkpoint {path_dir}: tensor '{k}' has shape {tuple(sd[k].shape)} in the "
+                                f"weights but the config {_cfg_hint(cfg)} builds {tuple(v.shape)}; "
+                                f"config.json does not match model.safetensors")
+    model.load_state_dict(sd)
+    meta["weights_hash"] = state_hash(model)
+    return model.to(device).eval(), meta
+
+
+def _cfg_hint(cfg: VLAConfig) -> str:
+    return f"(d_model={cfg.d_model}, n_layers={cfg.n_layers}, n_heads={cfg.n_heads})"
+
+
+__all__ = ["PRESETS", "VLAConfig", "VLAModel", "load_checkpoint", "param_count", "save_checkpoint", "state_hash"]

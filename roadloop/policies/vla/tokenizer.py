@@ -1,0 +1,174 @@
+"""Tokenizers of the VLA policy: Chain-of-Causation text (word level) and (accel, curvature) action bins.
+
+Text
+----
+A FIXED word vocabulary (``VOCAB``): special tokens, punctuation, the digits 0-9 (numbers are
+written digit by digit, "35" -> "3" "5") and the words of the CoC grammar (``roadloop.reasoning``
+templates and the parser's synonyms).  Capitalised words are encoded as ``<cap>`` + lower-case
+word.  ``decode(encode(t)) == t`` for every label text (single spaces, no space before , . ;,
+digits of one number joined).  The ids are part of a checkpoint's contract: append new words at
+the END of ``_WORDS`` only (``VOCAB_SHA`` is stored in checkpoints and checked on load).
+
+Actions
+-------
+Each of the 64 steps' (acceleration m/s^2, curvature 1/m) is quantised into ``ACCEL_BINS`` /
+``CURV_BINS`` (41) bins with non-uniform centres, dense near 0: ``c_i = max * sign(u_i) * |u_i|^2``,
+``u_i`` uniform in [-1, 1] (accel: 0.025 m/s^2 spacing at 0, ~0.3 m/s^2 at 1.5 m/s^2, 1 m/s^2 at the
+limit; curvature: 5e-4 1/m at 0, 0.02 1/m at the limit).  ``quantize_controls`` uses error feedback
+(sigma-delta): each step's rounding error is carried into the next step, so the integrated
+speed / heading follow the continuous controls to within one bin * dt instead of drifting with a
+constant bias; the round-trip plan error for expert-like controls is a few cm (see the tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import torch
+
+from roadloop.sim.dynamics import ActionBounds
+
+PAD, BOS, EOS, UNK, ACT, CAP = "<pad>", "<bos>", "<eos>", "<unk>", "<act>", "<cap>"
+SPECIALS = [PAD, BOS, EOS, UNK, ACT, CAP]
+PUNCT = [",", ".", ";"]
+DIGITS = [str(i) for i in range(10)]
+_WORDS = """
+a about accelerate ahead an and are at away barrel barrier because bike block brake bus car change clear come
+cone cones continue crossing current cyclist decelerate down front green halt hold in intersection intrude into
+is junction keep lane lanes left light maintain make move moving n't narrow need never no not nudge object
+obstacle of on path pedestrian people person red reaches reduce right road roundabout same shift side signal
+since sign slightly slow slowing so speed stay steady stop stopped that the there to traffic truck turn unknown
+up van vehicle waiting while yellow m with
+""".split()
+VOCAB: list[str] = SPECIALS + PUNCT + DIGITS + _WORDS
+assert len(set(VOCAB)) == len(VOCAB), "duplicate vocabulary entry"
+TOKEN_ID: dict[str, int] = {w: i for i, w in enumerate(VOCAB)}
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, ACT_ID, CAP_ID = (TOKEN_ID[s] for s in SPECIALS)
+VOCAB_SIZE = len(VOCAB)
+VOCAB_SHA = hashlib.sha256("\n".join(VOCAB).encode()).hexdigest()[:16]
+# tokens the text head may never emit (masked to -inf in the model's text distribution)
+FORBIDDEN_IN_TEXT = [PAD_ID, BOS_ID, ACT_ID]
+
+_SPLIT = re.compile(r"[A-Za-z']+|\d|[,.;]|\S")
+
+
+def encode(text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    """Text -> token ids (unknown words -> ``<unk>``); optional ``<bos>`` / ``<eos>`` around it."""
+    ids = [BOS_ID] if bos else []
+    for piece in _SPLIT.findall(text):
+        if piece.lower() != piece:
+            if piece[:1].isupper() and piece[1:].lower() == piece[1:]:
+                ids.append(CAP_ID)
+                piece = piece.lower()
+            else:
+                ids.append(UNK_ID)
+                continue
+        if piece.endswith("n't") and piece != "n't" and piece[:-3] in TOKEN_ID:  # "don't" -> "do" "n't"
+            ids += [TOKEN_ID[piece[:-3]], TOKEN_ID["n't"]]
+            continue
+        ids.append(TOKEN_ID.get(piece, UNK_ID))
+    if eos:
+        ids.append(EOS_ID)
+    return ids
+
+
+def decode(ids: list[int] | torch.Tensor) -> str:
+    """Token ids -> text; stops at ``<eos>``, skips ``<pad>`` / ``<bos>`` / ``<act>``."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    out: list[str] = []
+    cap = False
+    prev = ""
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i in (PAD_ID, BOS_ID, ACT_ID) or not 0 <= i < VOCAB_SIZE:
+            continue
+        if i == CAP_ID:
+            cap = True
+            continue
+        w = VOCAB[i]
+        if cap:
+            w = w[:1].upper() + w[1:]
+            cap = False
+        glue = not out or w in PUNCT or w == "n't" or (w.isdigit() and prev.isdigit())
+        out.append(w if glue else " " + w)
+        prev = w
+    return "".join(out)
+
+
+def pad_batch(seqs: list[list[int]], length: int, pad: int = PAD_ID) -> torch.Tensor:
+    """Right-pad / truncate id lists to a (B, length) int64 tensor."""
+    out = torch.full((len(seqs), length), pad, dtype=torch.int64)
+    for b, s in enumerate(seqs):
+        s = s[:length]
+        if s:
+            out[b, : len(s)] = torch.tensor(s, dtype=torch.int64)
+    return out
+
+
+def encode_batch(texts: list[str], length: int) -> torch.Tensor:
+    """Texts -> (B, length) int64 model targets: tokens + ``<eos>``, right-padded with ``<pad>`` (truncated)."""
+    return pad_batch([encode(t, eos=True) for t in texts], length)
+
+
+def decode_batch(ids: torch.Tensor) -> list[str]:
+    """(B, L) ids -> B texts."""
+    return [decode(row) for row in ids.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------
+# actions
+
+ACCEL_BINS = 41
+CURV_BINS = 41
+_BOUNDS = ActionBounds()
+
+
+def bin_centres(n: int, limit: float, power: float = 2.0) -> torch.Tensor:
+    """(n,) symmetric bin centres in [-limit, limit], dense near 0 (n odd: one centre at exactly 0)."""
+    u = torch.linspace(-1.0, 1.0, n, dtype=torch.float64)
+    return (limit * torch.sign(u) * u.abs() ** power).float()
+
+
+ACCEL_CENTRES = bin_centres(ACCEL_BINS, max(-_BOUNDS.accel_min, _BOUNDS.accel_max))
+CURV_CENTRES = bin_centres(CURV_BINS, _BOUNDS.curvature_max)
+
+
+def _nearest(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    edges = 0.5 * (centres[1:] + centres[:-1])
+    return torch.bucketize(x.contiguous(), edges.to(x.device))
+
+
+def quantize_controls(controls: torch.Tensor, feedback: bool = True) -> torch.Tensor:
+    """(B, 64, 2) accel m/s^2, curvature 1/m -> (B, 64, 2) int64 bin ids (accel bin, curvature bin).
+
+    ``feedback``: carry each step's rounding error into the next step (sigma-delta), so the
+    integrated controls (speed, heading) stay within one bin of the originals.
+    """
+    c = controls.float()
+    ca, ck = ACCEL_CENTRES.to(c.device), CURV_CENTRES.to(c.device)
+    if not feedback:
+        return torch.stack((_nearest(c[..., 0], ca), _nearest(c[..., 1], ck)), -1)
+    out = torch.empty(c.shape, dtype=torch.int64, device=c.device)
+    err = torch.zeros(c.shape[:-2] + (2,), device=c.device)
+    lo = torch.tensor([float(ca[0]), float(ck[0])], device=c.device)
+    hi = torch.tensor([float(ca[-1]), float(ck[-1])], device=c.device)
+    for t in range(c.shape[-2]):
+        want = torch.minimum(torch.maximum(c[..., t, :] + err, lo), hi)
+        ia, ik = _nearest(want[..., 0], ca), _nearest(want[..., 1], ck)
+        out[..., t, 0], out[..., t, 1] = ia, ik
+        err = want - torch.stack((ca[ia], ck[ik]), -1)
+    return out
+
+
+def dequantize(tokens: torch.Tensor) -> torch.Tensor:
+    """(..., 64, 2) int64 bin ids -> (..., 64, 2) float32 controls (bin centres)."""
+    ca, ck = ACCEL_CENTRES.to(tokens.device), CURV_CENTRES.to(tokens.device)
+    return torch.stack((ca[tokens[..., 0]], ck[tokens[..., 1]]), -1)
+
+
+__all__ = ["ACCEL_BINS", "ACCEL_CENTRES", "ACT_ID", "BOS_ID", "CAP_ID", "CURV_BINS", "CURV_CENTRES", "EOS_ID",
+           "PAD_ID", "UNK_ID", "VOCAB", "VOCAB_SHA", "VOCAB_SIZE", "decode", "decode_batch", "dequantize",
+           "encode", "encode_batch", "pad_batch", "quantize_controls"]

@@ -1,0 +1,140 @@
+"""Expert demonstrations: collection, shards + manifest, resume, dataset loading, CLI."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from roadloop.data import DemoDataset, collate_samples, collect, load_manifest
+from roadloop.errors import RoadloopError
+from roadloop.reasoning.meta_action import Lateral, Longitudinal
+from roadloop.sim.dynamics import ActionBounds, unicycle_rollout
+
+collect_mod = importlib.import_module("roadloop.data.collect")  # the module (the package exports the function)
+
+KW = dict(every=5, max_scenarios=2, batch_size=1, max_steps=40, shard_size=8)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demos")
+    return d, collect(["smoke"], d, **KW)
+
+
+def test_collect_writes_shards_and_manifest(fresh):
+    d, man = fresh
+    assert man.complete and man.n_scenarios == 2 and man.n_samples > 0
+    assert len(man.shards) >= 2  # two chunks, several shards of <= 8 samples
+    on_disk = json.loads((d / "manifest.json").read_text())
+    assert on_disk["format"] == "roadloop-demos" and on_disk["version"] == 1
+    assert on_disk["content_hash"] == man.content_hash and on_disk["n_samples"] == man.n_samples
+    assert set(on_disk["suites"]) == {"smoke"}
+    for s in man.shards:
+        assert (d / s["file"]).is_file() and 0 < s["n"] <= 8
+
+
+def test_dataset_shapes_labels_and_geometry(fresh):
+    d, man = fresh
+    ds = DemoDataset(d)
+    assert len(ds) == man.n_samples
+    x = ds[0]
+    assert x["raster"].shape == (4, 10, 64, 64) and x["raster"].dtype == torch.float32
+    assert float(x["raster"].min()) >= -1.0 and float(x["raster"].max()) <= 1.0
+    assert x["history"].shape == (16, 5) and x["waypoints"].shape == (64, 2) and x["controls"].shape == (64, 2)
+    b = collate_samples([ds[i] for i in range(len(ds))])
+    assert b["waypoints"].shape == (len(ds), 64, 2) and len(b["text"]) == len(ds)
+    assert all(t.strip() for t in b["text"])
+    assert b["lon"].dtype == torch.int64 and b["lat"].dtype == torch.int64
+    assert int(b["lon"].min()) >= 0 and int(b["lon"].max()) < len(Longitudinal)
+    assert int(b["lat"].min()) >= 0 and int(b["lat"].max()) < len(Lateral)
+    assert (b["step"] % 5 == 0).all()
+    # ego frame: the first waypoint is just ahead of the origin, heading +x
+    w0 = b["waypoints"][:, 0]
+    v = b["speed"]
+    assert (w0[:, 0] >= -0.05).all() and (w0[:, 1].abs() < 0.3).all()
+    assert ((w0.norm(dim=-1) - 0.1 * v).abs() < 0.5).all()
+    assert (b["history"][:, -1, :2].abs() < 1e-4).all()  # history ends at the current pose
+    # the controls replayed from the current speed reproduce the waypoints (6.4 s)
+    n = len(ds)
+    xy, _, _ = unicycle_rollout(torch.zeros(n, 2), torch.zeros(n), v, b["controls"], bounds=ActionBounds())
+    err = (xy - b["waypoints"]).norm(dim=-1)
+    assert float(err[:, -1].max()) < 0.5, float(err[:, -1].max())
+    # deterministic split by scenario id
+    tr, va = ds.split(0.5)
+    assert len(tr) + len(va) == len(ds)
+    ids_tr = {ds.scenario_ids[i] for i in tr.indices}
+    assert ids_tr.isdisjoint({ds.scenario_ids[i] for i in va.indices})
+    assert ds.split(0.5)[1].indices == va.indices
+
+
+def test_resume_after_interruption_gives_the_same_hash(fresh, tmp_path, monkeypatch):
+    _, man = fresh
+    real = collect_mod.atomic_write_text
+    calls = {"n": 0}
+
+    def crash_after_first_chunk(path, text):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt("simulated interruption")
+        real(path, text)
+
+    monkeypatch.setattr(collect_mod, "atomic_write_text", crash_after_first_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        collect(["smoke"], tmp_path, **KW)
+    monkeypatch.setattr(collect_mod, "atomic_write_text", real)
+    part = load_manifest(tmp_path)
+    assert len(part.chunks) == 1 and not part.complete
+    (tmp_path / ".shard-00099.npz.123.tmp").write_bytes(b"half written")  # ignored
+    seen = []
+    done = collect(["smoke"], tmp_path, on_progress=lambda a, b: seen.append((a, b)), **KW)
+    assert seen[0] == (1, 2) and seen[-1] == (2, 2)
+    assert done.complete and done.content_hash == man.content_hash
+    assert load_manifest(tmp_path).content_hash == man.content_hash
+    # other settings in the same directory: refuse to mix them
+    with pytest.raises(RoadloopError, match="no-resume"):
+        collect(["smoke"], tmp_path, **{**KW, "every": 4})
+
+
+def test_tampered_or_corrupt_shard_is_a_clear_error(fresh, tmp_path):
+    import shutil
+
+    d, man = fresh
+    shutil.copytree(d, tmp_path / "c")
+    f = tmp_path / "c" / man.shards[1]["file"]
+    f.write_bytes(f.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(RoadloopError, match=f"{man.shards[1]['file']}.*hash does not match its manifest"):
+        DemoDataset(tmp_path / "c")
+    f.write_bytes(b"")
+    with pytest.raises(RoadloopError, match="empty"):
+        DemoDataset(tmp_path / "c")
+    # a corrupt file whose hash was (wrongly) recorded is still caught when read
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    f.write_bytes(b"not a zip")
+    from roadloop.io import sha256_file
+
+    m["shards"][1]["sha256"] = sha256_file(f)
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RoadloopError, match="unreadable shard"):
+        DemoDataset(tmp_path / "c")
+    with pytest.raises(RoadloopError, match="no demonstration manifest"):
+        DemoDataset(tmp_path / "nothing")
+
+
+def test_cli_data_collect_and_info(tmp_path):
+    from typer.testing import CliRunner
+
+    from roadloop.cli import app
+
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(app, ["data", "collect", "--suites", "smoke", "--out", str(out), "--every", "5",
+                                 "--max-scenarios", "1", "--max-steps", "30"])
+    assert r.exit_code == 0, r.output
+    assert "samples" in r.output and (out / "manifest.json").is_file()
+    r = CliRunner().invoke(app, ["data", "info", str(out), "--verify"])
+    assert r.exit_code == 0, r.output
+    assert "content hash" in r.output and "match" in r.output
+    r = CliRunner().invoke(app, ["data", "info", str(tmp_path / "none")])
+    assert r.exit_code == 2
