@@ -29,7 +29,6 @@ class SimStatic(_TensorTree):
     spawn_s: torch.Tensor  # (B, A) m, path arc length at the agent's first valid log step
     first_step: torch.Tensor  # (B, A) int64 first valid log step (T if never valid)
     idm: torch.Tensor  # (B, A, 6) per-agent IDM a_max, b_comf, b_max, s0, T, lookahead
-    lateral_margin: torch.Tensor  # (B, A) m
     path_xy_rows: torch.Tensor  # (B * A * N, 2) m, path points as rows (one lookup per point)
     path_n: int  # N, points per path row
     path_last: torch.Tensor  # (B, A) index of the last valid path point (float)
@@ -99,7 +98,7 @@ def init_state(scenario: Scenario, cfg: SimConfig | None = None, t0: int = 0) ->
         lane_index = spatial.build_lane_index(scenario.map, cell_size=cfg.lane_index_cell)
     model0 = torch.where(a.kind == AgentType.STATIC, torch.full_like(a.model, TrafficModel.STATIC), a.model)
     static = SimStatic(scenario=scenario, path_table=table, path_ds=ds, path_len=plen, spawn_s=spawn_s,
-                       first_step=first, idm=idm, lateral_margin=margin, lane_index=lane_index,
+                       first_step=first, idm=idm, lane_index=lane_index,
                        path_xy_rows=path.contiguous().view(-1, 2),
                        path_n=path.shape[-2], path_last=(n - 1).clamp_min(0).to(path.dtype),
                        inv_path_ds=1.0 / ds.clamp_min(1e-6),
