@@ -80,3 +80,49 @@ def run_sim_bench(batch: int, steps: int = 50, agents: int = 32, cfg: SimConfig 
         dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return BenchResult(batch, agents, steps, dt, batch * agents * steps / dt, batch * steps / dt, rss)
+
+
+# ---------------------------------------------------------------------------------------------
+# VLA policy decision latency / throughput (``roadloop bench vla``)
+
+@dataclass
+class VLABenchResult:
+    batch: int
+    decisions: int
+    latency_ms: float  # median wall time of one policy call (raster + reasoning + trajectory)
+    p90_ms: float
+    decisions_per_s: float  # batch / median latency
+    text_tokens: float  # mean generated text tokens per decision
+
+
+def run_vla_bench(policy, batch: int, repeats: int = 10, warmup: int = 2) -> VLABenchResult:
+    """Time ``policy.act`` (a ``VLAPolicy``) on the bench scene at batch ``batch``: everything one
+    decision needs (BEV raster of 4 frames, ego history, command, CoC text, 16 action tokens)."""
+    from roadloop.policies.base import Observation
+    from roadloop.policies.vla import tokenizer as tok
+
+    uniq = [bench_scenario(s, 32) for s in range(min(batch, 8))]
+    sc = collate([uniq[i % len(uniq)] for i in range(batch)])
+    cfg = SimConfig()
+    states = [init_state(sc, cfg)]
+    with torch.inference_mode():
+        for _ in range(15):
+            states.append(step(states[-1], torch.tensor([[0.2, 0.0]]).expand(batch, 2).contiguous(), cfg))
+    s = states[-1]
+    hist = states[-16:]
+    obs = Observation(state=s, ego_history_xy=torch.stack([h.xy[:, 0] for h in hist], 1),
+                      ego_history_yaw=torch.stack([h.yaw[:, 0] for h in hist], 1),
+                      ego_history_speed=torch.stack([h.speed[:, 0] for h in hist], 1), step=15, recent=tuple(hist))
+    policy.reset(s, torch.arange(batch))
+    times, ntok = [], []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            out = policy.act(obs)
+            dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
+                ntok += [len(tok.encode(t)) + 1 for t in out.reasoning]
+    med = float(np.median(times))
+    return VLABenchResult(batch, repeats, 1000 * med, 1000 * float(np.quantile(times, 0.9)), batch / med,
+                          float(np.mean(ntok)))

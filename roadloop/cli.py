@@ -93,6 +93,47 @@ def bench_sim(json_path: Path = typer.Option(None, "--json", help="Write results
         atomic_write_text(json_path, json.dumps(out, indent=2))
 
 
+@bench_app.command("vla")
+@friendly
+def bench_vla(policy: str = typer.Option(None, help="VLA checkpoint directory (default: an untrained model)."),
+              preset: str = typer.Option("default", help="Model preset when no checkpoint is given."),
+              batch: str = typer.Option("1,16,64", help="Comma-separated batch sizes."),
+              repeats: int = typer.Option(10, help="Timed calls per batch size."),
+              json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
+    """Decision latency (batch 1) and batched throughput of the VLA policy: raster + reasoning + trajectory."""
+    import torch
+
+    from roadloop.bench import run_vla_bench
+    from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count
+    from roadloop.policies.vla.policy import VLAPolicy
+
+    if policy:
+        pol = VLAPolicy.from_checkpoint(policy)
+        what = policy
+    else:
+        torch.manual_seed(0)
+        pol = VLAPolicy(VLAModel(VLAConfig.preset(preset)))
+        what = f"untrained '{preset}' (text runs to the {pol.model.cfg.max_text_len}-token cap)"
+    table = Table(title=f"roadloop bench vla: {what}, {param_count(pol.model) / 1e6:.2f}M params, "
+                  f"{torch.get_num_threads()} threads")
+    for c in ("batch", "latency ms (median)", "p90 ms", "decisions/s", "text tokens"):
+        table.add_column(c, justify="right")
+    results = []
+    for b in [int(x) for x in batch.split(",") if x.strip()]:
+        r = run_vla_bench(pol, b, repeats=repeats)
+        results.append(r)
+        table.add_row(str(b), f"{r.latency_ms:.1f}", f"{r.p90_ms:.1f}", f"{r.decisions_per_s:.1f}",
+                      f"{r.text_tokens:.1f}")
+    console.print(table)
+    if json_path:
+        from dataclasses import asdict
+
+        from roadloop.io import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps({"policy": what, "threads": torch.get_num_threads(),
+                                                 "results": [asdict(r) for r in results]}, indent=2))
+
+
 def _fmt(mean: float, ci=None, pct: bool = False) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
@@ -108,7 +149,10 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
              report: Path = typer.Option(None, "--report", help="Write the HTML report into this folder."),
              seed: int = typer.Option(0, help="Rollout seed (sampling policies)."),
              batch_size: int = typer.Option(64, help="Scenarios simulated together."),
-             replan_hz: float = typer.Option(10.0, help="Replanning rate: 10 or 2 Hz (any divisor of 10)."),
+             replan_hz: float = typer.Option(None, help="Replanning rate: 10 or 2 Hz (any divisor of 10); "
+                                             "default: the policy's own (10 Hz, 2 Hz for the VLA policy)."),
+             temperature: float = typer.Option(None, help="Sampling temperature of a learned policy (0: greedy; "
+                                               "default: the policy's own, 1.0 with top-p 0.95)."),
              traffic: str = typer.Option("sim", help="Who moves the other agents: 'sim' (roadloop's traffic "
                                          "models) or 'sumo' (live SUMO co-simulation; SUMO suites only)."),
              agents: str = typer.Option("log", help="With --traffic sim: 'log' (each agent's own model, log "
@@ -121,9 +165,11 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
     from roadloop.sim.backend import with_agent_model
 
     pol = get_policy(policy)
-    every = round(10.0 / replan_hz)
-    if every < 1 or abs(10.0 / every - replan_hz) > 1e-6:
-        raise RoadloopError(f"--replan-hz must divide 10 Hz (10, 5, 2, 1...), got {replan_hz}")
+    if temperature is not None:
+        if not hasattr(pol, "temperature"):
+            raise RoadloopError(f"--temperature applies to sampling policies; '{policy}' is deterministic")
+        pol.temperature = float(temperature)
+    every = pol.replan_every if replan_hz is None else _replan_every(replan_hz)
     if traffic not in ("sim", "sumo"):
         raise RoadloopError(f"--traffic must be 'sim' or 'sumo', got '{traffic}'")
     if traffic == "sumo" and agents != "log":
@@ -154,6 +200,13 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
 
         path = write_report(rep, kept, report)
         console.print(f"wrote {path}")
+
+
+def _replan_every(replan_hz: float) -> int:
+    every = round(10.0 / replan_hz) if replan_hz > 0 else 0
+    if every < 1 or abs(10.0 / every - replan_hz) > 1e-6:
+        raise RoadloopError(f"--replan-hz must divide 10 Hz (10, 5, 2, 1...), got {replan_hz}")
+    return every
 
 
 def _print_report(rep) -> None:
@@ -298,7 +351,8 @@ app.add_typer(data_app, name="data")
 @friendly
 def data_collect(suites: str = typer.Option("train", help="Comma-separated suite names or directories."),
                  out: Path = typer.Option(Path("~/.roadloop/data/demos"), "--out", help="Output directory."),
-                 every: int = typer.Option(2, help="Record every N-th decision step (10 Hz)."),
+                 every: int = typer.Option(5, help="Record every N-th simulator step (0.1 s) at decision steps."),
+                 replan_hz: float = typer.Option(2.0, "--replan-hz", help="The expert's decision rate (Hz)."),
                  max_scenarios: int = typer.Option(None, "--max-scenarios", help="Only the first N scenarios."),
                  max_steps: int = typer.Option(None, "--max-steps", help="Closed-loop steps per rollout (tests)."),
                  batch_size: int = typer.Option(32, "--batch-size", help="Scenarios per rollout batch (= chunk)."),
@@ -311,15 +365,17 @@ def data_collect(suites: str = typer.Option("train", help="Comma-separated suite
     from roadloop.data.collect import collect
 
     names = [x.strip() for x in suites.split(",") if x.strip()]
+    replan_every = _replan_every(replan_hz)
     t0 = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("collect", total=None)
         man = collect(names, out.expanduser(), shard_size=shard_size, every=every, max_scenarios=max_scenarios,
                       on_progress=lambda done, total: bar.update(task, completed=done, total=total),
-                      resume=resume, batch_size=batch_size, max_steps=max_steps)
+                      resume=resume, batch_size=batch_size, max_steps=max_steps, replan_every=replan_every)
     dt = time.perf_counter() - t0
     console.print(f"{man.n_samples} samples from {man.n_scenarios} scenarios in {len(man.shards)} shards, "
-                  f"hash {man.content_hash[:16]} -> {out} ({dt:.1f} s this run)")
+                  f"hash {man.content_hash[:16]} -> {out} ({dt:.1f} s this run, "
+                  f"{man.n_samples / max(man.seconds, 1e-9):.1f} samples/s overall)")
 
 
 @data_app.command("info")
@@ -347,6 +403,134 @@ def data_info(directory: Path = typer.Argument(..., help="A demonstration direct
     console.print(table)
     if verify:
         console.print("all shards match their sha256")
+
+
+# --- training ---------------------------------------------------------------------------------
+train_app = typer.Typer(no_args_is_help=True, help="Training: imitation (il), GRPO, RoaD.")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("il", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@friendly
+def train_il_cmd(overrides: list[str] = typer.Argument(None, help="Config overrides key=value, e.g. "
+                                                       "model.preset=tiny epochs=2 (see roadloop/train/il.py)."),
+                 data: str = typer.Option(None, "--data", help="Demonstration directory (override 'data')."),
+                 val_data: str = typer.Option(None, "--val-data", help="Held-out demonstrations."),
+                 out: str = typer.Option(None, "--out", help="Run directory (override 'out')."),
+                 config: list[Path] = typer.Option(None, "--config", help="YAML config file(s) merged in order."),
+                 resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its "
+                                             "last checkpoint.")) -> None:
+    """Imitation pre-training of the VLA policy on expert demonstrations (MLflow-tracked)."""
+    from roadloop.config import load_config
+    from roadloop.train.il import ILConfig, train_il
+
+    ov = list(overrides or [])
+    ov += [f"{k}={v}" for k, v in (("data", data), ("val_data", val_data), ("out", out)) if v is not None]
+    cfg = load_config(ILConfig, ov, list(config or []))
+    with progress() as bar:
+        task = bar.add_task("train il", total=None)
+
+        def prog(step: int, total: int, m: dict) -> None:
+            bar.update(task, completed=step, total=total,
+                       description=f"train il  loss {m['loss']:.3f}  {m['samples_per_s']:.0f} samples/s")
+
+        res = train_il(cfg, resume=resume, on_progress=prog, log=lambda msg: bar.console.print(msg))
+    t = Table(title=f"imitation: {res.steps} steps, {res.seconds / 60:.1f} min, {res.samples_per_s:.0f} samples/s")
+    t.add_column("open-loop metric (held out)")
+    t.add_column("value", justify="right")
+    for k, v in res.metrics.items():
+        t.add_row(k, f"{v:.3f}")
+    console.print(t)
+    console.print(f"checkpoint: {res.checkpoint}  (MLflow run {res.run_id})")
+    console.print(f"next: roadloop eval --policy {res.checkpoint} --suite val")
+
+
+def _post_training_overrides(overrides, init, out, suites) -> list[str]:
+    ov = list(overrides or [])
+    return ov + [f"{k}={v}" for k, v in (("init", init), ("out", out), ("suites", suites)) if v is not None]
+
+
+def _summary_table(title: str, first: dict, last: dict, keys: list[str]) -> Table:
+    t = Table(title=title)
+    for c in ("metric", "first", "last"):
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    for k in keys:
+        if k in last:
+            t.add_row(k, _fmt(first.get(k, math.nan)), _fmt(last[k]))
+    return t
+
+
+@train_app.command("grpo", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@friendly
+def train_grpo_cmd(overrides: list[str] = typer.Argument(None, help="Config overrides key=value, e.g. "
+                                                         "group_size=8 reward.preset=progress_safety "
+                                                         "(see roadloop/train/grpo.py)."),
+                   init: str = typer.Option(None, "--init", help="VLA checkpoint to start from (override 'init')."),
+                   out: str = typer.Option(None, "--out", help="Run directory (override 'out')."),
+                   suites: str = typer.Option(None, "--suites", help="Comma-separated training suites."),
+                   config: list[Path] = typer.Option(None, "--config", help="YAML config file(s) merged in order."),
+                   resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its "
+                                               "last checkpoint.")) -> None:
+    """Closed-loop GRPO post-training of a VLA checkpoint (AlpaGym-style rewards; MLflow-tracked)."""
+    from roadloop.config import load_config
+    from roadloop.train.grpo import GRPOConfig, train_grpo
+
+    cfg = load_config(GRPOConfig, _post_training_overrides(overrides, init, out, suites), list(config or []))
+    with progress() as bar:
+        task = bar.add_task("train grpo", total=cfg.iterations)
+
+        def prog(it: int, total: int, m: dict) -> None:
+            bar.update(task, completed=it, total=total,
+                       description=f"train grpo  reward {m['rollout/reward']:.3f}  score {m['rollout/score']:.3f}  "
+                                   f"kl {m.get('loss/kl', math.nan):.4f}  {m['perf/env_steps_per_s']:.0f} env steps/s")
+
+        res = train_grpo(cfg, resume=resume, on_progress=prog, log=lambda msg: bar.console.print(msg))
+    first = res.history[0] if res.history else {}
+    last = {**(res.history[-1] if res.history else {}), **res.eval}
+    keys = ["rollout/reward", "rollout/drive_reward", "rollout/score", "rollout/collision_at_fault",
+            "rollout/offroad", "rollout/comfort_violation", "rollout/grounding", "rollout/consistency", "loss/kl",
+            "loss/clip_frac", "eval/score", "eval/collision_at_fault", "eval/offroad", "eval/progress"]
+    console.print(_summary_table(f"GRPO: {res.iterations} iterations, {res.seconds / 60:.1f} min, "
+                                 f"{res.env_steps_per_s:.0f} env steps/s, {res.learner_samples_per_s:.0f} learner "
+                                 f"samples/s", first, last, keys))
+    console.print(f"checkpoint: {res.checkpoint}  (MLflow run {res.run_id})")
+    console.print(f"next: roadloop eval --policy {res.checkpoint} --suite val")
+
+
+@train_app.command("road", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@friendly
+def train_road_cmd(overrides: list[str] = typer.Argument(None, help="Config overrides key=value, e.g. k=16 "
+                                                         "rounds=4 (see roadloop/train/road.py)."),
+                   init: str = typer.Option(None, "--init", help="VLA checkpoint to start from (override 'init')."),
+                   out: str = typer.Option(None, "--out", help="Run directory (override 'out')."),
+                   suites: str = typer.Option(None, "--suites", help="Comma-separated training suites."),
+                   config: list[Path] = typer.Option(None, "--config", help="YAML config file(s) merged in order."),
+                   resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its "
+                                               "last checkpoint.")) -> None:
+    """RoaD: closed-loop supervised fine-tuning on expert-guided rollouts of the policy itself."""
+    from roadloop.config import load_config
+    from roadloop.train.road import RoaDConfig, train_road
+
+    cfg = load_config(RoaDConfig, _post_training_overrides(overrides, init, out, suites), list(config or []))
+    with progress() as bar:
+        task = bar.add_task("train road", total=cfg.rounds)
+
+        def prog(rnd: int, total: int, m: dict) -> None:
+            bar.update(task, completed=rnd, total=total,
+                       description=f"train road  score {m['road/score']:.3f}  loss {m['road/loss_before']:.3f} -> "
+                                   f"{m['road/loss_after']:.3f}")
+
+        res = train_road(cfg, resume=resume, on_progress=prog, log=lambda msg: bar.console.print(msg))
+    first = res.history[0] if res.history else {}
+    last = {**(res.history[-1] if res.history else {}), **res.eval}
+    keys = ["road/score", "road/collision_at_fault", "road/offroad", "road/ade_committed", "road/ade_candidates",
+            "road/loss_before", "road/loss_after", "road/demos_total", "eval/score", "eval/collision_at_fault",
+            "eval/offroad", "eval/progress"]
+    console.print(_summary_table(f"RoaD: {res.rounds} rounds, {res.seconds / 60:.1f} min, "
+                                 f"{res.env_steps_per_s:.0f} env steps/s, {res.learner_samples_per_s:.0f} learner "
+                                 f"samples/s", first, last, keys))
+    console.print(f"checkpoint: {res.checkpoint}  (MLflow run {res.run_id})")
+    console.print(f"next: roadloop eval --policy {res.checkpoint} --suite val")
 
 
 def main() -> None:  # pragma: no cover

@@ -187,7 +187,8 @@ def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutC
 
 def _decide(policy: Policy, state: SimState, states: list[SimState], t: int, B: int):
     hx, hy, hv = _history(states)
-    obs = Observation(state=state, ego_history_xy=hx, ego_history_yaw=hy, ego_history_speed=hv, step=t)
+    obs = Observation(state=state, ego_history_xy=hx, ego_history_yaw=hy, ego_history_speed=hv, step=t,
+                      recent=tuple(states[-HISTORY_STEPS:]))
     hold = PolicyOutput(plan_xy=state.xy[:, :1].expand(B, PLAN_STEPS, 2).clone())
     try:
         out = policy.act(obs)

@@ -29,7 +29,7 @@ def test_collect_writes_shards_and_manifest(fresh):
     assert man.complete and man.n_scenarios == 2 and man.n_samples > 0
     assert len(man.shards) >= 2  # two chunks, several shards of <= 8 samples
     on_disk = json.loads((d / "manifest.json").read_text())
-    assert on_disk["format"] == "roadloop-demos" and on_disk["version"] == 1
+    assert on_disk["format"] == "roadloop-demos" and on_disk["version"] == 2
     assert on_disk["content_hash"] == man.content_hash and on_disk["n_samples"] == man.n_samples
     assert set(on_disk["suites"]) == {"smoke"}
     for s in man.shards:
@@ -95,7 +95,7 @@ def test_resume_after_interruption_gives_the_same_hash(fresh, tmp_path, monkeypa
     assert load_manifest(tmp_path).content_hash == man.content_hash
     # other settings in the same directory: refuse to mix them
     with pytest.raises(RoadloopError, match="no-resume"):
-        collect(["smoke"], tmp_path, **{**KW, "every": 4})
+        collect(["smoke"], tmp_path, **{**KW, "every": 10})
 
 
 def test_tampered_or_corrupt_shard_is_a_clear_error(fresh, tmp_path):

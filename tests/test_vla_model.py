@@ -65,7 +65,7 @@ def test_action_quantization_round_trip():
     curv = (torch.randn(B, 1) * 0.03 + 0.02 * torch.sin(t * torch.rand(B, 1))).clamp(-0.2, 0.2)
     controls = torch.stack((accel, curv), -1)
     bins = tok.quantize_controls(controls)
-    assert bins.shape == (B, 64, 2) and bins.dtype == torch.int64
+    assert bins.shape == (B, 16, 2) and bins.dtype == torch.int64  # one token per 0.4 s chunk
     assert int(bins[..., 0].max()) < tok.ACCEL_BINS and int(bins[..., 1].max()) < tok.CURV_BINS
     xy0, yaw0, v0 = torch.zeros(B, 2), torch.zeros(B), torch.full((B,), 12.0)
     ref = dynamics.unicycle_rollout(xy0, yaw0, v0, controls)[0]
@@ -80,10 +80,11 @@ def test_forward_shapes_and_log_prob_matches_sample():
     obs = _obs()
     text, acts, lpt, lpa = m.sample(obs, generator=torch.Generator().manual_seed(1))
     L = TINY.max_text_len
-    assert text.shape == (3, L) and acts.shape == (3, 64, 2) and lpt.shape == (3,) and lpa.shape == (3,)
+    assert text.shape == (3, L) and acts.shape == (3, TINY.n_action, 2) and lpt.shape == (3,) and lpa.shape == (3,)
     out = m({**obs, "text": text, "actions": acts})
     assert out["text"].shape == (3, L, TINY.text_vocab)
-    assert out["accel"].shape == (3, 64, TINY.accel_bins) and out["curv"].shape == (3, 64, TINY.curv_bins)
+    N = TINY.n_action
+    assert out["accel"].shape == (3, N, TINY.accel_bins) and out["curv"].shape == (3, N, TINY.curv_bins)
     with torch.no_grad():
         lt2, la2 = m.log_prob(obs, text, acts)
     torch.testing.assert_close(lt2, lpt, atol=1e-4, rtol=1e-5)

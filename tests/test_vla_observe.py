@@ -170,3 +170,65 @@ def test_crosswalk_and_vru_channels():
     assert abs(cw.mean() - (EGO_ROW - 19.5 / CFG.resolution)) < 1.0
     assert img[CH["vru"], round(EGO_ROW - 10.0 / CFG.resolution), 31:33].max() == 1
     assert img[CH["static"]].sum() >= 1 and img[CH["vru"]].sum() <= 4
+
+
+def _reference_map_channels(state, cfg):
+    """The straightforward map channels: every pixel centre through ``spatial._query`` (fixed
+    candidate windows) and every crosswalk against every pixel; kept to check ``_map_channels``."""
+    from roadloop.policies.vla.observe import _lane_index, _to_ego, pixel_centres
+    from roadloop.sim import spatial
+
+    B = state.batch_size
+    pix = pixel_centres(cfg)
+    ex, eyaw = state.xy[:, 0], state.yaw[:, 0]
+    c, s = torch.cos(eyaw)[:, None], torch.sin(eyaw)[:, None]
+    world = torch.stack((ex[:, None, 0] + c * pix[:, 0] - s * pix[:, 1],
+                         ex[:, None, 1] + s * pix[:, 0] + c * pix[:, 1]), -1)
+    index = _lane_index(state)
+    res = spatial._query(world, eyaw[:, None].expand(B, pix.shape[0]), index, nearest=True)
+    on, d2 = res.on.view(B, -1), res.d2.view(B, -1)
+    hc = index.seg_pack[6].index_select(0, res.seg).view(B, -1)
+    hs = index.seg_pack[7].index_select(0, res.seg).view(B, -1)
+    m = state.static.scenario.map
+    q = _to_ego(m.crosswalk_xy, ex, eyaw)
+    e0, e1 = q, q.roll(-1, dims=-2)
+    p = pix.view(1, -1, 1, 1, 2)
+    cross = ((e1 - e0)[:, None, ..., 0] * (p[..., 1] - e0[:, None, ..., 1])
+             - (e1 - e0)[:, None, ..., 1] * (p[..., 0] - e0[:, None, ..., 0]))
+    in_q = ((cross >= 0).all(-1) | (cross <= 0).all(-1)) & m.crosswalk_valid[:, None, :]
+    return {
+        "drivable": on.float(),
+        "lane_cos": torch.where(on, hc * c + hs * s, 0.0),
+        "lane_sin": torch.where(on, hs * c - hc * s, 0.0),
+        "centreline": (on & (d2 <= max(0.3, 0.5 * cfg.resolution + 1e-3) ** 2)).float(),
+        "crosswalk": in_q.any(-1).float(),
+    }
+
+
+def test_map_channels_match_reference():
+    from roadloop.policies.vla.observe import _map_channels
+
+    fams = ["intersection_protected", "multilane_traffic", "merge", "roundabout", "pedestrian_crossing",
+            "unprotected_left", "construction_zone"]
+    st = _state(*[FAMILIES[f].build_raw(s) for f in fams for s in range(2)])
+    g = torch.Generator().manual_seed(0)
+    states = [st]
+    for _ in range(2):  # the ego moved around (on and off road, any heading)
+        xy, yaw = st.xy.clone(), st.yaw.clone()
+        xy[:, 0] += 8.0 * torch.randn(xy[:, 0].shape, generator=g)
+        yaw[:, 0] += 3.0 * torch.rand(yaw[:, 0].shape, generator=g)
+        states.append(st.replace(xy=xy, yaw=yaw))
+    seen = torch.zeros(2)
+    for s in states:
+        got, ref = _map_channels(s, CFG), _reference_map_channels(s, CFG)
+        assert set(got) == set(ref)
+        on_g, on_r = got["drivable"] > 0, ref["drivable"] > 0
+        seen += torch.stack((ref["centreline"].sum(), ref["crosswalk"].sum()))
+        assert (on_g == on_r).float().mean() >= 0.999
+        both = on_g & on_r
+        for ch in ("lane_cos", "lane_sin"):
+            assert torch.allclose(got[ch][both], ref[ch][both], atol=1e-5)
+            assert (got[ch][~on_g] == 0).all()
+        for ch in ("centreline", "crosswalk"):
+            assert (got[ch] == ref[ch]).float().mean() >= 0.999
+    assert (seen > 0).all()  # the comparison covered lanes and crosswalks

@@ -1,14 +1,15 @@
 """Collect expert demonstrations in closed loop and write them as hashed NPZ shards.
 
 ``collect(suites, out_dir)`` drives the privileged ``Expert`` through every scenario of the
-suites with ``roadloop.rollout.rollout`` (10 Hz decisions).  A thin ``Recorder`` policy wraps
-the expert and, at every decision step t with ``t % every == 0``, records what a learned policy
-sees and what it should output:
+suites with ``roadloop.rollout.rollout`` (decisions at 2 Hz by default, ``replan_every`` = 5: the
+rate the VLA policy drives at; the expert scores the same at 2 and 10 Hz, LOG).  A thin
+``Recorder`` policy wraps the expert and, every ``every`` steps from its first decision,
+records what a learned policy sees and what it should output:
 
-* ``raster``   (N, 4, 10, 64, 64) uint8  BEV raster (``render_bev`` of the recorder's own last 4
-  states; fewer just after the warm-up, the oldest repeated).  Quantisation: channels in [0, 1]
-  are stored as ``round(255 x)`` (decode ``q / 255``); ``lane_cos`` / ``lane_sin`` in [-1, 1] as
-  ``round(127.5 (x + 1))`` (decode ``q / 127.5 - 1``).  See ``decode_raster``.
+* ``raster``   (N, 4, 10, 64, 64) uint8  BEV raster (``render_bev`` of the last 4 states at 10 Hz,
+  ``Observation.recent``).  Quantisation: channels in [0, 1] are stored as ``round(255 x)``
+  (decode ``q / 255``); ``lane_cos`` / ``lane_sin`` in [-1, 1] as ``round(127.5 (x + 1))``
+  (decode ``q / 127.5 - 1``).  See ``decode_raster``.
 * ``history``  (N, 16, 5) float32        ``ego_history_features``
 * ``command``  (N,) int64                ``command_index(route_command(state))``
 * ``speed``    (N,) float32 m/s          current ego speed
@@ -19,6 +20,12 @@ sees and what it should output:
   ``unicycle_controls_from_poses`` (``ActionBounds()``); replaying them from (0, 0, 0, speed)
   reproduces ``waypoints``
 * ``text`` (N,) str, ``lon`` / ``lat`` (N,) int64: the Chain-of-Causation label (``coc_labels``)
+* ``facts_<field>``: the ``SceneFacts`` of the state (ground truth that reasoning text is checked
+  against, so open-loop grounding can be scored without the simulator): per agent (N, A)
+  (``kind valid dist x_ego y_ego y_route gap near_route in_corridor intrudes speed accel
+  crossing``), per route stop line (N, K) (``light_gap light_state``), ``junction_gap`` (N,).
+  A and K are the chunk's own sizes; ``load_demos`` pads across shards (invalid agents,
+  light_gap = 1e9).
 * ``scenario_id``, ``family``, ``suite`` (N,) str, ``step`` (N,) int64
 
 Resumable and deterministic: the scenarios are put in a fixed order (by step count, then suite
@@ -31,6 +38,7 @@ failed, and steps past a scenario's own log (batch padding), are dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -57,7 +65,7 @@ from roadloop.policies.vla.observe import (
     render_bev,
     route_command,
 )
-from roadloop.reasoning.labels import coc_labels
+from roadloop.reasoning.labels import SceneFacts, coc_labels, scene_facts
 from roadloop.rollout import RolloutConfig, rollout
 from roadloop.sim.batching import collate
 from roadloop.sim.datatypes import Scenario, SimState
@@ -65,10 +73,16 @@ from roadloop.sim.dynamics import ActionBounds, unicycle_controls_from_poses
 from roadloop.sim.geometry import wrap_angle
 
 FORMAT = "roadloop-demos"
-VERSION = 1
+VERSION = 2  # 2: facts_* arrays, 2 Hz default
 MANIFEST = "manifest.json"
 SIGNED_CHANNELS = (CH["lane_cos"], CH["lane_sin"])  # stored as round(127.5 (x + 1))
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+FACT_FIELDS = tuple(f.name for f in dataclasses.fields(SceneFacts))
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    x = x.detach().cpu()
+    return x.numpy() if x.dtype in (torch.bool, torch.int64) else x.float().numpy()
 
 
 # --- raster quantisation ------------------------------------------------------------------
@@ -98,21 +112,23 @@ def decode_raster(q: torch.Tensor) -> torch.Tensor:
 class Recorder(Policy):
     """Wraps a policy (the expert) and records observations and its plans every ``every`` steps."""
 
-    def __init__(self, inner: Policy, every: int = 2, raster: RasterConfig | None = None):
+    def __init__(self, inner: Policy, every: int = 5, raster: RasterConfig | None = None):
         self.inner, self.every, self.raster = inner, every, raster or RasterConfig()
         self.name, self.version = inner.name, inner.version
         self.buf: list[SimState] = []
         self.records: list[dict[str, np.ndarray | list]] = []
+        self.first_step: int | None = None
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
-        self.buf, self.records = [], []
+        self.buf, self.records, self.first_step = [], [], None
         self.inner.reset(state, seeds)
 
     def act(self, obs: Observation) -> PolicyOutput:
-        state = obs.state
-        self.buf = (self.buf + [state])[-self.raster.frames:]
+        self.buf = list(obs.recent[-self.raster.frames:]) or [obs.state]
         out = self.inner.act(obs)
-        if obs.step % self.every == 0:
+        if self.first_step is None:
+            self.first_step = obs.step
+        if (obs.step - self.first_step) % self.every == 0:
             self.records.append(self._record(obs, out))
         return out
 
@@ -126,7 +142,8 @@ class Recorder(Policy):
         pose_xy = torch.cat((ex.unsqueeze(1), out.plan_xy), 1)
         pose_yaw = torch.cat((eyaw.unsqueeze(1), pyaw), 1)
         ctrl = unicycle_controls_from_poses(pose_xy, pose_yaw, ev, bounds=ActionBounds())
-        labels = coc_labels(state, out.plan_xy, out.plan_speed, rng_seed=obs.step)
+        facts = scene_facts(state)
+        labels = coc_labels(state, out.plan_xy, out.plan_speed, rng_seed=obs.step, facts=facts)
         psp = out.plan_speed if out.plan_speed is not None else torch.full_like(pyaw, float("nan"))
         return {
             "step": obs.step,
@@ -141,6 +158,7 @@ class Recorder(Policy):
             "text": [lb.text for lb in labels],
             "lon": np.array([int(lb.decision[0]) for lb in labels], dtype=np.int64),
             "lat": np.array([int(lb.decision[1]) for lb in labels], dtype=np.int64),
+            **{f"facts_{k}": _np(getattr(facts, k)) for k in FACT_FIELDS},
         }
 
 
@@ -265,22 +283,28 @@ def _prepare_dir(out: Path, resume: bool, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def collect(suite_names: list[str], out_dir: str | Path, shard_size: int = 512, every: int = 2,
+def collect(suite_names: list[str], out_dir: str | Path, shard_size: int = 512, every: int = 5,
             max_scenarios: int | None = None, on_progress: Callable[[int, int], None] | None = None,
             resume: bool = True, batch_size: int = 32, stop_after_chunks: int | None = None,
-            max_steps: int | None = None) -> Manifest:
+            max_steps: int | None = None, replan_every: int = 5) -> Manifest:
     """Drive the expert over the suites' scenarios and write demonstration shards to ``out_dir``.
 
     ``max_scenarios``: first N scenarios of the suites (in suite order, suites concatenated).
     ``on_progress(done, total)`` is called with scenario counts (completed chunks included).
     ``max_steps``: closed-loop steps per rollout (None: each batch's full log; for quick tests).
+    ``replan_every``: the expert's decision period in 0.1 s steps (5 = 2 Hz); ``every`` should be
+    a multiple of it (samples are taken at decision steps).
     ``stop_after_chunks``: process at most this many new chunks, then return (partial manifest).
     Returns the manifest (also written to ``out_dir/manifest.json``).
     """
     from roadloop.scenarios.suites import load_suite
 
-    if every < 1 or shard_size < 1 or batch_size < 1:
-        raise RoadloopError(f"every, shard_size and batch_size must be >= 1, got {every}, {shard_size}, {batch_size}")
+    if every < 1 or shard_size < 1 or batch_size < 1 or replan_every < 1:
+        raise RoadloopError(f"every, shard_size, batch_size and replan_every must be >= 1, got {every}, "
+                            f"{shard_size}, {batch_size}, {replan_every}")
+    if every % replan_every:
+        raise RoadloopError(f"every ({every}) must be a multiple of replan_every ({replan_every}): samples are "
+                            "taken at the expert's decision steps")
     if not suite_names:
         raise RoadloopError("no suites given")
     t0 = time.perf_counter()
@@ -300,7 +324,7 @@ def collect(suite_names: list[str], out_dir: str | Path, shard_size: int = 512, 
     chunks = [[items[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
     rc = RasterConfig()
     config = {"every": every, "batch_size": batch_size, "shard_size": shard_size, "max_scenarios": max_scenarios,
-              "max_steps": max_steps, "replan_every": 1, "history_steps": HISTORY_STEPS,
+              "max_steps": max_steps, "replan_every": replan_every, "history_steps": HISTORY_STEPS,
               "raster": {"size": rc.size, "resolution": rc.resolution, "ego_offset": rc.ego_offset,
                          "frames": rc.frames}}
     man = _prepare_dir(out, resume, Manifest(suites=hashes, config=config, code_version=_git_commit(),
@@ -318,7 +342,7 @@ def collect(suite_names: list[str], out_dir: str | Path, shard_size: int = 512, 
             break
         batch = collate([s for _, s in chunk])
         with torch.inference_mode():
-            cfg = RolloutConfig(replan_every=1, max_steps=max_steps)
+            cfg = RolloutConfig(replan_every=replan_every, max_steps=max_steps)
             ro = rollout(rec, batch, torch.zeros(len(chunk), dtype=torch.int64), cfg)
         if bool(ro.failed.all()):
             raise RoadloopError(f"every expert rollout of chunk {ci} failed: {ro.fail_reason[0]}")

@@ -8,7 +8,11 @@ A sample is a dict: ``raster`` (4, 10, 64, 64) float32 (decoded, see ``decode_ra
 ``history`` (16, 5) float32, ``command`` () int64, ``speed`` () float32 m/s, ``waypoints``
 (64, 2) float32 m ego frame, ``waypoints_yaw`` / ``waypoints_speed`` (64,), ``controls``
 (64, 2) float32 (accel m/s^2, curvature 1/m), ``lon`` / ``lat`` () int64, ``step`` () int64 and
-the strings ``text``, ``scenario_id``, ``family``, ``suite``.
+the strings ``text``, ``scenario_id``, ``family``, ``suite``, plus the ``facts_*`` arrays.
+
+``load_demos(directory)`` reads a whole collection into memory as ``DemoTensors`` (raster kept
+as uint8, ~160 KB a sample; facts padded to the largest agent / stop-line count), which is what
+the trainers and the open-loop metrics use.
 """
 
 from __future__ import annotations
@@ -16,18 +20,25 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from roadloop.data.collect import decode_raster, load_manifest, verify_shard
+from roadloop.data.collect import FACT_FIELDS, decode_raster, load_manifest, verify_shard
 from roadloop.errors import RoadloopError
+from roadloop.reasoning.labels import SceneFacts
 
 STR_KEYS = ("text", "scenario_id", "family", "suite")
 REQUIRED = ("raster", "history", "command", "speed", "waypoints", "waypoints_yaw", "waypoints_speed", "controls",
-            "lon", "lat", "step") + STR_KEYS
+            "lon", "lat", "step") + STR_KEYS + tuple(f"facts_{k}" for k in FACT_FIELDS)
+_AGENT_FACTS = ("kind", "valid", "dist", "x_ego", "y_ego", "y_route", "gap", "near_route", "in_corridor", "intrudes",
+                "speed", "accel", "crossing")
+_LINE_FACTS = ("light_gap", "light_state")
+_FACT_PAD = {"valid": False, "near_route": False, "in_corridor": False, "intrudes": False, "crossing": False,
+             "dist": 1e9, "gap": 1e9, "light_gap": 1e9}
 
 
 def _open(p: Path) -> np.lib.npyio.NpzFile:
@@ -111,8 +122,92 @@ def collate_samples(samples: list[dict]) -> dict:
     """Stack samples: tensors get a leading batch dim, strings become lists."""
     if not samples:
         raise RoadloopError("cannot collate an empty list of samples")
-    return {k: ([s[k] for s in samples] if isinstance(samples[0][k], str) else torch.stack([s[k] for s in samples]))
-            for k in samples[0]}
+    out = {}
+    for k in samples[0]:
+        vals = [s[k] for s in samples]
+        if isinstance(vals[0], str):
+            out[k] = vals
+        elif k.startswith("facts_") and vals[0].dim() == 1:  # per-agent / per-stop-line facts: pad
+            width = max(v.shape[0] for v in vals)
+            pad = _FACT_PAD.get(k[len("facts_"):], 0)
+            out[k] = torch.stack([torch.cat((v, torch.full((width - v.shape[0],), pad, dtype=v.dtype))) for v in vals])
+        else:
+            out[k] = torch.stack(vals)
+    return out
 
 
-__all__ = ["DemoDataset", "collate_samples", "is_val"]
+@dataclass
+class DemoTensors:
+    """A demonstration collection in memory (N samples); field meanings as in ``roadloop.data.collect``."""
+
+    raster: torch.Tensor  # (N, F, C, H, W) uint8, ``decode_raster`` to use
+    history: torch.Tensor  # (N, 16, 5) float32
+    command: torch.Tensor  # (N,) int64
+    speed: torch.Tensor  # (N,) float32 m/s
+    waypoints: torch.Tensor  # (N, 64, 2) float32 m, ego frame
+    waypoints_speed: torch.Tensor  # (N, 64) float32 m/s
+    controls: torch.Tensor  # (N, 64, 2) float32
+    lon: torch.Tensor  # (N,) int64
+    lat: torch.Tensor  # (N,) int64
+    step: torch.Tensor  # (N,) int64
+    facts: dict[str, torch.Tensor]  # SceneFacts fields, padded to (N, A) / (N, K) / (N,)
+    text: list[str]
+    scenario_id: list[str]
+    family: list[str]
+    suite: list[str]
+    content_hash: str = ""
+
+    def __len__(self) -> int:
+        return int(self.command.shape[0])
+
+    def scene_facts(self, idx: torch.Tensor) -> SceneFacts:
+        """``SceneFacts`` of the samples ``idx`` (B,), for ``roadloop.reasoning.checks.grounding``."""
+        return SceneFacts(**{k: v[idx] for k, v in self.facts.items()})
+
+    def bev(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, F, C, H, W) float32 decoded rasters of samples ``idx``."""
+        return decode_raster(self.raster[idx])
+
+    def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, val) sample indices, split by scenario id (``is_val``)."""
+        v = torch.tensor([is_val(s, val_fraction) for s in self.scenario_id], dtype=torch.bool)
+        return (~v).nonzero().flatten(), v.nonzero().flatten()
+
+
+def _pad_cat(parts: list[np.ndarray], pad) -> torch.Tensor:
+    width = max(p.shape[1] for p in parts)
+    out = []
+    for p in parts:
+        t = torch.from_numpy(np.ascontiguousarray(p))
+        if t.shape[1] < width:
+            fill = torch.full((t.shape[0], width - t.shape[1]), pad, dtype=t.dtype)
+            t = torch.cat((t, fill), 1)
+        out.append(t)
+    return torch.cat(out)
+
+
+def load_demos(directory: str | Path) -> DemoTensors:
+    """Read every shard of a collection (hashes verified) into ``DemoTensors``."""
+    ds = DemoDataset(directory)
+    if len(ds) == 0:
+        raise RoadloopError(f"{ds.dir}: the collection holds no samples")
+    shards = [ds._shard(i) for i in range(len(ds.paths))]
+    ds._cache.clear()
+    cat = lambda k: torch.from_numpy(np.concatenate([d[k] for d in shards]))  # noqa: E731
+    strs = lambda k: [str(x) for d in shards for x in d[k]]  # noqa: E731
+    facts = {}
+    for k in FACT_FIELDS:
+        parts = [d[f"facts_{k}"] for d in shards]
+        if k in _AGENT_FACTS or k in _LINE_FACTS:
+            facts[k] = _pad_cat(parts, _FACT_PAD.get(k, 0))
+        else:
+            facts[k] = torch.from_numpy(np.concatenate(parts))
+    return DemoTensors(raster=cat("raster"), history=cat("history").float(), command=cat("command").long(),
+                       speed=cat("speed").float(), waypoints=cat("waypoints").float(),
+                       waypoints_speed=cat("waypoints_speed").float(), controls=cat("controls").float(),
+                       lon=cat("lon").long(), lat=cat("lat").long(), step=cat("step").long(), facts=facts,
+                       text=strs("text"), scenario_id=strs("scenario_id"), family=strs("family"),
+                       suite=strs("suite"), content_hash=ds.manifest.content_hash)
+
+
+__all__ = ["DemoDataset", "DemoTensors", "collate_samples", "is_val", "load_demos"]

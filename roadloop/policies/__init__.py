@@ -34,10 +34,20 @@ def _builtin() -> None:
 
 
 def get_policy(name: str) -> Policy:
-    """A registered policy by name (``route-idm``, ``expert``, ...)."""
+    """A registered policy by name (``route-idm``, ``expert``, ...) or a VLA checkpoint directory
+    (``model.safetensors`` + ``config.json``, e.g. ``~/.roadloop/runs/il/final``)."""
+    from pathlib import Path
+
     _builtin()
     if name in _REGISTRY:
         return _REGISTRY[name]()
+    p = Path(name).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        from roadloop.policies.vla.policy import VLAPolicy
+
+        return VLAPolicy.from_checkpoint(p)
+    if p.exists() or "/" in name:
+        raise UnknownNameError("policy", name, list(_REGISTRY) + ["<checkpoint directory with config.json>"])
     raise UnknownNameError("policy", name, list(_REGISTRY))
 
 

@@ -36,6 +36,7 @@ class Observation:
     ego_history_yaw: torch.Tensor  # (B, 16) rad
     ego_history_speed: torch.Tensor  # (B, 16) m/s
     step: int  # simulator step index
+    recent: tuple[SimState, ...] = ()  # the last states at 10 Hz, oldest first, last = ``state`` (up to 16)
 
     @property
     def batch_size(self) -> int:
@@ -75,6 +76,7 @@ class Policy:
 
     name: str = "policy"
     version: str = "0"
+    replan_every: int = 1  # preferred decision period in 0.1 s steps (evaluation default)
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         """Called once per rollout batch with the initial state and one seed (B,) per rollout."""

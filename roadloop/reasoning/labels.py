@@ -282,15 +282,16 @@ def render_text(chosen: list[Component], lon: Longitudinal, lat: Lateral, rng: r
 
 
 def coc_labels(state: SimState, plan_xy: torch.Tensor, plan_speed: torch.Tensor | None,
-               rng_seed: int = 0) -> list[CoCLabel]:
+               rng_seed: int = 0, facts: SceneFacts | None = None) -> list[CoCLabel]:
     """CoC labels of B scenes: decision = meta-actions of the plan (B, 64, 2) / (B, 64) m/s,
     components = the critical ground-truth components (at most two named), text = varied sentence.
 
     A corridor obstacle within 40 m always becomes a component, so "the lane ahead is clear" is
-    only written when the corridor is clear within 40 m.
+    only written when the corridor is clear within 40 m.  ``facts``: ``scene_facts(state)`` if
+    already measured.
     """
     lon, lat = meta_actions(state.xy[:, 0], state.yaw[:, 0], state.speed[:, 0], plan_xy, plan_speed)
-    f = scene_facts(state)
+    f = scene_facts(state) if facts is None else facts
     out = []
     for b in range(state.batch_size):
         rng = random.Random(rng_seed * 1_000_003 + b)

@@ -106,12 +106,15 @@ def code_hash() -> str:
     """Hash (16 hex) of the code that determines generated scenarios.
 
     roadloop/scenarios, roadloop/sim, roadloop/sumo and roadloop/policies (the expert drives the
-    procedural logs) plus the rollout engine."""
+    procedural logs; the learned policies under policies/vla do not take part) plus the rollout
+    engine."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     h.update((root / "rollout.py").read_bytes())
     for sub in ("scenarios", "sim", "sumo", "policies"):
         for p in sorted((root / sub).rglob("*.py")):
+            if "vla" in p.relative_to(root).parts:
+                continue
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]

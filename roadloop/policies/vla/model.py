@@ -2,15 +2,19 @@
 
 Sequence (one causal transformer, learned absolute positions, pre-LN blocks)::
 
-    [64 BEV patch tokens] [ego history] [command] <bos> t_0 ... t_{L-1} <act> a_0 k_0 a_1 k_1 ... a_63 k_63
-     \\______________ prefix P = 66 ______________/     \\_ L text slots _/       \\__ 128 action tokens __/
+    [64 BEV patch tokens] [ego history] [command] <bos> t_0 ... t_{L-1} <act> c_0 c_1 ... c_14
+     \\______________ prefix P = 66 ______________/     \\_ L text slots _/       \\_ action chunks _/
 
 * BEV: the (frames, C, H, W) raster with the frames stacked as channels, Conv2d with stride = patch.
 * Text slots hold the CoC tokens + ``<eos>`` then ``<pad>``; pads are masked out as attention keys,
   so a sequence is equivalent to the same one with its pads removed (sampling skips them).
-* Action tokens: accel bin a_t and curvature bin k_t interleaved, each embedded by its own table
-  plus a learned per-step embedding.  Heads: text vocabulary, accel bins, curvature bins;
-  ``<act>`` and k_t predict a_{t+1}, a_t predicts k_t.
+* Action tokens: one per 0.4 s chunk (``action_chunk`` = 4 steps, 16 for 6.4 s), holding an accel
+  bin and a curvature bin (``tokenizer.quantize_controls``); embedded as accel + curvature +
+  chunk-index embeddings.  The hidden state at ``<act>`` predicts chunk 0 and the one at chunk j
+  predicts chunk j+1 through two heads (accel bins, curvature bins) that are conditionally
+  independent given the prefix, so log p(chunk) = log p(accel) + log p(curvature), exactly.
+  16 sequential decoding steps instead of 128 (two tokens per 0.1 s step) is what keeps a
+  batch-1 decision inside the latency budget; docs/LOG.md has the measurements.
 
 ``sample`` decodes with a KV cache; the returned log-probabilities are those of the sampled
 tokens under the model's own distribution (temperature 1, no top-p), i.e. exactly what
@@ -18,7 +22,7 @@ tokens under the model's own distribution (temperature 1, no top-p), i.e. exactl
 
 Batches (dicts of tensors): ``bev`` (B, F, C, H, W) float, ``history`` (B, 16, 5) float,
 ``command`` (B,) int64, and for teacher forcing ``text`` (B, L) int64 (tokens, ``<eos>``, ``<pad>``)
-and ``actions`` (B, 64, 2) int64 bins.
+and ``actions`` (B, 16, 2) int64 bins (accel, curvature per chunk).
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ class VLAConfig:
     history_features: int = 5
     n_commands: int = len(COMMANDS)
     text_vocab: int = tok.VOCAB_SIZE
-    max_text_len: int = 48
+    max_text_len: int = 32
     plan_steps: int = 64
+    action_chunk: int = tok.ACTION_CHUNK
     accel_bins: int = tok.ACCEL_BINS
     curv_bins: int = tok.CURV_BINS
     dropout: float = 0.0
@@ -67,10 +72,18 @@ class VLAConfig:
             raise RoadloopError(f"VLAConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.raster_size % self.patch:
             raise RoadloopError(f"VLAConfig.raster_size ({self.raster_size}) must be divisible by patch ({self.patch})")
-        for name in ("d_model", "n_layers", "n_heads", "max_text_len", "plan_steps"):
+        for name in ("d_model", "n_layers", "n_heads", "max_text_len", "plan_steps", "action_chunk"):
             if getattr(self, name) < 1:
                 raise RoadloopError(f"VLAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.plan_steps % self.action_chunk:
+            raise RoadloopError(f"VLAConfig.action_chunk ({self.action_chunk}) must divide plan_steps "
+                                f"({self.plan_steps})")
         return self
+
+    @property
+    def n_action(self) -> int:
+        """Action tokens per plan (plan_steps / action_chunk)."""
+        return self.plan_steps // self.action_chunk
 
     @property
     def n_patches(self) -> int:
@@ -83,7 +96,7 @@ class VLAConfig:
 
     @property
     def seq_len(self) -> int:
-        return self.prefix_len + 1 + self.max_text_len + 1 + 2 * self.plan_steps
+        return self.prefix_len + 1 + self.max_text_len + 1 + self.n_action - 1
 
     @staticmethod
     def preset(name: str) -> VLAConfig:
@@ -93,7 +106,7 @@ class VLAConfig:
 
 
 PRESETS: dict[str, VLAConfig] = {
-    "tiny": VLAConfig(d_model=64, n_layers=2, n_heads=2, max_text_len=40),
+    "tiny": VLAConfig(d_model=64, n_layers=2, n_heads=2),
     "default": VLAConfig(),
     "large": VLAConfig(d_model=512, n_layers=8, n_heads=8),
 }
@@ -123,15 +136,23 @@ class _Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, layer: int, cache: _Cache, mask: torch.Tensor) -> torch.Tensor:
+        # functional calls (not module calls): decoding runs this once per token and layer, where
+        # nn.Module dispatch overhead is a large share of the batch-1 latency
         B, T, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
+        h = F.layer_norm(x, (d,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
+        q, k, v = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
         n = cache.n
         cache.k[layer][:, :, n:n + T] = k
         cache.v[layer][:, :, n:n + T] = v
         a = F.scaled_dot_product_attention(q, cache.k[layer][:, :, :n + T], cache.v[layer][:, :, :n + T],
                                            attn_mask=mask)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, T, d)))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        a = F.linear(a.transpose(1, 2).reshape(B, T, d), self.proj.weight, self.proj.bias)
+        p = self.drop.p if self.training else 0.0
+        x = x + (F.dropout(a, p, True) if p > 0 else a)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        h = F.layer_norm(x, (d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
+        h = F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        return x + (F.dropout(h, p, True) if p > 0 else h)
 
 
 class VLAModel(nn.Module):
@@ -149,7 +170,7 @@ class VLAModel(nn.Module):
         self.text_emb = nn.Embedding(cfg.text_vocab, d)
         self.accel_emb = nn.Embedding(cfg.accel_bins, d)
         self.curv_emb = nn.Embedding(cfg.curv_bins, d)
-        self.step_emb = nn.Embedding(cfg.plan_steps, d)
+        self.step_emb = nn.Embedding(cfg.n_action, d)
         self.pos_emb = nn.Parameter(torch.randn(cfg.seq_len, d) * 0.02)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
@@ -198,13 +219,10 @@ class VLAModel(nn.Module):
         return torch.cat((vis, h, c, bos), 1) + self.pos_emb[: cfg.prefix_len + 1]
 
     def _action_emb(self, ids: torch.Tensor, slot0: int) -> torch.Tensor:
-        """(B, T) bins of interleaved action slots starting at slot ``slot0`` -> (B, T, d) with positions."""
+        """(B, T, 2) (accel, curvature) bins of chunks slot0 .. slot0+T-1 -> (B, T, d) with positions."""
         T = ids.shape[1]
         slots = torch.arange(slot0, slot0 + T, device=self.device)
-        is_acc = (slots % 2 == 0).view(1, T, 1)
-        ea = self.accel_emb(ids.clamp(0, self.cfg.accel_bins - 1))
-        ek = self.curv_emb(ids.clamp(0, self.cfg.curv_bins - 1))
-        e = torch.where(is_acc, ea, ek) + self.step_emb(slots // 2)
+        e = self.accel_emb(ids[..., 0]) + self.curv_emb(ids[..., 1]) + self.step_emb(slots)
         return e + self.pos_emb[self._p_act + 1 + slots]
 
     # ------------------------------------------------------------------ transformer
@@ -220,7 +238,7 @@ class VLAModel(nn.Module):
             qpos = torch.arange(n, n + T, device=x.device)
             mask = (kpos[None, :] <= qpos[:, None])[None, None] & cache.valid[:, None, None, : n + T]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, i, cache, mask)
+            x = blk.forward(x, i, cache, mask)
         cache.n = n + T
         return self.ln_f(x)
 
@@ -229,30 +247,32 @@ class VLAModel(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Teacher forcing.  Returns logits: ``text`` (B, L, V) predicting ``batch['text']``,
-        ``accel`` (B, 64, NA) and ``curv`` (B, 64, NK) predicting ``batch['actions']``."""
+        ``accel`` (B, N, NA) and ``curv`` (B, N, NK) predicting ``batch['actions']`` (N = n_action)."""
         cfg = self.cfg
         text = batch["text"].to(self.device)
         actions = batch["actions"].to(self.device)
         B, L = text.shape
         if L != cfg.max_text_len:
             raise RoadloopError(f"text must have {cfg.max_text_len} slots (VLAConfig.max_text_len), got {L}")
+        if tuple(actions.shape) != (B, cfg.n_action, 2):
+            raise RoadloopError(f"actions must have shape (B, {cfg.n_action}, 2) (one (accel, curvature) bin pair "
+                                f"per {cfg.action_chunk}-step chunk), got {tuple(actions.shape)}")
         pre = self._prefix(batch)
         P1 = pre.shape[1]
         te = self.text_emb(text) + self.pos_emb[P1:P1 + L]
         act = self.text_emb(torch.full((B, 1), tok.ACT_ID, device=self.device)) + self.pos_emb[self._p_act]
-        ae = self._action_emb(actions.reshape(B, -1), 0)
+        ae = self._action_emb(actions[:, :-1], 0)
         x = torch.cat((pre, te, act, ae), 1)
         valid = torch.ones(B, x.shape[1], dtype=torch.bool, device=self.device)
         valid[:, P1:P1 + L] = text != tok.PAD_ID
         cache = _Cache(cfg, B, x.shape[1], self.device, x.dtype)
         h = self._run(x, cache, valid)
         ht = h[:, P1 - 1:P1 - 1 + L]
-        ha = h[:, self._p_act:self._p_act + 2 * cfg.plan_steps]
-        return {"text": self._text_logits(ht), "accel": self.accel_head(ha[:, 0::2]),
-                "curv": self.curv_head(ha[:, 1::2])}
+        ha = h[:, self._p_act:self._p_act + cfg.n_action]
+        return {"text": self._text_logits(ht), "accel": self.accel_head(ha), "curv": self.curv_head(ha)}
 
-    def _token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-token log-probs: text (B, L) (0 at pads), accel + curv (B, 64, 2); text mask (B, L)."""
+    def token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-token log-probs: text (B, L) (0 at pads), accel + curv (B, N, 2); text mask (B, L)."""
         out = self.forward(batch)
         text = batch["text"].to(self.device)
         actions = batch["actions"].to(self.device)
@@ -264,17 +284,17 @@ class VLAModel(nn.Module):
         return lt, torch.cat((la, lk), -1), mask
 
     def loss(self, batch: dict, action_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """Mean token cross-entropies: ``text_loss`` (over non-pad slots), ``action_loss`` (over 128
-        action tokens), ``loss = text_loss + action_weight * action_loss``."""
-        lt, la, mask = self._token_logps(batch)
+        """Mean token cross-entropies: ``text_loss`` (over non-pad slots), ``action_loss`` (over the
+        2 N accel and curvature bins), ``loss = text_loss + action_weight * action_loss``."""
+        lt, la, mask = self.token_logps(batch)
         text_loss = -lt.sum() / mask.sum().clamp_min(1)
         action_loss = -la.mean()
         return {"loss": text_loss + action_weight * action_loss, "text_loss": text_loss, "action_loss": action_loss}
 
     def log_prob(self, obs: dict, text_ids: torch.Tensor, action_tokens: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact log-likelihood (B,), (B,) of text (B, L) (pads ignored) and actions (B, 64, 2) given obs."""
-        lt, la, _ = self._token_logps({**obs, "text": text_ids, "actions": action_tokens})
+        """Exact log-likelihood (B,), (B,) of text (B, L) (pads ignored) and actions (B, N, 2) given obs."""
+        lt, la, _ = self.token_logps({**obs, "text": text_ids, "actions": action_tokens})
         return lt.sum(1), la.sum((1, 2))
 
     # ------------------------------------------------------------------ sampling
@@ -295,12 +315,14 @@ class VLAModel(nn.Module):
         return idx.gather(-1, j).squeeze(-1)
 
     @staticmethod
-    def _uniforms(gens, B: int) -> torch.Tensor | None:
+    def _uniforms(gens, B: int, n: int) -> torch.Tensor:
+        """(B, n) uniforms for a whole decode, drawn up front so that a row's draws do not depend on
+        how long the other rows of the batch keep decoding."""
         if gens is None:
-            return torch.rand(B)
+            return torch.rand(B, n)
         if isinstance(gens, torch.Generator):
-            return torch.rand(B, generator=gens)
-        return torch.cat([torch.rand(1, generator=g) for g in gens])
+            return torch.rand(B, n, generator=gens)
+        return torch.stack([torch.rand(n, generator=g) for g in gens])
 
     @torch.no_grad()
     def sample(self, obs: dict, temperature: float = 1.0, top_p: float = 0.95,
@@ -310,7 +332,7 @@ class VLAModel(nn.Module):
 
         ``generator``: one CPU generator for the batch, or one per row (results then do not depend on
         the batch composition), or None (global RNG).  temperature <= 0: greedy.
-        Returns text_ids (B, L) (tokens, ``<eos>``, pads), action_tokens (B, 64, 2), logp_text (B,),
+        Returns text_ids (B, L) (tokens, ``<eos>``, pads), action_tokens (B, N, 2), logp_text (B,),
         logp_action (B,) (log-likelihood under the model, = ``log_prob``).
         """
         cfg = self.cfg
@@ -323,10 +345,11 @@ class VLAModel(nn.Module):
         text = torch.full((B, L), tok.PAD_ID, dtype=torch.int64, device=self.device)
         lp_text = torch.zeros(B, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        N = cfg.n_action
+        u = None if greedy else self._uniforms(generator, B, L + 2 * N)
         for i in range(L):
             logits = self._text_logits(h)
-            u = None if greedy else self._uniforms(generator, B)
-            t = self._pick(logits, temperature, top_p, u)
+            t = self._pick(logits, temperature, top_p, None if greedy else u[:, i])
             lp = torch.log_softmax(logits.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
             lp_text += torch.where(done, 0.0, lp)
             t = torch.where(done, tok.PAD_ID, t)
@@ -338,18 +361,19 @@ class VLAModel(nn.Module):
             h = self._run(x, cache, (t != tok.PAD_ID).unsqueeze(1))[:, -1]
         x = self.text_emb(torch.full((B, 1), tok.ACT_ID, device=self.device)) + self.pos_emb[self._p_act]
         h = self._run(x, cache, torch.ones(B, 1, dtype=torch.bool, device=self.device))[:, -1]
-        acts = torch.zeros(B, 2 * cfg.plan_steps, dtype=torch.int64, device=self.device)
+        acts = torch.zeros(B, N, 2, dtype=torch.int64, device=self.device)
         lp_act = torch.zeros(B, device=self.device)
-        for j in range(2 * cfg.plan_steps):
-            logits = self.accel_head(h) if j % 2 == 0 else self.curv_head(h)
-            u = None if greedy else self._uniforms(generator, B)
-            a = self._pick(logits, temperature, top_p, u)
-            lp_act += torch.log_softmax(logits.float(), -1).gather(-1, a.unsqueeze(-1)).squeeze(-1)
-            acts[:, j] = a
-            if j + 1 < 2 * cfg.plan_steps:
-                x = self._action_emb(a.unsqueeze(1), j)
+        for j in range(N):
+            la, lk = self.accel_head(h), self.curv_head(h)
+            a = self._pick(la, temperature, top_p, None if greedy else u[:, L + 2 * j])
+            k = self._pick(lk, temperature, top_p, None if greedy else u[:, L + 2 * j + 1])
+            lp_act += (torch.log_softmax(la.float(), -1).gather(-1, a.unsqueeze(-1))
+                       + torch.log_softmax(lk.float(), -1).gather(-1, k.unsqueeze(-1))).squeeze(-1)
+            acts[:, j, 0], acts[:, j, 1] = a, k
+            if j + 1 < N:
+                x = self._action_emb(acts[:, j:j + 1], j)
                 h = self._run(x, cache, torch.ones(B, 1, dtype=torch.bool, device=self.device))[:, -1]
-        return text, acts.view(B, cfg.plan_steps, 2), lp_text, lp_act
+        return text, acts, lp_text, lp_act
 
 
 # ---------------------------------------------------------------------------------------------

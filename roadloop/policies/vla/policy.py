@@ -1,15 +1,15 @@
 """``VLAPolicy``: drives the simulator with a ``VLAModel`` (BEV + ego history + route command ->
 CoC text + 64 (accel, curvature) controls).
 
-The BEV needs the last ``frames`` states; the rollout only passes the current one, so the policy
-keeps its own buffer of the states it was shown (reset in ``reset``).  With ``replan_every=1``
-these are the last 4 steps at 10 Hz; with slower replanning they are the last 4 decision states
-(documented limitation).  Sampling uses one ``torch.Generator`` per batch row seeded from the
-rollout seed, so a rollout's samples do not depend on the batch it runs in (up to float rounding).
+The BEV shows the last ``frames`` states at 10 Hz (``Observation.recent``, whatever the
+replanning rate); a caller that builds observations without ``recent`` gets the current state
+repeated.  Sampling uses one ``torch.Generator`` per batch row seeded from the rollout seed, so a
+rollout's samples do not depend on the batch it runs in (up to float rounding).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from roadloop.policies.base import Observation, Policy, PolicyOutput
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAModel, load_checkpoint, state_hash
 from roadloop.policies.vla.observe import RasterConfig, command_index, ego_history_features, render_bev, route_command
+from roadloop.reasoning.labels import SceneFacts, scene_facts
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import SimState
 
@@ -30,17 +31,40 @@ def observation_tensors(history: list[SimState], obs: Observation, raster: Raste
             "command": command_index(route_command(obs.state))}
 
 
-class VLAPolicy(Policy):
-    name = "vla"
+@dataclass
+class DecisionRecord:
+    """What the policy saw and sampled at one decision step (``VLAPolicy(record=True)``), for the
+    post-training learners: re-scoring the same tokens under new weights gives exact ratios."""
 
-    def __init__(self, model: VLAModel, temperature: float = 1.0, top_p: float = 0.95, version: str | None = None):
+    step: int  # simulator step
+    bev: torch.Tensor  # (B, F, C, H, W) uint8 (``roadloop.data.collect.encode_raster``; decode_raster)
+    history: torch.Tensor  # (B, 16, 5) float32
+    command: torch.Tensor  # (B,) int64
+    text: torch.Tensor  # (B, L) int64 sampled text ids (tokens, <eos>, pads)
+    actions: torch.Tensor  # (B, N, 2) int64 sampled action bins
+    logp_text: torch.Tensor  # (B,) float32 log-likelihood under the sampling weights
+    logp_action: torch.Tensor  # (B,) float32
+    speed: torch.Tensor  # (B,) float32 m/s, ego speed (plans start at the ego pose: x = y = yaw = 0)
+    facts: SceneFacts  # ground truth the reasoning text is checked against (``reasoning.checks.grounding``)
+
+
+class VLAPolicy(Policy):
+    """``record=True`` appends a ``DecisionRecord`` to ``self.trace`` at every decision (cleared by
+    ``reset``); ``temperature`` <= 0 decodes greedily."""
+
+    name = "vla"
+    replan_every = 5  # 2 Hz: the rate of its demonstrations (roadloop data collect)
+
+    def __init__(self, model: VLAModel, temperature: float = 1.0, top_p: float = 0.95, version: str | None = None,
+                 record: bool = False):
         self.model = model.eval()
+        self.record = record
+        self.trace: list[DecisionRecord] = []
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.version = version or state_hash(model)[:12]
         cfg = model.cfg
         self.raster = RasterConfig(size=cfg.raster_size, frames=cfg.frames)
-        self._states: list[SimState] = []
         self._gens: list[torch.Generator] | None = None
 
     @classmethod
@@ -49,7 +73,7 @@ class VLAPolicy(Policy):
         return cls(model, version=meta["weights_sha256"][:12], **kw)
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
-        self._states = []
+        self.trace = []
         self._gens = [torch.Generator().manual_seed((int(s) * 1_000_003 + _SEED_SALT) % (2 ** 63))
                       for s in seeds.tolist()]
 
@@ -58,14 +82,20 @@ class VLAPolicy(Policy):
         B = state.batch_size
         if self._gens is None or len(self._gens) != B:
             self.reset(state, torch.zeros(B, dtype=torch.int64))
-        if not self._states or self._states[-1] is not state:
-            self._states = (self._states + [state])[-self.raster.frames:]
-        inputs = observation_tensors(self._states, obs, self.raster)
+        frames = list(obs.recent[-self.raster.frames:]) or [state]
+        inputs = observation_tensors(frames, obs, self.raster)
         text, acts, lp_text, lp_act = self.model.sample(inputs, self.temperature, self.top_p, self._gens)
-        controls = tok.dequantize(acts.cpu())
+        if self.record:
+            from roadloop.data.collect import encode_raster
+
+            self.trace.append(DecisionRecord(obs.step, encode_raster(inputs["bev"]), inputs["history"].float(),
+                                             inputs["command"], text.cpu(), acts.cpu(), lp_text.float().cpu(),
+                                             lp_act.float().cpu(), state.speed[:, 0].float().clone(),
+                                             scene_facts(state)))
+        controls = tok.dequantize(acts.cpu(), self.model.cfg.action_chunk)
         xy, yaw, speed = dynamics.unicycle_rollout(state.xy[:, 0], state.yaw[:, 0], state.speed[:, 0], controls)
         return PolicyOutput(plan_xy=xy, plan_yaw=yaw, plan_speed=speed, controls=controls,
                             reasoning=tok.decode_batch(text.cpu()), logp=(lp_text + lp_act).float().cpu())
 
 
-__all__ = ["VLAPolicy", "observation_tensors"]
+__all__ = ["DecisionRecord", "VLAPolicy", "observation_tensors"]

@@ -11,13 +11,16 @@ the END of ``_WORDS`` only (``VOCAB_SHA`` is stored in checkpoints and checked o
 
 Actions
 -------
-Each of the 64 steps' (acceleration m/s^2, curvature 1/m) is quantised into ``ACCEL_BINS`` /
+A 6.4 s plan is 16 action tokens; each holds one (acceleration m/s^2, curvature 1/m) pair for
+``ACTION_CHUNK`` = 4 steps (0.4 s), the chunk's mean control, quantised into ``ACCEL_BINS`` /
 ``CURV_BINS`` (41) bins with non-uniform centres, dense near 0: ``c_i = max * sign(u_i) * |u_i|^2``,
 ``u_i`` uniform in [-1, 1] (accel: 0.025 m/s^2 spacing at 0, ~0.3 m/s^2 at 1.5 m/s^2, 1 m/s^2 at the
 limit; curvature: 5e-4 1/m at 0, 0.02 1/m at the limit).  ``quantize_controls`` uses error feedback
 (sigma-delta): each step's rounding error is carried into the next step, so the integrated
-speed / heading follow the continuous controls to within one bin * dt instead of drifting with a
-constant bias; the round-trip plan error for expert-like controls is a few cm (see the tests).
+speed / heading follow the continuous controls to within one bin * 0.4 s instead of drifting with
+a constant bias; the round-trip plan error for expert plans is about 0.1 m mean (see the tests and
+docs/LOG.md).  Why chunks: the decoder emits one token per 0.4 s instead of two per 0.1 s (16 vs
+128 sequential decoding steps), which is what makes a batch-1 decision fit in the latency budget.
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ def decode_batch(ids: torch.Tensor) -> list[str]:
 # actions
 
 ACCEL_BINS = 41
+ACTION_CHUNK = 4  # 0.1 s steps per action token (16 tokens for a 6.4 s plan)
 CURV_BINS = 41
 _BOUNDS = ActionBounds()
 
@@ -141,13 +145,23 @@ def _nearest(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x.contiguous(), edges.to(x.device))
 
 
-def quantize_controls(controls: torch.Tensor, feedback: bool = True) -> torch.Tensor:
-    """(B, 64, 2) accel m/s^2, curvature 1/m -> (B, 64, 2) int64 bin ids (accel bin, curvature bin).
+def chunk_controls(controls: torch.Tensor, chunk: int = ACTION_CHUNK) -> torch.Tensor:
+    """(..., 64, 2) per-step controls -> (..., 64 / chunk, 2) chunk means (what a held control must be
+    to give the same speed / heading change over the chunk, to first order)."""
+    T = controls.shape[-2]
+    if chunk < 1 or T % chunk:
+        raise ValueError(f"action chunk {chunk} must divide the {T} plan steps")
+    return controls.reshape(*controls.shape[:-2], T // chunk, chunk, 2).mean(-2)
 
-    ``feedback``: carry each step's rounding error into the next step (sigma-delta), so the
+
+def quantize_controls(controls: torch.Tensor, chunk: int = ACTION_CHUNK, feedback: bool = True) -> torch.Tensor:
+    """(B, 64, 2) accel m/s^2, curvature 1/m -> (B, 64 / chunk, 2) int64 bin ids (accel bin, curvature bin).
+
+    Each token holds one (accel, curvature) pair for ``chunk`` consecutive 0.1 s steps (the chunk's
+    mean).  ``feedback``: carry each token's rounding error into the next one (sigma-delta), so the
     integrated controls (speed, heading) stay within one bin of the originals.
     """
-    c = controls.float()
+    c = chunk_controls(controls.float(), chunk)
     ca, ck = ACCEL_CENTRES.to(c.device), CURV_CENTRES.to(c.device)
     if not feedback:
         return torch.stack((_nearest(c[..., 0], ca), _nearest(c[..., 1], ck)), -1)
@@ -163,12 +177,13 @@ def quantize_controls(controls: torch.Tensor, feedback: bool = True) -> torch.Te
     return out
 
 
-def dequantize(tokens: torch.Tensor) -> torch.Tensor:
-    """(..., 64, 2) int64 bin ids -> (..., 64, 2) float32 controls (bin centres)."""
+def dequantize(tokens: torch.Tensor, chunk: int = ACTION_CHUNK) -> torch.Tensor:
+    """(..., N, 2) int64 bin ids -> (..., N * chunk, 2) float32 per-step controls (bin centres, held)."""
     ca, ck = ACCEL_CENTRES.to(tokens.device), CURV_CENTRES.to(tokens.device)
-    return torch.stack((ca[tokens[..., 0]], ck[tokens[..., 1]]), -1)
+    c = torch.stack((ca[tokens[..., 0]], ck[tokens[..., 1]]), -1)
+    return c.repeat_interleave(chunk, dim=-2) if chunk > 1 else c
 
 
-__all__ = ["ACCEL_BINS", "ACCEL_CENTRES", "ACT_ID", "BOS_ID", "CAP_ID", "CURV_BINS", "CURV_CENTRES", "EOS_ID",
-           "PAD_ID", "UNK_ID", "VOCAB", "VOCAB_SHA", "VOCAB_SIZE", "decode", "decode_batch", "dequantize",
-           "encode", "encode_batch", "pad_batch", "quantize_controls"]
+__all__ = ["ACCEL_BINS", "ACCEL_CENTRES", "ACTION_CHUNK", "ACT_ID", "BOS_ID", "CAP_ID", "CURV_BINS",
+           "CURV_CENTRES", "EOS_ID", "PAD_ID", "UNK_ID", "VOCAB", "VOCAB_SHA", "VOCAB_SIZE", "chunk_controls",
+           "decode", "decode_batch", "dequantize", "encode", "encode_batch", "pad_batch", "quantize_controls"]

@@ -1,0 +1,104 @@
+"""Open-loop metrics of a VLA model on held-out demonstrations.
+
+For each demonstration the model decodes one greedy output (the policy's deterministic answer) and
+K sampled outputs (temperature / top-p as configured, one generator per sample and draw, so the
+numbers do not depend on the batch size):
+
+* ``min_ade`` / ``min_fde`` (m): minADE_K / minFDE_K over 6.4 s: the sampled plans (dequantised
+  controls rolled out with the unicycle model from the ego's current speed) against the expert's
+  64 waypoints, best of K (K = 6 by default); ``ade`` / ``fde``: the greedy plan's errors.
+* ``decision_acc``: the decision parsed from the greedy text equals the label's (longitudinal,
+  lateral) meta-actions (unparseable text counts as wrong).
+* ``grounding``: the greedy text is grounded in the recorded scene facts (``reasoning.checks``).
+* ``consistency``: the greedy text's decision equals the meta-actions of the greedy trajectory.
+
+All four text metrics judge free text against ground truth, never against the label's wording.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from roadloop.data.dataset import DemoTensors
+from roadloop.policies.vla import tokenizer as tok
+from roadloop.policies.vla.model import VLAModel
+from roadloop.reasoning.checks import consistency, grounding, parse_coc
+from roadloop.reasoning.meta_action import meta_actions
+from roadloop.sim import dynamics
+
+
+def plans_from_tokens(actions: torch.Tensor, speed: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(B, N, 2) action bins + current speed (B,) m/s -> (B, 64, 2) ego-frame waypoints (m)."""
+    B = actions.shape[0]
+    ctrl = tok.dequantize(actions.cpu(), chunk)
+    return dynamics.unicycle_rollout(torch.zeros(B, 2), torch.zeros(B), speed.float(), ctrl)[0]
+
+
+def model_inputs(demos: DemoTensors, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Observation tensors of the samples ``idx``: ``bev``, ``history``, ``command``."""
+    return {"bev": demos.bev(idx), "history": demos.history[idx], "command": demos.command[idx]}
+
+
+def score_outputs(demos: DemoTensors, idx: torch.Tensor, text_ids: torch.Tensor, actions: torch.Tensor,
+                  chunk: int) -> dict[str, torch.Tensor]:
+    """Per-sample scores (B,) of one output per sample (text ids (B, L), action bins (B, N, 2)):
+    ``ade``, ``fde`` (m), ``decision_acc``, ``grounding``, ``consistency`` (0 / 1), ``text_len``."""
+    B = idx.numel()
+    wp, sp = demos.waypoints[idx], demos.speed[idx]
+    xy = plans_from_tokens(actions, sp, chunk)
+    err = torch.linalg.vector_norm(xy - wp, dim=-1)
+    texts = tok.decode_batch(text_ids.cpu())
+    lon, lat = meta_actions(torch.zeros(B, 2), torch.zeros(B), sp, xy)
+    facts = demos.scene_facts(idx)
+    acc, gr, co, tl = (torch.zeros(B) for _ in range(4))
+    for b, t in enumerate(texts):
+        p = parse_coc(t)
+        acc[b] = float(p is not None and int(p.lon) == int(demos.lon[idx[b]]) and int(p.lat) == int(demos.lat[idx[b]]))
+        gr[b] = float(grounding(t, None, b, facts))
+        co[b] = float(consistency(t, lon[b], lat[b]))
+        tl[b] = len(tok.encode(t))
+    return {"ade": err.mean(1), "fde": err[:, -1], "decision_acc": acc, "grounding": gr, "consistency": co,
+            "text_len": tl}
+
+
+@torch.no_grad()
+def openloop_metrics(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | None = None, k: int = 6,
+                     temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
+                     batch_size: int = 64) -> dict[str, float]:
+    """Metrics (module docstring) over the samples ``idx`` (default: all).  Returns floats."""
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(len(demos)) if idx is None else idx
+    if idx.numel() == 0:
+        raise ValueError("openloop_metrics: no samples")
+    chunk = model.cfg.action_chunk
+    sums: dict[str, float] = {"min_ade": 0.0, "min_fde": 0.0}
+    n = 0
+    for start in range(0, idx.numel(), batch_size):
+        bi = idx[start:start + batch_size]
+        B = bi.numel()
+        obs = model_inputs(demos, bi)
+        text, acts, _, _ = model.sample(obs, temperature=0.0)
+        for key, v in score_outputs(demos, bi, text, acts, chunk).items():
+            sums[key] = sums.get(key, 0.0) + float(v.sum())
+        if k > 0:
+            rep = {key: v.repeat_interleave(k, 0) for key, v in obs.items()}
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i) * 101 + j)
+                    for i in bi.tolist() for j in range(k)]
+            _, sacts, _, _ = model.sample(rep, temperature=temperature, top_p=top_p, generator=gens)
+            s_xy = plans_from_tokens(sacts, demos.speed[bi].repeat_interleave(k), chunk).view(B, k, -1, 2)
+            serr = torch.linalg.vector_norm(s_xy - demos.waypoints[bi].unsqueeze(1), dim=-1)  # (B, k, 64)
+            sums["min_ade"] += float(serr.mean(-1).amin(1).sum())
+            sums["min_fde"] += float(serr[..., -1].amin(1).sum())
+        n += B
+    model.train(was_training)
+    out = {key: v / n for key, v in sums.items()}
+    if k <= 0:
+        out["min_ade"] = out["min_fde"] = math.nan
+    out["n"] = float(n)
+    return out
+
+
+__all__ = ["model_inputs", "openloop_metrics", "plans_from_tokens", "score_outputs"]

@@ -1,0 +1,270 @@
+"""Imitation pre-training of the VLA policy on expert demonstrations (``roadloop train il``).
+
+Loss: next-token cross-entropy on the Chain-of-Causation text (teacher forcing) plus
+``action_weight`` x cross-entropy on the 16 (accel, curvature) chunk tokens of the expert's
+64-step controls (``tokenizer.quantize_controls``).  AdamW, linear warm-up then cosine decay,
+gradient clipping.
+
+Resilience: the run directory holds ``config.yaml`` (resolved config), ``run.json`` (tracker run
+id, dataset hash) and trainer checkpoints (``roadloop.train.checkpointing``: weights, optimizer,
+RNG, data-order position) every ``ckpt_every`` steps; ``resume=True`` continues from the newest
+one and loses at most the steps since it.  A non-finite loss or gradient skips the step and
+restores the last good state (``GoodState``); ``max_bad_steps`` in a row stop the run.  The final
+model goes to ``<out>/final`` (``save_checkpoint``: safetensors + config.json with the dataset
+hash and the open-loop metrics) and is what ``roadloop eval --policy <out>/final`` drives.
+
+Time budget: ``time_limit_min`` stops training early (the schedule is NOT shortened, so a run
+that hits it ends at a higher learning rate than planned; the LOG records which runs did).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from roadloop.config import to_dict, to_yaml
+from roadloop.data.dataset import DemoTensors, load_demos
+from roadloop.errors import ConfigError, RoadloopError
+from roadloop.eval.openloop import model_inputs, openloop_metrics
+from roadloop.io import atomic_write_text
+from roadloop.policies.vla import tokenizer as tok
+from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
+from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
+
+
+@dataclass
+class ModelSpec:
+    preset: str = "default"  # tiny / default / large (VLAConfig.preset)
+    dropout: float = 0.0
+
+
+@dataclass
+class ILConfig:
+    data: str = "~/.roadloop/data/demos"  # demonstration directory (roadloop data collect)
+    val_data: str | None = None  # held-out demonstrations (e.g. the val suites); None: split of ``data``
+    val_fraction: float = 0.1  # share of ``data``'s scenarios held out when val_data is None
+    out: str = "~/.roadloop/runs/il"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    epochs: float = 6.0
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_frac: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    action_weight: float = 1.0
+    time_limit_min: float = 28.0  # stop early (with a checkpoint) past this wall time; <= 0: none
+    log_every: int = 25
+    ckpt_every: int = 250
+    eval_every: int = 1000  # open-loop metrics on eval_samples held-out samples; 0: only at the end
+    eval_samples: int = 256
+    final_eval_samples: int = 1024
+    eval_k: int = 6
+    seed: int = 0
+    device: str = "cpu"
+    max_bad_steps: int = 20
+    track: bool = True
+    experiment: str = "roadloop-il"
+
+    def validate(self) -> ILConfig:
+        for name in ("batch_size", "log_every", "ckpt_every", "eval_samples", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"il.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.epochs > 0 or not self.lr > 0:
+            raise ConfigError(f"il.epochs and il.lr must be > 0, got {self.epochs}, {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"il.val_fraction must be in (0, 1), got {self.val_fraction}")
+        VLAConfig.preset(self.model.preset)
+        return self
+
+
+@dataclass
+class TokenizedDemos:
+    """Demonstrations + their model targets (text ids (N, L), action bins (N, n_action, 2))."""
+
+    demos: DemoTensors
+    text: torch.Tensor
+    actions: torch.Tensor
+
+    @staticmethod
+    def build(demos: DemoTensors, cfg: VLAConfig) -> TokenizedDemos:
+        return TokenizedDemos(demos, tok.encode_batch(demos.text, cfg.max_text_len),
+                              tok.quantize_controls(demos.controls, cfg.action_chunk))
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Model batch (teacher forcing) of the samples ``idx``."""
+        return {**model_inputs(self.demos, idx), "text": self.text[idx], "actions": self.actions[idx]}
+
+
+def lr_at(step: int, total: int, cfg: ILConfig) -> float:
+    """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_lr_frac`` x lr at ``total``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of one epoch (a pure function of seed and epoch, so resuming replays it)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+def imitation_loss(model: VLAModel, batch: dict, action_weight: float) -> dict[str, torch.Tensor]:
+    return model.loss(batch, action_weight=action_weight)
+
+
+@dataclass
+class ILResult:
+    checkpoint: Path
+    steps: int
+    seconds: float
+    samples_per_s: float
+    metrics: dict[str, float]
+    run_id: str
+    stopped_early: bool
+
+
+def _make_tracker(cfg: ILConfig, run_dir: Path, resume_id: str | None):
+    from roadloop.train.tracking import Tracker
+
+    if not cfg.track:
+        return Tracker.disabled()
+    return Tracker(cfg.experiment, run_name=run_dir.name, run_id=resume_id)
+
+
+def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
+             log: Callable[[str], None] = print) -> ILResult:
+    """Train (or resume) an imitation run; see the module docstring.  Returns where the model went."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.out).expanduser()
+    run_json = run_dir / "run.json"
+    prev = json.loads(run_json.read_text()) if resume and run_json.is_file() else {}
+    if not resume and (run_dir / "latest").exists():
+        raise RoadloopError(f"{run_dir} already holds a training run; pass --resume to continue it or choose "
+                            "another --out")
+    train_all = load_demos(cfg.data)
+    vcfg = VLAConfig.preset(cfg.model.preset)
+    vcfg = VLAConfig(**{**to_dict(vcfg), "dropout": cfg.model.dropout})
+    if prev and prev.get("dataset") != train_all.content_hash:
+        raise RoadloopError(f"{cfg.data}: dataset hash {train_all.content_hash[:12]} differs from the one this run "
+                            f"started on ({str(prev.get('dataset'))[:12]}); not resuming on other data")
+    data = TokenizedDemos.build(train_all, vcfg)
+    if cfg.val_data:
+        val = load_demos(cfg.val_data)
+        train_idx = torch.arange(len(train_all))
+        val_idx = torch.arange(len(val))
+    else:
+        val = train_all
+        train_idx, val_idx = train_all.split(cfg.val_fraction)
+    if train_idx.numel() == 0 or val_idx.numel() == 0:
+        raise RoadloopError(f"need both training and held-out samples, got {train_idx.numel()} / {val_idx.numel()}")
+    g = torch.Generator().manual_seed(cfg.seed)
+    ev_idx = val_idx[torch.randperm(val_idx.numel(), generator=g)[:cfg.eval_samples]]
+    fin_idx = val_idx[torch.randperm(val_idx.numel(), generator=g)[:cfg.final_eval_samples]]
+
+    torch.manual_seed(cfg.seed)
+    model = VLAModel(vcfg).to(cfg.device).train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    steps_per_epoch = max(1, train_idx.numel() // cfg.batch_size)
+    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    step, elapsed = 0, 0.0
+    state = load_train_state(run_dir, model, opt) if resume else None
+    if state is not None:
+        step = int(state["step"])
+        elapsed = float(state["extra"].get("elapsed", 0.0))
+        log(f"resumed {state['path']} at step {step}/{total}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    tracker = _make_tracker(cfg, run_dir, prev.get("run_id"))
+    atomic_write_text(run_json, json.dumps({"run_id": tracker.run_id, "dataset": train_all.content_hash,
+                                            "val_dataset": val.content_hash}, indent=1))
+    with tracker:
+        if state is None:
+            tracker.log_params({"il": to_dict(cfg), "model": to_dict(vcfg), "params": param_count(model),
+                                "dataset": train_all.content_hash, "val_dataset": val.content_hash,
+                                "n_train": int(train_idx.numel()), "n_val": int(val_idx.numel())})
+        good = GoodState(model, opt)
+        good.snapshot(step)
+        bad_run = 0
+        t0 = time.perf_counter() - elapsed
+        seen = 0
+        tick = time.perf_counter()
+        stopped_early = False
+        while step < total:
+            epoch, pos = divmod(step, steps_per_epoch)
+            order = epoch_order(train_idx.numel(), cfg.seed, epoch)
+            bi = train_idx[order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
+            for gr in opt.param_groups:
+                gr["lr"] = lr_at(step, total, cfg)
+            out = imitation_loss(model, data.batch(bi), cfg.action_weight)
+            opt.zero_grad(set_to_none=True)
+            try:
+                check_finite(out["loss"], model)
+                out["loss"].backward()
+                check_finite(out["loss"], model)
+            except NonFiniteError as e:
+                bad_run += 1
+                good.restore()
+                log(f"step {step}: {e}; restored the last good state ({bad_run} in a row)")
+                tracker.log_metrics({"nonfinite_steps": good.restores}, step)
+                if bad_run >= cfg.max_bad_steps:
+                    raise RoadloopError(f"{bad_run} non-finite steps in a row at step {step}: stopping "
+                                        f"(last good checkpoint in {run_dir})") from e
+                step += 1
+                continue
+            bad_run = 0
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            step += 1
+            seen += bi.numel()
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                sps = seen / max(now - tick, 1e-9)
+                seen, tick = 0, now
+                m = {"loss": float(out["loss"].detach()), "text_loss": float(out["text_loss"].detach()),
+                     "action_loss": float(out["action_loss"].detach()), "lr": opt.param_groups[0]["lr"],
+                     "grad_norm": float(gnorm), "samples_per_s": sps}
+                tracker.log_metrics(m, step)
+                if on_progress:
+                    on_progress(step, total, m)
+            if step % cfg.ckpt_every == 0 or step == total:
+                good.snapshot(step)
+                save_train_state(run_dir, step, model, opt,
+                                 extra={"elapsed": time.perf_counter() - t0, "total": total}, keep=2)
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                om = openloop_metrics(model, val, ev_idx, k=cfg.eval_k, seed=cfg.seed)
+                tracker.log_metrics({f"val/{k}": v for k, v in om.items()}, step)
+                log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in om.items() if k != "n"))
+            if cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min and step < total:
+                log(f"time limit {cfg.time_limit_min} min reached at step {step}/{total}: stopping")
+                save_train_state(run_dir, step, model, opt,
+                                 extra={"elapsed": time.perf_counter() - t0, "total": total}, keep=2)
+                stopped_early = True
+                break
+        train_s = time.perf_counter() - t0
+        om = openloop_metrics(model, val, fin_idx, k=cfg.eval_k, seed=cfg.seed)
+        tracker.log_metrics({f"val/{k}": v for k, v in om.items()}, step)
+        sps = step * cfg.batch_size / max(train_s, 1e-9)
+        final = save_checkpoint(model.eval(), run_dir / "final",
+                                extra={"dataset": train_all.content_hash, "val_dataset": val.content_hash,
+                                       "trainer": "il", "steps": step, "run_id": tracker.run_id,
+                                       "train_seconds": round(train_s, 1), "openloop": om, "config": to_dict(cfg)})
+        tracker.log_metrics({"train_seconds": train_s, "samples_per_s_mean": sps}, step)
+        tracker.set_tags({"checkpoint": str(final), "stopped_early": stopped_early})
+    log(f"trained {step} steps in {train_s / 60:.1f} min ({sps:.0f} samples/s) -> {final} "
+        f"(total {(time.perf_counter() - t_start) / 60:.1f} min)")
+    return ILResult(final, step, train_s, sps, om, tracker.run_id, stopped_early)
+
+
+__all__ = ["ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "epoch_order", "imitation_loss", "lr_at",
+           "train_il"]

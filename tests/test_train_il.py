@@ -1,0 +1,150 @@
+"""Imitation trainer: learning, checkpoints + exact resume, tracking in MLflow (real SQLite store),
+open-loop metrics, and closed-loop evaluation of the trained checkpoint through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from roadloop.data import collect
+from roadloop.data.dataset import load_demos
+from roadloop.errors import RoadloopError
+from roadloop.eval.openloop import openloop_metrics, score_outputs
+from roadloop.policies import get_policy
+from roadloop.policies.vla import tokenizer as tok
+from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint
+from roadloop.policies.vla.policy import VLAPolicy
+from roadloop.train.il import ILConfig, ModelSpec, TokenizedDemos, train_il
+from roadloop.train.tracking import read_metrics
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("il_demos")
+    collect(["smoke"], d, every=5, max_scenarios=4, batch_size=4, max_steps=40)
+    return d
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROADLOOP_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ROADLOOP_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+def _cfg(demos, out, **kw) -> ILConfig:
+    base = dict(data=str(demos), val_data=str(demos), out=str(out), model=ModelSpec(preset="tiny"), epochs=40.0,
+                batch_size=8, lr=3e-3, warmup_steps=5, log_every=5, ckpt_every=10, eval_every=0, eval_samples=8,
+                final_eval_samples=8, eval_k=2, time_limit_min=0.0)
+    base.update(kw)
+    return ILConfig(**base)
+
+
+def test_training_learns_and_is_tracked(demos, home, tmp_path):
+    torch.manual_seed(0)
+    init = {k: v.clone() for k, v in VLAModel(VLAConfig.preset("tiny")).state_dict().items()}
+    res = train_il(_cfg(demos, tmp_path / "run"), log=lambda m: None)
+    losses = [v for _, v in read_metrics(res.run_id, "loss")]
+    assert len(losses) >= 5 and losses[-1] < 0.5 * losses[0]  # the loss moves
+    model, meta = load_checkpoint(res.checkpoint)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, init[k])]
+    assert set(changed) == set(init)  # every tensor was trained
+    assert meta["extra"]["dataset"] == load_demos(demos).content_hash and meta["extra"]["trainer"] == "il"
+    om = res.metrics
+    for k in ("decision_acc", "grounding", "consistency"):
+        assert 0.0 <= om[k] <= 1.0
+    assert math.isfinite(om["min_ade"]) and math.isfinite(om["ade"])
+    assert read_metrics(res.run_id, "val/min_ade")  # open-loop metrics reach the tracker
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["run_id"] == res.run_id
+
+
+def test_interrupted_run_resumes_to_the_same_weights(demos, home, tmp_path):
+    full = train_il(_cfg(demos, tmp_path / "full", epochs=6.0), log=lambda m: None)
+
+    class Stop(Exception):
+        pass
+
+    def boom(step, total, m):
+        if step >= 15:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_il(_cfg(demos, tmp_path / "cut", epochs=6.0, log_every=1), on_progress=boom, log=lambda m: None)
+    assert not (tmp_path / "cut" / "final").exists()
+    with pytest.raises(RoadloopError, match="--resume"):
+        train_il(_cfg(demos, tmp_path / "cut", epochs=6.0), log=lambda m: None)
+    msgs = []
+    res = train_il(_cfg(demos, tmp_path / "cut", epochs=6.0), resume=True, log=msgs.append)
+    assert any("resumed" in m and "step 10" in m for m in msgs)  # last checkpoint before the interruption
+    a, _ = load_checkpoint(full.checkpoint)
+    b, _ = load_checkpoint(res.checkpoint)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k  # bit-identical to the uninterrupted run
+    assert res.run_id == json.loads((tmp_path / "cut" / "run.json").read_text())["run_id"]
+
+
+def test_bad_inputs(demos, home, tmp_path):
+    with pytest.raises(RoadloopError, match="no demonstration manifest"):
+        train_il(_cfg(tmp_path / "nowhere", tmp_path / "r1"), log=lambda m: None)
+    with pytest.raises(RoadloopError, match="unknown VLA preset"):
+        train_il(_cfg(demos, tmp_path / "r2", model=ModelSpec(preset="huge")), log=lambda m: None)
+    # a shard that no longer matches its manifest
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in demos.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    shard = sorted(bad.glob("shard-*.npz"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(RoadloopError, match="hash does not match"):
+        train_il(_cfg(bad, tmp_path / "r3"), log=lambda m: None)
+
+
+def test_openloop_scores_of_the_labels_themselves(demos):
+    """The metric code judges the expert's own output (label text + quantised controls) as right:
+    decision accuracy 1, grounded, consistent, and a plan within the quantisation error."""
+    d = load_demos(demos)
+    cfg = VLAConfig.preset("tiny")
+    td = TokenizedDemos.build(d, cfg)
+    idx = torch.arange(len(d))
+    sc = score_outputs(d, idx, td.text, td.actions, cfg.action_chunk)
+    assert float(sc["decision_acc"].mean()) == 1.0 and float(sc["grounding"].mean()) >= 0.95
+    assert float(sc["consistency"].mean()) >= 0.9 and float(sc["ade"].mean()) < 0.3
+    # a hallucinated pedestrian is not grounded, garbage is neither grounded nor consistent
+    lie = tok.encode_batch(["A pedestrian is crossing about 3 m away, so stop."] * len(d), cfg.max_text_len)
+    sc = score_outputs(d, idx, lie, td.actions, cfg.action_chunk)
+    assert float(sc["grounding"].mean()) < 0.5
+    junk = torch.full((len(d), cfg.max_text_len), tok.UNK_ID)
+    sc = score_outputs(d, idx, junk, td.actions, cfg.action_chunk)
+    assert float(sc["grounding"].sum()) == 0 and float(sc["consistency"].sum()) == 0
+    om = openloop_metrics(VLAModel(cfg), d, k=2)  # an untrained model: runs, scores in range
+    assert 0 <= om["decision_acc"] <= 1 and math.isfinite(om["min_ade"])
+
+
+def test_cli_train_then_closed_loop_eval(demos, home, tmp_path):
+    from typer.testing import CliRunner
+
+    from roadloop.cli import app
+
+    out = tmp_path / "cli_run"
+    r = CliRunner().invoke(app, ["--threads", "1", "train", "il", "model.preset=tiny", "epochs=2", "batch_size=8",
+                                 "eval_every=0", "final_eval_samples=8", "eval_k=2", "--data", str(demos),
+                                 "--val-data", str(demos), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "decision_acc" in r.output and str(out / "final") in r.output
+    pol = get_policy(str(out / "final"))
+    assert isinstance(pol, VLAPolicy) and pol.replan_every == 5
+    rj = tmp_path / "eval.json"
+    r = CliRunner().invoke(app, ["--threads", "1", "eval", "--policy", str(out / "final"), "--suite", "smoke",
+                                 "--json", str(rj)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(rj.read_text())
+    assert rep["policy"].startswith("vla@") and rep["overall"]["score"]["n"] == 10
+    r = CliRunner().invoke(app, ["train", "il", "lr=abc", "--data", str(demos), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "lr" in r.output
+    r = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "nope"), "--suite", "smoke"])
+    assert r.exit_code == 2 and "unknown policy" in r.output
