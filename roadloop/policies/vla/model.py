@@ -210,8 +210,11 @@ class VLAModel(nn.Module):
         cfg = self.cfg
         bev = obs["bev"].to(self.device, self.pos_emb.dtype)
         B = bev.shape[0]
-        img = bev.reshape(B, cfg.frames * cfg.raster_channels, cfg.raster_size, cfg.raster_size)
-        vis = self.patch(img).flatten(2).transpose(1, 2)  # (B, Np, d)
+        C, P, n = cfg.frames * cfg.raster_channels, cfg.patch, cfg.raster_size // cfg.patch
+        # the stride = kernel Conv2d as one matmul over unfolded patches (same weights; ~1.7x faster
+        # forward + backward on CPU than the convolution)
+        x = bev.reshape(B, C, n, P, n, P).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * P * P)
+        vis = F.linear(x, self.patch.weight.reshape(self.patch.out_channels, -1), self.patch.bias)  # (B, Np, d)
         hist = obs["history"].to(self.device, self.pos_emb.dtype) * self.hist_scale
         h = self.history(hist.reshape(B, -1)).unsqueeze(1)
         c = self.command(obs["command"].to(self.device)).unsqueeze(1)

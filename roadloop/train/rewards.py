@@ -1,0 +1,167 @@
+"""Rewards of the closed-loop post-training (GRPO): a weighted sum of per-rollout driving metrics, plus
+per-decision reasoning rewards.
+
+Driving reward, one value per rollout (weights ``w_*`` from ``RewardConfig``)::
+
+    R_drive = w_progress * clamp(progress, 0, 1)
+            + w_collision * collision_at_fault + w_offroad * offroad
+            + w_dist_to_log * xy_rmse_to_log
+            + w_comfort * comfort_violation + w_red_light * red_light + w_wrong_way * wrong_way
+
+Terms (all from ``roadloop.eval.metrics`` over the scored steps, i.e. after the log-replay warm-up):
+
+==================  =====  ===========  ============================================================
+term                unit   range        meaning
+==================  =====  ===========  ============================================================
+progress            -      [0, 1]       ego route progress over the AlpaSim-kept window / the logged
+                                        ego's over the scored horizon (1 when the log moves < 5 m);
+                                        clamped to [0, 1] as in the AlpaSim score
+collision           -      {0, 1}       an at-fault collision (front or lateral; being rear-ended
+                                        is not at fault)
+offroad             -      {0, 1}       a corner of the ego box left the drivable area
+dist_to_log         m      [0, inf)     XY-RMSE between the ego and its logged position over the
+                                        AlpaSim-kept window (truncated at the first incident or
+                                        4 m from the log, so in practice <= 4 m); 0 without a log
+comfort             -      {0, 1}       any nuPlan comfort bound exceeded
+red_light           -      {0, 1}       crossed a stop line on red
+wrong_way           -      {0, 1}       drove against the lane direction
+==================  =====  ===========  ============================================================
+
+Reasoning rewards, one value per decision (2 Hz), each in {0, 1}::
+
+    r_reason = w_grounding * grounding + w_consistency * consistency
+
+* grounding: every scene component the sampled CoC text mentions exists as stated in the facts
+  recorded at that decision (``reasoning.checks.grounding``); unparseable text scores 0.
+* consistency: the decision parsed from the text equals the meta-actions of the sampled plan
+  (``meta_actions`` of ``plans_from_tokens(actions, speed, chunk)``, ego frame, origin at the ego).
+
+Presets: ``progress_safety`` is AlpaGym's (REFERENCE 1.3): progress x 1, collision x -10,
+off-road x -5, XY-RMSE to the log x -0.01 (AlpaGym penalises ``collision_any``; here only at-fault
+collisions, as in the AlpaSim score, so being rear-ended is not punished).  ``default`` adds comfort
+x -0.5, red light x -5, wrong way x -1 and the reasoning rewards grounding x 0.5, consistency x 0.5
+(combined with the driving reward, as Alpamayo-R1 found reasoning-only rewards hurt driving).
+
+A rollout the policy failed (it raised or returned NaN; its metrics are NaN) gets the worst driving
+reward the weights allow (every negative indicator term on, progress 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from roadloop.errors import ConfigError
+from roadloop.eval.metrics import EpisodeView, compute_metrics
+from roadloop.rollout import Rollout
+from roadloop.sim.datatypes import Scenario
+
+DRIVING_TERMS = ("progress", "collision", "offroad", "dist_to_log", "comfort", "red_light", "wrong_way")
+REASONING_TERMS = ("grounding", "consistency")
+TERMS = DRIVING_TERMS + REASONING_TERMS
+# metric behind each indicator / ratio term (``dist_to_log`` is computed here: RMSE, not the metric's mean)
+_METRIC_OF = {"progress": "progress", "collision": "collision_at_fault", "offroad": "offroad",
+              "comfort": "comfort_violation", "red_light": "red_light", "wrong_way": "wrong_way"}
+
+PRESETS: dict[str, dict[str, float]] = {
+    "progress_safety": {"progress": 1.0, "collision": -10.0, "offroad": -5.0, "dist_to_log": -0.01, "comfort": 0.0,
+                        "red_light": 0.0, "wrong_way": 0.0, "grounding": 0.0, "consistency": 0.0},
+    "default": {"progress": 1.0, "collision": -10.0, "offroad": -5.0, "dist_to_log": -0.01, "comfort": -0.5,
+                "red_light": -5.0, "wrong_way": -1.0, "grounding": 0.5, "consistency": 0.5},
+}
+
+
+@dataclass
+class RewardConfig:
+    """Reward weights.  ``preset`` gives every weight; a weight set here (not None) overrides the preset's."""
+
+    preset: str = "default"  # progress_safety / default
+    progress: float | None = None  # x clamp(progress, 0, 1)
+    collision: float | None = None  # x at-fault collision {0, 1}
+    offroad: float | None = None  # x off-road {0, 1}
+    dist_to_log: float | None = None  # x XY-RMSE to the log (m)
+    comfort: float | None = None  # x comfort violation {0, 1}
+    red_light: float | None = None  # x red-light violation {0, 1}
+    wrong_way: float | None = None  # x wrong-way driving {0, 1}
+    grounding: float | None = None  # x grounded text {0, 1}, per decision
+    consistency: float | None = None  # x text decision == plan meta-actions {0, 1}, per decision
+
+    @staticmethod
+    def of(preset: str, **weights: float) -> RewardConfig:
+        return RewardConfig(preset=preset, **weights).validate()
+
+    def weights(self) -> dict[str, float]:
+        """Every term's weight (preset <- overrides)."""
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown reward preset '{self.preset}'; known: {', '.join(sorted(PRESETS))}")
+        base = PRESETS[self.preset]
+        return {k: float(base[k] if getattr(self, k) is None else getattr(self, k)) for k in TERMS}
+
+    def validate(self) -> RewardConfig:
+        w = self.weights()
+        bad = [k for k, v in w.items() if v != v or abs(v) == float("inf")]
+        if bad:
+            raise ConfigError(f"reward weight(s) {bad} must be finite")
+        if all(v == 0.0 for v in w.values()):
+            over = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name != "preset" and getattr(self, f.name) is not None}
+            raise ConfigError(f"every reward weight is zero (preset '{self.preset}', overrides {over}): "
+                              "nothing to learn from")
+        return self
+
+    @property
+    def uses_reasoning(self) -> bool:
+        w = self.weights()
+        return any(w[k] != 0.0 for k in REASONING_TERMS)
+
+
+def xy_rmse_to_log(ro: Rollout, scenarios: Scenario) -> torch.Tensor:
+    """(B,) m: RMSE of the ego's distance to its logged position over the AlpaSim-kept window (0 without a log)."""
+    v = EpisodeView(ro, scenarios)
+    d = ro.checks.dist_to_log
+    ok = v.keep & torch.isfinite(d)
+    sq = torch.where(ok, torch.nan_to_num(d, nan=0.0) ** 2, torch.zeros_like(d)).sum(0)
+    return torch.sqrt(sq / ok.sum(0).clamp_min(1))
+
+
+def driving_reward(ro: Rollout, scenarios: Scenario, cfg: RewardConfig,
+                   metrics: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-rollout driving reward (B,) and its weighted terms {term: (B,)} (module docstring)."""
+    w = cfg.weights()
+    m = metrics if metrics is not None else compute_metrics(ro, scenarios, list(_METRIC_OF.values()))
+    raw = {k: m[name].float() for k, name in _METRIC_OF.items()}
+    raw["progress"] = raw["progress"].clamp(0.0, 1.0)
+    raw["dist_to_log"] = xy_rmse_to_log(ro, scenarios)
+    terms = {k: w[k] * raw[k] for k in DRIVING_TERMS}
+    total = torch.stack(list(terms.values())).sum(0)
+    worst = sum(min(w[k], 0.0) for k in DRIVING_TERMS if k not in ("progress", "dist_to_log"))
+    worst += 4.0 * min(w["dist_to_log"], 0.0)
+    total = torch.where(ro.failed | ~torch.isfinite(total), torch.full_like(total, worst), total)
+    return total, terms
+
+
+def reasoning_flags(texts: list[str], actions: torch.Tensor, speed: torch.Tensor, facts, chunk: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grounding and consistency (B,) bool of one decision's sampled texts and action bins (B, N, 2)."""
+    from roadloop.eval.openloop import plans_from_tokens
+    from roadloop.reasoning.checks import consistency, grounding
+    from roadloop.reasoning.meta_action import meta_actions
+
+    B = len(texts)
+    plan = plans_from_tokens(actions, speed, chunk)
+    lon, lat = meta_actions(torch.zeros(B, 2), torch.zeros(B), speed.float(), plan)
+    g = torch.tensor([grounding(t, None, b, facts) for b, t in enumerate(texts)], dtype=torch.bool)
+    c = torch.tensor([consistency(t, lon[b], lat[b]) for b, t in enumerate(texts)], dtype=torch.bool)
+    return g, c
+
+
+def reasoning_reward(grounded: torch.Tensor, consistent: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
+    """Per-decision reasoning reward (same shape as the flags)."""
+    w = cfg.weights()
+    return w["grounding"] * grounded.float() + w["consistency"] * consistent.float()
+
+
+__all__ = ["DRIVING_TERMS", "PRESETS", "REASONING_TERMS", "RewardConfig", "driving_reward", "reasoning_flags",
+           "reasoning_reward", "xy_rmse_to_log"]

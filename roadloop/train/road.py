@@ -1,0 +1,450 @@
+"""RoaD: Rollouts as Demonstrations (arXiv 2512.01993, REFERENCE 1.4), ``roadloop train road``.
+
+Closed-loop *supervised* fine-tuning.  Each round:
+
+1. **Guided rollouts**: the policy drives ``scenarios_per_round`` scenarios in closed loop through the
+   one rollout engine, wrapped in ``ClosestOfK``: at every replanning step (2 Hz) it samples K
+   candidate outputs (CoC text + action tokens) from the same observation, the privileged ``Expert``
+   plans from the same state, and the candidate whose plan is closest to the expert's (ADE over
+   the first ``horizon_s`` seconds) is committed and executed.  Every committed (observation, text,
+   action tokens) is recorded.
+2. **Imitation** on those pairs with the ordinary imitation loss (``VLAModel.loss``: text
+   cross-entropy + ``action_weight`` x action-token cross-entropy, as ``roadloop.train.il``) for
+   ``epochs`` passes, AdamW, gradient clipping.  With ``aggregate`` the demonstrations of every
+   round so far are used (written to ``<out>/demos/round-NNNN.npz``, so a resumed run has them).
+
+The imitation loss of the round's own demonstrations is measured before and after its update
+(``road/loss_before``, ``road/loss_after``): the sign that the policy moved towards its best
+on-policy samples.
+
+Resilience as in ``roadloop.train.il``: config.yaml + run.json (lineage), a trainer checkpoint after
+every round (weights, optimizer, RNG), ``resume=True`` loses at most the round in progress; the
+round's scenarios and seeds are functions of (seed, round).  Non-finite steps restore the last good
+state (``GoodState``).  Final model to ``<out>/final`` with lineage.
+
+Departures from the paper:
+
+* K = 16 candidates by default (the reimplementation uses 64), to fit a CPU budget; temperature 0.8,
+  2 s ADE horizon as in the reimplementation.
+* The expert is roadloop's privileged PDM-Closed-style planner run on the same observation (the
+  paper's expert continuation is the logged human trajectory); the committed candidate's own
+  reasoning text is the text target (no re-labelling).
+* All committed decisions are kept, including those after an incident (none is filtered); failed
+  rollouts (the policy raised) are dropped.
+* Dropout follows the checkpoint's config while learning (model in train mode); the constant ``lr``
+  has no schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from roadloop.config import to_dict, to_yaml
+from roadloop.errors import ConfigError, RoadloopError
+from roadloop.io import atomic_write_bytes, atomic_write_text
+from roadloop.policies.base import Observation, Policy, PolicyOutput
+from roadloop.policies.vla import tokenizer as tok
+from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint, param_count, save_checkpoint
+from roadloop.sim import dynamics
+from roadloop.sim.datatypes import Scenario, SimState
+from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
+from roadloop.train.grpo import check_init_model, decode_bev, evaluate_model, load_pool, pick_scenarios
+
+_SEED_SALT = 0x0A0D_5EED
+
+
+@dataclass
+class RoaDConfig:
+    init: str = ""  # init VLA checkpoint (e.g. <il run>/final)
+    model_preset: str | None = None  # the init checkpoint must have this architecture (None: any)
+    out: str = "~/.roadloop/runs/road"
+    suites: str = "train"  # comma-separated suite names or directories
+    families: str = ""  # comma-separated families to keep (empty: all)
+    max_scenarios: int = 0  # keep the first N scenarios of the pool (0: all)
+    scenarios_per_round: int = 32
+    rounds: int = 4
+    k: int = 16  # candidates per decision
+    temperature: float = 0.8  # candidate sampling
+    top_p: float = 1.0
+    horizon_s: float = 2.0  # s, ADE horizon of the candidate / expert comparison
+    max_steps: int | None = 80  # closed-loop steps per rollout incl. warm-up (None: the whole log)
+    replan_every: int = 5  # 2 Hz
+    epochs: int = 2  # passes over the demonstrations per round
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    action_weight: float = 1.0
+    aggregate: bool = True  # train on every round's demonstrations so far (else this round's only)
+    eval_every: int = 1  # rounds between closed-loop evaluations (0: none)
+    eval_suite: str = "val"
+    eval_scenarios: int = 40
+    eval_temperature: float = 1.0
+    eval_top_p: float = 0.95
+    time_limit_min: float = 0.0
+    max_bad_steps: int = 20
+    seed: int = 0
+    device: str = "cpu"
+    track: bool = True
+    experiment: str = "roadloop-road"
+
+    def validate(self) -> RoaDConfig:
+        for name in ("scenarios_per_round", "k", "epochs", "batch_size", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"road.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("rounds", "eval_every", "max_scenarios", "eval_scenarios"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"road.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("temperature", "lr", "grad_clip", "horizon_s"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"road.{name} must be > 0, got {v}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"road.top_p must be in (0, 1], got {self.top_p}")
+        if not 1 <= self.replan_every <= 64:
+            raise ConfigError(f"road.replan_every must be in [1, 64], got {self.replan_every}")
+        if self.max_steps is not None and self.max_steps < 2:
+            raise ConfigError(f"road.max_steps must be >= 2 or None, got {self.max_steps}")
+        if not self.init:
+            raise ConfigError("road.init: give the checkpoint to start from (--init DIR, e.g. <il run>/final)")
+        if self.model_preset is not None:
+            VLAConfig.preset(self.model_preset)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# the guided policy
+
+
+class ClosestOfK(Policy):
+    """Samples K candidates per row, commits the one closest (ADE over ``horizon`` steps) to the
+    expert's plan from the same observation, and records (observation, committed tokens)."""
+
+    name = "road"
+    replan_every = 5
+
+    def __init__(self, model: VLAModel, expert: Policy | None = None, k: int = 16, temperature: float = 0.8,
+                 top_p: float = 1.0, horizon: int = 20):
+        from roadloop.policies.expert import Expert
+        from roadloop.policies.vla.observe import RasterConfig
+
+        self.model = model
+        self.expert = expert or Expert()
+        self.k, self.temperature, self.top_p = int(k), float(temperature), float(top_p)
+        self.horizon = int(horizon)
+        self.version = "road"
+        self.raster = RasterConfig(size=model.cfg.raster_size, frames=model.cfg.frames)
+        self.records: list[dict[str, torch.Tensor]] = []
+        self._gens: list[torch.Generator] | None = None
+
+    def reset(self, state: SimState, seeds: torch.Tensor) -> None:
+        self.records = []
+        self.expert.reset(state, seeds)
+        self._gens = [torch.Generator().manual_seed((int(s) * 1_000_003 + j * 7919 + _SEED_SALT) % (2 ** 63))
+                      for s in seeds.tolist() for j in range(self.k)]
+
+    @torch.no_grad()
+    def act(self, obs: Observation) -> PolicyOutput:
+        from roadloop.data.collect import encode_raster
+        from roadloop.policies.vla.policy import observation_tensors
+
+        state = obs.state
+        B, K = state.batch_size, self.k
+        if self._gens is None or len(self._gens) != B * K:
+            self.reset(state, torch.zeros(B, dtype=torch.int64))
+        expert_xy = self.expert.act(obs).plan_xy  # (B, 64, 2)
+        frames = list(obs.recent[-self.raster.frames:]) or [state]
+        inputs = observation_tensors(frames, obs, self.raster)
+        rep = {key: v.repeat_interleave(K, 0) for key, v in inputs.items()}
+        was = self.model.training
+        self.model.eval()
+        text, acts, lt, la = self.model.sample(rep, self.temperature, self.top_p, self._gens)
+        self.model.train(was)
+        text, acts = text.cpu(), acts.cpu()
+        ctrl = tok.dequantize(acts, self.model.cfg.action_chunk)  # (B K, 64, 2)
+        rk = lambda x: x.repeat_interleave(K, 0)  # noqa: E731
+        xy, yaw, speed = dynamics.unicycle_rollout(rk(state.xy[:, 0]), rk(state.yaw[:, 0]), rk(state.speed[:, 0]),
+                                                   ctrl)
+        H = min(self.horizon, xy.shape[1])
+        ade = torch.linalg.vector_norm(xy[:, :H] - rk(expert_xy[:, :H]), dim=-1).mean(-1).view(B, K)
+        j = ade.argmin(1)
+        pick = torch.arange(B) * K + j
+        self.records.append({"bev": encode_raster(inputs["bev"]), "history": inputs["history"].float(),
+                             "command": inputs["command"], "text": text[pick], "actions": acts[pick],
+                             "ade": ade.gather(1, j.view(B, 1)).squeeze(1), "ade_mean": ade.mean(1)})
+        return PolicyOutput(plan_xy=xy[pick], plan_yaw=yaw[pick], plan_speed=speed[pick], controls=ctrl[pick],
+                            reasoning=tok.decode_batch(text[pick]), logp=(lt + la).float().cpu()[pick])
+
+
+# ---------------------------------------------------------------------------------------------
+# demonstrations
+
+
+@dataclass
+class RoaDDemos:
+    """Committed decisions as imitation targets (M samples)."""
+
+    bev: torch.Tensor  # (M, F, C, H, W) uint8
+    history: torch.Tensor  # (M, 16, 5) float32
+    command: torch.Tensor  # (M,) int64
+    text: torch.Tensor  # (M, L) int64
+    actions: torch.Tensor  # (M, N, 2) int64
+
+    FIELDS = ("bev", "history", "command", "text", "actions")
+
+    def __len__(self) -> int:
+        return int(self.command.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"bev": decode_bev(self.bev[idx]), "history": self.history[idx], "command": self.command[idx],
+                "text": self.text[idx], "actions": self.actions[idx]}
+
+    @staticmethod
+    def cat(parts: list[RoaDDemos]) -> RoaDDemos:
+        return RoaDDemos(*(torch.cat([getattr(p, f) for p in parts]) for f in RoaDDemos.FIELDS))
+
+    def to_bytes(self) -> bytes:
+        from roadloop.data.collect import npz_bytes
+
+        return npz_bytes({f: getattr(self, f).numpy() for f in self.FIELDS})
+
+    @staticmethod
+    def from_file(path: Path) -> RoaDDemos:
+        with np.load(path, allow_pickle=False) as z:
+            return RoaDDemos(*(torch.from_numpy(np.array(z[f])) for f in RoaDDemos.FIELDS))
+
+
+@dataclass
+class GuidedRollouts:
+    demos: RoaDDemos
+    metrics: dict[str, float]  # road/* values of the guided rollouts
+    env_steps: int
+    seconds: float
+
+
+def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: RoaDConfig
+                   ) -> GuidedRollouts:
+    """Drive ``scenarios`` (one seed each) with ``ClosestOfK``; a pure function of (weights, scenarios, seeds)."""
+    from roadloop.eval.metrics import compute_metrics
+    from roadloop.rollout import RolloutConfig, rollout
+    from roadloop.sim.batching import collate
+
+    t0 = time.perf_counter()
+    batch = collate(scenarios)
+    T = batch.num_steps - 1 if cfg.max_steps is None else min(cfg.max_steps, batch.num_steps - 1)
+    pol = ClosestOfK(model, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
+                     horizon=max(1, round(cfg.horizon_s / 0.1)))
+    with torch.no_grad():
+        ro = rollout(pol, batch, seeds, RolloutConfig(replan_every=cfg.replan_every, max_steps=T))
+    met = compute_metrics(ro, batch, ["score", "progress", "collision_at_fault", "offroad", "comfort_violation"])
+    if not pol.records:
+        raise ConfigError(f"rollouts of {T} steps made no decision (warm-up too long for max_steps={cfg.max_steps})")
+    keep = ~ro.failed  # (B,)
+    rows = lambda key: torch.cat([r[key][keep] for r in pol.records])  # noqa: E731
+    demos = RoaDDemos(rows("bev"), rows("history"), rows("command"), rows("text"), rows("actions"))
+    ok = keep if bool(keep.any()) else torch.ones_like(keep)
+    m = {f"road/{k}": float(v[ok].mean()) for k, v in met.items()}
+    m["road/ade_committed"] = float(rows("ade").mean()) if len(demos) else math.nan
+    m["road/ade_candidates"] = float(rows("ade_mean").mean()) if len(demos) else math.nan
+    m["road/failed"] = float(ro.failed.float().mean())
+    return GuidedRollouts(demos, m, batch.batch_size * ro.num_steps, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def demo_loss(model: VLAModel, demos: RoaDDemos, action_weight: float, chunk: int = 256) -> float:
+    """Mean imitation loss of ``model`` (eval mode) over ``demos``."""
+    was = model.training
+    model.eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(demos), chunk):
+        idx = torch.arange(i, min(i + chunk, len(demos)))
+        tot += float(model.loss(demos.batch(idx), action_weight=action_weight)["loss"]) * idx.numel()
+        n += idx.numel()
+    model.train(was)
+    return tot / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class RoaDResult:
+    checkpoint: Path
+    rounds: int
+    seconds: float
+    env_steps_per_s: float
+    learner_samples_per_s: float
+    history: list[dict[str, float]]
+    eval: dict[str, float]
+    run_id: str | None
+    stopped_early: bool
+
+
+def _make_tracker(cfg: RoaDConfig, run_dir: Path, resume_id: str | None):
+    from roadloop.train.tracking import Tracker
+
+    if not cfg.track:
+        return Tracker.disabled()
+    return Tracker(cfg.experiment, run_name=run_dir.name, run_id=resume_id)
+
+
+def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
+               log: Callable[[str], None] = print) -> RoaDResult:
+    """Run (or resume) RoaD; see the module docstring."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    init_dir = Path(cfg.init).expanduser()
+    model, meta = load_checkpoint(init_dir, cfg.device)
+    check_init_model(model, cfg)
+    init_sha = meta["weights_sha256"]
+    pool, hashes = load_pool(cfg.suites, cfg.families, cfg.max_scenarios)
+    run_dir = Path(cfg.out).expanduser()
+    run_json = run_dir / "run.json"
+    prev = json.loads(run_json.read_text()) if resume and run_json.is_file() else {}
+    if not resume and (run_dir / "latest").exists():
+        raise RoadloopError(f"{run_dir} already holds a training run; pass --resume to continue it or choose "
+                            "another --out")
+    if prev and (prev.get("init_weights_sha256") != init_sha or prev.get("suites") != hashes):
+        raise RoadloopError(f"--init / suites differ from the ones this run started with ({prev.get('init')}, "
+                            f"{prev.get('suites')}); not resuming")
+    ev_pool: list[Scenario] = []
+    ev_hash = ""
+    if cfg.eval_every:
+        from roadloop.scenarios.suites import load_suite
+
+        ev = load_suite(cfg.eval_suite)
+        ev_pool, ev_hash = ev.scenarios[:cfg.eval_scenarios or None], ev.content_hash
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    rnd, elapsed = 0, 0.0
+    state = load_train_state(run_dir, model, opt) if resume else None
+    if state is not None:
+        rnd = int(state["step"])
+        elapsed = float(state["extra"].get("elapsed", 0.0))
+        log(f"resumed {state['path']} at round {rnd}/{cfg.rounds}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    tracker = _make_tracker(cfg, run_dir, prev.get("run_id"))
+    lineage = {"run_id": tracker.run_id, "init": str(init_dir), "init_weights_sha256": init_sha, "suites": hashes,
+               "eval_suite": {cfg.eval_suite: ev_hash} if ev_hash else {}}
+    atomic_write_text(run_json, json.dumps(lineage, indent=1))
+    demo_dir = run_dir / "demos"
+    past: list[RoaDDemos] = []
+    if cfg.aggregate:
+        for r in range(rnd):
+            p = demo_dir / f"round-{r:04d}.npz"
+            if not p.is_file():
+                raise RoadloopError(f"{p} is missing: cannot aggregate the earlier rounds' demonstrations")
+            past.append(RoaDDemos.from_file(p))
+    history: list[dict[str, float]] = []
+    last_eval: dict[str, float] = {}
+    env_steps = learn_samples = 0
+    collect_s = learn_s = 0.0
+    with tracker:
+        if state is None:
+            tracker.log_params({"road": to_dict(cfg), "model": to_dict(model.cfg), "params": param_count(model),
+                                "init_sha": init_sha, "suites": hashes, "n_pool": len(pool)})
+            if ev_pool:
+                last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
+                tracker.log_metrics(last_eval, 0)
+        good = GoodState(model, opt)
+        good.snapshot(rnd)
+        t0 = time.perf_counter() - elapsed
+        stopped_early = False
+        bad_run = 0
+        while rnd < cfg.rounds:
+            picks = pick_scenarios(len(pool), cfg.scenarios_per_round, cfg.seed, rnd)
+            seeds = (cfg.seed * 1_000_003 + rnd) * 65_536 + torch.arange(len(picks), dtype=torch.int64)
+            g = collect_guided(model, [pool[i] for i in picks], seeds, cfg)
+            if cfg.aggregate:
+                atomic_write_bytes(demo_dir / f"round-{rnd:04d}.npz", g.demos.to_bytes())
+            data = RoaDDemos.cat(past + [g.demos]) if cfg.aggregate else g.demos
+            m = dict(g.metrics)
+            m["road/loss_before"] = demo_loss(model, g.demos, cfg.action_weight)
+            tl = time.perf_counter()
+            gen = torch.Generator().manual_seed(cfg.seed * 7919 + rnd)
+            model.train()
+            n_seen, steps, loss_sum = 0, 0, 0.0
+            for _ in range(cfg.epochs):
+                perm = torch.randperm(len(data), generator=gen)
+                for i in range(0, len(data), cfg.batch_size):
+                    out = model.loss(data.batch(perm[i:i + cfg.batch_size]), action_weight=cfg.action_weight)
+                    opt.zero_grad(set_to_none=True)
+                    try:
+                        check_finite(out["loss"], model)
+                        out["loss"].backward()
+                        check_finite(out["loss"], model)
+                    except NonFiniteError as e:
+                        bad_run += 1
+                        good.restore()
+                        log(f"round {rnd}: {e}; restored the state at the start of the round ({bad_run} in a row)")
+                        if bad_run >= cfg.max_bad_steps:
+                            raise RoadloopError(f"{bad_run} non-finite steps in a row in round {rnd}: stopping "
+                                                f"(last good checkpoint in {run_dir})") from e
+                        continue
+                    bad_run = 0
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
+                    steps += 1
+                    n_seen += min(cfg.batch_size, len(data) - i)
+                    loss_sum += float(out["loss"].detach())
+            model.eval()
+            good.snapshot(rnd + 1)
+            dt = time.perf_counter() - tl
+            m["road/loss_after"] = demo_loss(model, g.demos, cfg.action_weight)
+            m["loss/loss"] = loss_sum / max(steps, 1)
+            m["road/demos"] = float(len(g.demos))
+            m["road/demos_total"] = float(len(data))
+            m["perf/env_steps_per_s"] = g.env_steps / max(g.seconds, 1e-9)
+            m["perf/learner_samples_per_s"] = n_seen / max(dt, 1e-9)
+            env_steps += g.env_steps
+            collect_s += g.seconds
+            learn_samples += n_seen
+            learn_s += dt
+            if cfg.aggregate:
+                past.append(g.demos)
+            rnd += 1
+            tracker.log_metrics(m, rnd)
+            history.append({"round": float(rnd), **m})
+            if on_progress:
+                on_progress(rnd, cfg.rounds, m)
+            save_train_state(run_dir, rnd, model, opt, extra={"elapsed": time.perf_counter() - t0}, keep=2)
+            if ev_pool and rnd % cfg.eval_every == 0:
+                last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
+                tracker.log_metrics(last_eval, rnd)
+                log(f"round {rnd}: " + ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in last_eval.items()))
+            if cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min and rnd < cfg.rounds:
+                log(f"time limit {cfg.time_limit_min} min reached at round {rnd}/{cfg.rounds}: stopping")
+                stopped_early = True
+                break
+        train_s = time.perf_counter() - t0
+        if ev_pool and (not last_eval or rnd % cfg.eval_every != 0):
+            last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
+            tracker.log_metrics(last_eval, rnd)
+        env_sps = env_steps / max(collect_s, 1e-9)
+        learn_sps = learn_samples / max(learn_s, 1e-9)
+        final = save_checkpoint(model.eval(), run_dir / "final",
+                                extra={"trainer": "road", **lineage, "rounds": rnd, "train_seconds": round(train_s, 1),
+                                       "eval": last_eval, "config": to_dict(cfg)})
+        tracker.log_metrics({"train_seconds": train_s, "perf/env_steps_per_s_mean": env_sps,
+                             "perf/learner_samples_per_s_mean": learn_sps}, rnd)
+        tracker.set_tags({"checkpoint": str(final), "stopped_early": stopped_early})
+    log(f"RoaD: {rnd} rounds in {train_s / 60:.1f} min ({env_sps:.0f} env steps/s, {learn_sps:.0f} learner "
+        f"samples/s) -> {final} (total {(time.perf_counter() - t_start) / 60:.1f} min)")
+    return RoaDResult(final, rnd, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early)
+
+
+__all__ = ["ClosestOfK", "GuidedRollouts", "RoaDConfig", "RoaDDemos", "RoaDResult", "collect_guided", "demo_loss",
+           "train_road"]
