@@ -533,6 +533,308 @@ def train_road_cmd(overrides: list[str] = typer.Argument(None, help="Config over
     console.print(f"next: roadloop eval --policy {res.checkpoint} --suite val")
 
 
+# ---------------------------------------------------------------------------------------------
+# release: model registry and safety gates (roadloop/registry, docs/registry.md)
+
+registry_app = typer.Typer(no_args_is_help=True, help="Model registry: register, list, show, promote, rollback, "
+                           "audit (MLflow model registry + an append-only audit log).")
+app.add_typer(registry_app, name="registry")
+_URI_HELP = "MLflow tracking / registry URI (default: $ROADLOOP_TRACKING_URI, else sqlite:///$ROADLOOP_HOME/mlflow.db)."
+_DB_HELP = "Registry state database (default: $ROADLOOP_REGISTRY_DB, else registry.db next to a SQLite MLflow store)."
+
+
+def _registry(uri: str | None, db: Path | None, lock_timeout: float = 30.0):
+    from roadloop.registry import Registry
+
+    return Registry(uri, db, lock_timeout=lock_timeout)
+
+
+def _gate_config(config: list[Path] | None, overrides: list[str] | None, max_per_family: int | None):
+    from roadloop.registry import load_gate_config
+
+    ov = list(overrides or [])
+    if max_per_family is not None:
+        ov.append(f"matrix.max_per_family={max_per_family}")
+    return load_gate_config(list(config or []), ov)
+
+
+def _when(t: float) -> str:
+    import time as _time
+
+    return _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(t))
+
+
+def _eval_progress(prog: Progress):
+    def start(desc: str, total: int):
+        task = prog.add_task(desc, total=total)
+        return lambda n: prog.advance(task, n)
+
+    return start
+
+
+def _print_gates(run) -> None:
+    cand = run.candidate
+    who = f"{cand['name']}@{cand['version']}" if "version" in cand else cand.get("checkpoint")
+    champ = run.champion
+    t = Table(title=f"gates: {who} vs champion " + (f"{champ['name']}@{champ['version']}" if champ else "(none)")
+              + (" [recorded result reused]" if run.reused else ""))
+    for c in ("gate", "result", "details"):
+        t.add_column(c)
+    for r in run.summary.results:
+        t.add_row(r.gate, "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", "; ".join(r.reasons[:4]) +
+                  (f" (+{len(r.reasons) - 4} more)" if len(r.reasons) > 4 else ""))
+    console.print(t)
+    rep = run.candidate_report
+    if rep is not None:
+        o = rep.overall
+        console.print(f"candidate on {rep.suite}: {len(rep.rollouts)} rollouts, score "
+                      f"{_fmt(o['score'].mean, o['score'].ci)}, at-fault "
+                      f"{_fmt(o['collision_at_fault'].mean, pct=True)}, off-road {_fmt(o['offroad'].mean, pct=True)}")
+    console.print("[green]PASSED[/]" if run.passed else f"[bold red]FAILED[/]: {', '.join(run.summary.failed)}")
+
+
+@app.command("gate", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@friendly
+def gate_cmd(candidate: str = typer.Argument(..., help="Registered version (NAME@VERSION, VERSION) or a VLA "
+                                             "checkpoint folder."),
+             overrides: list[str] = typer.Argument(None, help="Gate config overrides key=value, e.g. "
+                                                   "matrix.seeds=[0] thresholds.family_score_drop=0.1."),
+             config: list[Path] = typer.Option(None, "--config", help="Gate config YAML file(s) (default: "
+                                               "roadloop/configs/gates.yaml)."),
+             max_per_family: int = typer.Option(None, "--max-per-family", help="Quick run: the first N scenarios "
+                                                "of each family per suite (matrix.max_per_family)."),
+             name: str = typer.Option("roadloop-vla", "--name", help="Registered model name."),
+             json_path: Path = typer.Option(None, "--json", help="Write the gate report (results + both "
+                                            "evaluation reports) here; `registry promote --gate-report` takes it."),
+             no_record: bool = typer.Option(False, "--no-record", help="Do not record the result in the registry."),
+             uri: str = typer.Option(None, "--uri", help=_URI_HELP),
+             db: Path = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """Run the safety gates on the validation matrix: candidate vs the current champion.  Exit 1 if a gate fails."""
+    from roadloop.io import atomic_write_text
+
+    cfg = _gate_config(config, overrides, max_per_family)
+    reg = _registry(uri, db)
+    with progress() as prog:
+        run = reg.gate(candidate, cfg, name=name, record=not no_record, on_eval=_eval_progress(prog))
+    _print_gates(run)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(run.to_json(), indent=1))
+        console.print(f"wrote {json_path}")
+    if not run.passed:
+        raise typer.Exit(1)
+
+
+@registry_app.command("register")
+@friendly
+def registry_register(checkpoint: Path = typer.Argument(..., help="VLA checkpoint folder (model.safetensors + "
+                                                        "config.json), e.g. runs/grpo/final."),
+                      name: str = typer.Option("roadloop-vla", "--name", help="Registered model name."),
+                      lineage: Path = typer.Option(None, "--lineage", help="JSON file with lineage fields (trainer, "
+                                                   "config, dataset_hash, suites, parent, run_id...; see "
+                                                   "docs/registry.md); config.json's record is used otherwise."),
+                      report: list[Path] = typer.Option(None, "--report", help="Evaluation report JSON(s) "
+                                                        "(roadloop eval --json) to store with it."),
+                      reason: str = typer.Option("", "--reason", help="Why (recorded in the audit log)."),
+                      uri: str = typer.Option(None, "--uri", help=_URI_HELP),
+                      db: Path = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """Register a checkpoint as a new candidate version (lineage + SHA-256 manifest); does not promote it."""
+    lin = None
+    if lineage is not None:
+        try:
+            lin = json.loads(lineage.read_text())
+        except (OSError, ValueError) as e:
+            raise RoadloopError(f"--lineage {lineage}: cannot read a JSON object ({e})") from e
+        if not isinstance(lin, dict):
+            raise RoadloopError(f"--lineage {lineage}: must hold a JSON object")
+    mv = _registry(uri, db).register(checkpoint, lin, name=name, reports=list(report or []),
+                                     reason=reason or "manual registration")
+    missing = mv.lineage.get("missing") or []
+    console.print(f"registered [bold]{mv.ref}[/] (weights {mv.weights_sha256[:12]}, manifest "
+                  f"{mv.manifest_sha256[:12]})" + (f"; lineage lacks: {', '.join(missing)}" if missing else ""))
+    console.print(f"next: roadloop gate {mv.ref}   /   roadloop registry promote {mv.ref}")
+
+
+@registry_app.command("list")
+@friendly
+def registry_list(name: str = typer.Option(None, "--name", help="Only this model."),
+                  sync: bool = typer.Option(False, "--sync", help="Also point MLflow's 'champion' alias at the "
+                                            "champion (the registry database is authoritative)."),
+                  uri: str = typer.Option(None, "--uri", help=_URI_HELP),
+                  db: Path = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """Registered versions, the champion (*), and each version's latest gate result."""
+    reg = _registry(uri, db)
+    names = [name] if name else reg.names()
+    if name and not reg.versions(name):
+        raise reg._unknown(name)
+    if not names:
+        console.print(f"the registry {reg.db_path} is empty: roadloop registry register CHECKPOINT")
+        return
+    for nm in names:
+        champ = reg.champion(nm)
+        gates = {}
+        for g in reg.gate_runs(nm):
+            gates[g["candidate"]] = g
+        t = Table(title=f"{nm} (champion: {champ.version if champ else 'none'})")
+        for c in ("", "version", "registered", "actor", "trainer", "weights", "code", "last gate", "lineage gaps"):
+            t.add_column(c)
+        for mv in reg.versions(nm):
+            code = mv.lineage.get("code") or {}
+            commit = (code.get("git_commit") or "?")[:8] + ("+dirty" if code.get("git_dirty") else "")
+            g = gates.get(mv.version)
+            gate = "-" if g is None else (("pass" if g["passed"] else "FAIL " + ",".join(g["results"]["failed"]))
+                                          + f" vs {g['champion'] or 'none'}")
+            t.add_row("*" if champ and champ.version == mv.version else "", str(mv.version), _when(mv.registered_at),
+                      mv.actor, str(mv.lineage.get("trainer") or "-"), mv.weights_sha256[:12], commit, gate,
+                      ", ".join(mv.lineage.get("missing") or []) or "-")
+        console.print(t)
+        for w in reg.sync_alias(nm) if champ and sync else []:
+            err_console.print(f"[yellow]warning:[/] {w}")
+
+
+@registry_app.command("show")
+@friendly
+def registry_show(ref: str = typer.Argument("champion", help="NAME@VERSION, VERSION or champion."),
+                  name: str = typer.Option("roadloop-vla", "--name", help="Model name for a bare version."),
+                  as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
+                  uri: str = typer.Option(None, "--uri", help=_URI_HELP),
+                  db: Path = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """A version's lineage, artifact check, evaluations, gate results and champion history."""
+    from dataclasses import asdict
+
+    from roadloop.registry import IntegrityError
+
+    reg = _registry(uri, db)
+    mv = reg.resolve(ref, name)
+    try:
+        path = reg.artifact_dir(mv)
+        integrity = f"ok ({path})"
+    except IntegrityError as e:
+        integrity = f"FAILED: {e}"
+    history = [asdict(c) for c in reg.champion_history(mv.name) if c.version == mv.version]
+    info = {"ref": mv.ref, "registered_at": _when(mv.registered_at), "actor": mv.actor, "reason": mv.reason,
+            "source": mv.source, "weights_sha256": mv.weights_sha256, "manifest_sha256": mv.manifest_sha256,
+            "artifacts": integrity, "lineage": mv.lineage, "evaluations": reg.evaluations(mv.name, mv.version),
+            "gate_runs": reg.gate_runs(mv.name, mv.version), "champion_history": history}
+    if as_json:
+        console.print_json(json.dumps(info, default=str))
+        return
+    lin = mv.lineage
+    code = lin.get("code") or {}
+    rows = [("registered", f"{info['registered_at']} by {mv.actor}" + (f" ({mv.reason})" if mv.reason else "")),
+            ("artifacts", integrity), ("source", mv.source), ("weights sha256", mv.weights_sha256),
+            ("trainer", str(lin.get("trainer"))), ("training run", json.dumps(lin.get("training_run"))),
+            ("parent", json.dumps(lin.get("parent"))), ("dataset hash", str(lin.get("dataset_hash"))),
+            ("suites", json.dumps(lin.get("suites"))),
+            ("code", f"{code.get('git_commit')} dirty={code.get('git_dirty')} "
+                     f"sources={str(code.get('source_sha256'))[:12]}"
+                     + (f" (captured at {code['captured']})" if code.get("captured") else "")),
+            ("config", "recorded" if lin.get("config") else "missing"),
+            ("lineage gaps", ", ".join(lin.get("missing") or []) or "none")]
+    t = Table(title=mv.ref, show_header=False)
+    t.add_column("field")
+    t.add_column("value", overflow="fold")
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+    for e in lin.get("evaluations") or []:
+        console.print(f"report with registration: {e['suite']} n={e['n']} score {_fmt(e['score'])} ({e['file']})")
+    for e in info["evaluations"]:
+        s = e["summary"]
+        console.print(f"evaluation {e['id']} ({_when(e['at'])}): {s.get('suite')} n={s.get('n')} score "
+                      f"{_fmt(s.get('score'))} at-fault {_fmt(s.get('collision_at_fault'), pct=True)} off-road "
+                      f"{_fmt(s.get('offroad'), pct=True)}")
+    for g in info["gate_runs"]:
+        console.print(f"gate run {g['id']} ({_when(g['at'])}, {g['origin']}) vs champion {g['champion']}: "
+                      + ("[green]pass[/]" if g["passed"] else f"[red]FAIL[/] {', '.join(g['results']['failed'])}"))
+    for c in history:
+        console.print(f"champion since {_when(c['at'])} ({c['action']}{', FORCED' if c['forced'] else ''}) by "
+                      f"{c['actor']}; released for {json.dumps(c['envelope'])}")
+
+
+@registry_app.command("promote", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@friendly
+def registry_promote(ref: str = typer.Argument(..., help="NAME@VERSION or VERSION to make the champion."),
+                     overrides: list[str] = typer.Argument(None, help="Gate config overrides key=value."),
+                     config: list[Path] = typer.Option(None, "--config", help="Gate config YAML file(s)."),
+                     max_per_family: int = typer.Option(None, "--max-per-family",
+                                                        help="matrix.max_per_family (quick runs)."),
+                     gate_report: Path = typer.Option(None, "--gate-report", help="A fresh `roadloop gate --json` "
+                                                      "report for this candidate and champion (else a recorded "
+                                                      "result is reused, else the gates run now)."),
+                     force: bool = typer.Option(False, "--force", help="Promote even if gates fail (needs "
+                                                "--reason; recorded as forced)."),
+                     reason: str = typer.Option("", "--reason", help="Why (recorded in the audit log)."),
+                     name: str = typer.Option("roadloop-vla", "--name", help="Model name for a bare version."),
+                     lock_timeout: float = typer.Option(30.0, "--lock-timeout", help="Seconds to wait for another "
+                                                        "writer's lock."),
+                     uri: str = typer.Option(None, "--uri", help=_URI_HELP),
+                     db: Path = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """Make a version the champion if every safety gate passes; refuses with the failed gates otherwise (exit 1)."""
+    from roadloop.registry import GateFailedError
+
+    cfg = _gate_config(config, overrides, max_per_family)
+    reg = _registry(uri, db, lock_timeout)
+    try:
+        with progress() as prog:
+            res = reg.promote(ref, cfg, name=name, gate_report=gate_report, force=force, reason=reason,
+                              on_eval=_eval_progress(prog))
+    except GateFailedError as e:
+        err_console.print(f"[bold red]refused:[/] {e}")
+        raise typer.Exit(1) from None
+    if res.gate_run is not None:
+        _print_gates(res.gate_run)
+    c = res.change
+    forced = " [bold red](FORCED)[/]" if c.forced else ""
+    was = f" (was {c.replaced})" if c.replaced is not None else ""
+    console.print(f"[bold green]{c.name}@{c.version} is the champion[/]{forced}{was}; released for "
+                  f"{len(c.envelope.get('families', []))} families, maps {', '.join(c.envelope.get('maps', []))}")
+    for w in res.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+
+
+@registry_app.command("rollback")
+@friendly
+def registry_rollback(name: str = typer.Argument("roadloop-vla", help="Registered model name."),
+                      reason: str = typer.Option("", "--reason", help="Why (recorded in the audit log)."),
+                      lock_timeout: float = typer.Option(30.0, "--lock-timeout", help="Seconds to wait for another "
+                                                         "writer's lock."),
+                      uri: str = typer.Option(None, "--uri", help=_URI_HELP),
+                      db: Path = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """Make the previous champion the champion again (repeat to walk further back)."""
+    res = _registry(uri, db, lock_timeout).rollback(name, reason=reason)
+    c = res.change
+    console.print(f"[bold]{c.name}@{c.version} is the champion again[/] (rolled back from {c.replaced})")
+    for w in res.warnings:
+        err_console.print(f"[yellow]warning:[/] {w}")
+
+
+@registry_app.command("audit")
+@friendly
+def registry_audit(name: str = typer.Argument(None, help="Only this model."),
+                   limit: int = typer.Option(50, "--limit", help="Show the last N entries (0: all)."),
+                   verify: bool = typer.Option(False, "--verify", help="Check the audit log's hash chain; exit 1 "
+                                               "if broken."),
+                   uri: str = typer.Option(None, "--uri", help=_URI_HELP),
+                   db: Path = typer.Option(None, "--db", help=_DB_HELP)) -> None:
+    """The append-only audit log: registrations, gate results, promotions (forced ones marked), rollbacks."""
+    reg = _registry(uri, db)
+    t = Table(title=f"audit log ({reg.db_path})")
+    for c in ("id", "time (UTC)", "actor", "action", "model", "reason / details"):
+        t.add_column(c, overflow="fold")
+    for a in reg.audit(name, limit or None):
+        act = f"[bold red]{a.action}[/]" if a.action in ("promote-forced", "gate-fail", "promote-refused") else a.action
+        t.add_row(str(a.id), a.at_iso, a.actor, act, f"{a.name}@{a.version}" if a.version is not None else a.name,
+                  a.reason or json.dumps({k: v for k, v in a.details.items() if v not in (None, [], {})})[:200])
+    console.print(t)
+    if verify:
+        problems = reg.verify_audit()
+        for p in problems:
+            err_console.print(f"[bold red]{p}[/]")
+        console.print("[green]audit chain intact[/]" if not problems else "[bold red]audit chain BROKEN[/]")
+        if problems:
+            raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()

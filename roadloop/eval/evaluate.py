@@ -176,3 +176,27 @@ def write_json(report: EvalReport, path: str) -> None:
     from roadloop.io import atomic_write_text, json_clean
 
     atomic_write_text(path, json.dumps(json_clean(report.to_json()), indent=2))
+
+
+def _num(x, default: float = math.nan) -> float:
+    return default if x is None else float(x)
+
+
+def _stat(d: dict) -> Stat:
+    ci = d.get("ci") or (None, None)
+    return Stat(_num(d.get("mean")), (_num(ci[0]), _num(ci[1])), int(d.get("n", 0)))
+
+
+def report_from_json(d: dict) -> EvalReport:
+    """The ``EvalReport`` of ``EvalReport.to_json()`` / ``write_json`` output (``None`` -> NaN, as
+    ``json_clean`` wrote non-finite values; ``km_between_incidents`` None -> inf).  Raises ``KeyError`` /
+    ``TypeError`` / ``ValueError`` on a malformed dict."""
+    rollouts = [RolloutSummary(r["rollout_id"], r["scenario_id"], r["family"], int(r["seed"]), bool(r["failed"]),
+                               r.get("fail_reason", ""), {k: _num(v) for k, v in r["metrics"].items()})
+                for r in d.get("rollouts", [])]
+    return EvalReport(policy=d["policy"], suite=d["suite"], suite_hash=d["suite_hash"], seed=int(d["seed"]),
+                      overall={k: _stat(s) for k, s in d["overall"].items()},
+                      per_family={f: {k: _stat(s) for k, s in m.items()} for f, m in d["per_family"].items()},
+                      rollouts=rollouts, n_failed=int(d["n_failed"]),
+                      km_between_incidents=_num(d.get("km_between_incidents"), math.inf),
+                      seconds=_num(d.get("seconds"), 0.0), extra=dict(d.get("extra") or {}))

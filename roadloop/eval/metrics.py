@@ -167,6 +167,27 @@ def _route_completion(v: EpisodeView) -> torch.Tensor:
     return (_progress(v) >= 0.95).float()
 
 
+def _reasoning_consistency(v: EpisodeView) -> torch.Tensor:
+    """Share of the rollout's decisions with reasoning text whose parsed decision equals the meta-actions
+    of the plan it came with (``reasoning.checks.consistency``); NaN when the policy wrote no text."""
+    from roadloop.reasoning.checks import consistency
+    from roadloop.reasoning.meta_action import meta_actions
+
+    ro = v.ro
+    ok = torch.zeros(v.B)
+    n = torch.zeros(v.B)
+    for d, t in enumerate(ro.decision_steps.tolist()):
+        texts = ro.reasoning[d] if d < len(ro.reasoning) else ()
+        if not any(texts):
+            continue
+        lon, lat = meta_actions(ro.xy[t, :, 0], ro.yaw[t, :, 0], ro.speed[t, :, 0], ro.plan_xy[d])
+        for b, text in enumerate(texts):
+            if text:
+                n[b] += 1
+                ok[b] += float(consistency(text, lon[b], lat[b]))
+    return torch.where(n > 0, ok / n.clamp_min(1), torch.full_like(n, float("nan")))
+
+
 def _km(v: EpisodeView) -> torch.Tensor:
     sp = v.ro.speed[1:, :, 0]
     return (sp * 0.1 * v.scored).sum(0) / 1000.0
@@ -206,6 +227,8 @@ for _spec in [
                torch.zeros_like(v.ro.checks.dist_to_log)).sum(0) / v.keep.sum(0).clamp_min(1), "m", "[0, inf)",
                "mean", "mean distance to the logged ego over the kept window"),
     MetricSpec("km", _km, "km", "[0, inf)", "sum", "distance driven in the scored steps"),
+    MetricSpec("reasoning_consistency", _reasoning_consistency, "-", "[0, 1]", "mean",
+               "share of decisions whose reasoning text states the plan's meta-actions (NaN: no text)"),
 ]:
     register(_spec)
 

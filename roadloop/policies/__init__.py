@@ -34,13 +34,19 @@ def _builtin() -> None:
 
 
 def get_policy(name: str) -> Policy:
-    """A registered policy by name (``route-idm``, ``expert``, ...) or a VLA checkpoint directory
-    (``model.safetensors`` + ``config.json``, e.g. ``~/.roadloop/runs/il/final``)."""
+    """A registered policy by name (``route-idm``, ``expert``, ...), a VLA checkpoint directory
+    (``model.safetensors`` + ``config.json``, e.g. ``~/.roadloop/runs/il/final``), or a model from the
+    release registry (``roadloop.registry``): ``champion`` (the default model's champion), ``champion:NAME``,
+    ``registry:NAME@VERSION`` or ``registry:NAME@champion`` (artifacts verified against their manifest)."""
     from pathlib import Path
 
     _builtin()
     if name in _REGISTRY:
         return _REGISTRY[name]()
+    if name == "champion" or name.startswith(("champion:", "registry:")):
+        from roadloop.registry.store import resolve_policy
+
+        return resolve_policy(name)
     p = Path(name).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         from roadloop.policies.vla.policy import VLAPolicy
@@ -48,7 +54,7 @@ def get_policy(name: str) -> Policy:
         return VLAPolicy.from_checkpoint(p)
     if p.exists() or "/" in name:
         raise UnknownNameError("policy", name, list(_REGISTRY) + ["<checkpoint directory with config.json>"])
-    raise UnknownNameError("policy", name, list(_REGISTRY))
+    raise UnknownNameError("policy", name, list(_REGISTRY) + ["champion", "registry:NAME@VERSION"])
 
 
 __all__ = ["Observation", "Policy", "PolicyOutput", "get_policy", "policy_names", "register_policy"]
