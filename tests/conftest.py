@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -7,6 +8,10 @@ import torch
 # spin-wait far longer than they save
 torch.set_num_threads(1)
 os.environ.setdefault("ROADLOOP_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "roadloop-test"))
+# trackers, the registry and the rollout store write under ROADLOOP_HOME: never the user's ~/.roadloop
+os.environ.setdefault("ROADLOOP_HOME", tempfile.mkdtemp(prefix="roadloop-test-home-"))
+for _var in ("MLFLOW_TRACKING_URI", "ROADLOOP_TRACKING_URI", "ROADLOOP_REGISTRY_DB"):
+    os.environ.pop(_var, None)
 
 
 @pytest.fixture

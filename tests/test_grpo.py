@@ -45,7 +45,7 @@ def toy(tmp_path_factory):
 
 def _cfg(toy, out, **kw) -> GRPOConfig:
     base = dict(init=str(toy["init"]), out=str(out), suites=str(toy["suite"]), scenarios_per_iter=2, group_size=2,
-                iterations=2, max_steps=30, eval_every=0, track=False, minibatch_size=16,
+                iterations=2, max_steps=30, eval_every=0, track=False, register=False, minibatch_size=16,
                 reward=RewardConfig(preset="progress_safety"))
     base.update(kw)
     return GRPOConfig(**base)
@@ -191,7 +191,7 @@ def test_kill_and_resume_loses_at_most_the_work_since_the_last_checkpoint(toy, t
     out = tmp_path / "run"
     args = ["--init", str(toy["init"]), "--out", str(out), "--suites", str(toy["suite"]), "iterations=5",
             "ckpt_every=2", "scenarios_per_iter=2", "group_size=2", "max_steps=30", "eval_every=0", "track=false",
-            "minibatch_size=16", "reward.preset=progress_safety"]
+            "register=false", "minibatch_size=16", "reward.preset=progress_safety"]
     cmd = [sys.executable, "-m", "roadloop.cli", "--threads", "1", "train", "grpo", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -259,7 +259,7 @@ def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
 def test_road_round_lowers_the_imitation_loss_on_its_own_rollouts(toy, tmp_path):
     cfg = RoaDConfig(init=str(toy["init"]), out=str(tmp_path / "road"), suites=str(toy["suite"]),
                      scenarios_per_round=3, rounds=1, k=8, max_steps=40, epochs=3, batch_size=8, lr=3e-3,
-                     eval_every=0, track=False)
+                     eval_every=0, track=False, register=False)
     res = train_road(cfg, log=lambda m: None)
     h = res.history[0]
     assert h["road/demos"] == 3 * 6
@@ -270,3 +270,16 @@ def test_road_round_lowers_the_imitation_loss_on_its_own_rollouts(toy, tmp_path)
     assert all(not torch.equal(v, init[k]) for k, v in model.state_dict().items() if k in ("accel_head.weight",
                                                                                         "curv_head.weight"))
     assert meta["extra"]["trainer"] == "road" and (Path(cfg.out) / "demos" / "round-0000.npz").is_file()
+
+
+def test_final_checkpoint_is_registered_as_a_candidate(toy, tmp_path, monkeypatch):
+    from roadloop.registry import Registry
+
+    monkeypatch.setenv("ROADLOOP_HOME", str(tmp_path / "home"))
+    res = train_grpo(_cfg(toy, tmp_path / "run", iterations=1, register=True), log=lambda m: None)
+    reg = Registry()
+    (mv,) = reg.versions()
+    assert mv.lineage["trainer"] == "grpo" and mv.lineage["parent"]["checkpoint"] == str(toy["init"])
+    assert mv.lineage["code"]["source_sha256"] and mv.weights_sha256
+    assert reg.champion() is None  # registering never promotes
+    assert res.checkpoint.is_dir()

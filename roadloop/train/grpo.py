@@ -69,8 +69,10 @@ from roadloop.config import to_dict, to_yaml
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.io import atomic_write_text
 from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint, param_count, save_checkpoint
+from roadloop.registry.lineage import code_version
 from roadloop.sim.datatypes import Scenario
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
+from roadloop.train.release import register_final
 from roadloop.train.rewards import RewardConfig, driving_reward, reasoning_flags, reasoning_reward
 
 ADV_EPS = 1e-6
@@ -117,6 +119,7 @@ class GRPOConfig:
     seed: int = 0
     device: str = "cpu"
     track: bool = True
+    register: bool = True  # register the final checkpoint as a registry candidate (roadloop registry)
     experiment: str = "roadloop-grpo"
 
     def validate(self) -> GRPOConfig:
@@ -540,6 +543,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     tracker = _make_tracker(cfg, run_dir, prev.get("run_id"))
+    code = code_version()
     lineage = {"run_id": tracker.run_id, "init": str(init_dir), "init_weights_sha256": init_sha, "suites": hashes,
                "eval_suite": {cfg.eval_suite: ev_hash} if ev_hash else {}}
     atomic_write_text(run_json, json.dumps(lineage, indent=1))
@@ -621,6 +625,11 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         tracker.log_metrics({"train_seconds": train_s, "perf/env_steps_per_s_mean": env_sps,
                              "perf/learner_samples_per_s_mean": learn_sps}, it)
         tracker.set_tags({"checkpoint": str(final), "stopped_early": stopped_early})
+        if cfg.register:
+            registered = register_final(final, {"trainer": "grpo", **lineage, "parent": str(init_dir),
+                                                 "parent_weights_sha256": init_sha, "config": to_dict(cfg),
+                                                 "code": code}, log)
+            tracker.set_tags({"registered": registered or "no"})
     log(f"GRPO: {it} iterations in {train_s / 60:.1f} min ({env_sps:.0f} env steps/s, {learn_sps:.0f} learner "
         f"samples/s) -> {final} (total {(time.perf_counter() - t_start) / 60:.1f} min)")
     return GRPOResult(final, it, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early)

@@ -51,7 +51,7 @@ class ILConfig:
     val_fraction: float = 0.1  # share of ``data``'s scenarios held out when val_data is None
     out: str = "~/.roadloop/runs/il"
     model: ModelSpec = field(default_factory=ModelSpec)
-    epochs: float = 6.0
+    epochs: float = 8.0
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_frac: float = 0.05
@@ -59,7 +59,7 @@ class ILConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     action_weight: float = 1.0
-    time_limit_min: float = 28.0  # stop early (with a checkpoint) past this wall time; <= 0: none
+    time_limit_min: float = 29.0  # stop early (with a checkpoint) past this wall time; <= 0: none
     log_every: int = 25
     ckpt_every: int = 250
     eval_every: int = 1000  # open-loop metrics on eval_samples held-out samples; 0: only at the end

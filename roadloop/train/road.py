@@ -53,10 +53,12 @@ from roadloop.io import atomic_write_bytes, atomic_write_text
 from roadloop.policies.base import Observation, Policy, PolicyOutput
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint, param_count, save_checkpoint
+from roadloop.registry.lineage import code_version
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import Scenario, SimState
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
 from roadloop.train.grpo import check_init_model, decode_bev, evaluate_model, load_pool, pick_scenarios
+from roadloop.train.release import register_final
 
 _SEED_SALT = 0x0A0D_5EED
 
@@ -94,6 +96,7 @@ class RoaDConfig:
     seed: int = 0
     device: str = "cpu"
     track: bool = True
+    register: bool = True  # register the final checkpoint as a registry candidate (roadloop registry)
     experiment: str = "roadloop-road"
 
     def validate(self) -> RoaDConfig:
@@ -337,6 +340,7 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
     tracker = _make_tracker(cfg, run_dir, prev.get("run_id"))
+    code = code_version()
     lineage = {"run_id": tracker.run_id, "init": str(init_dir), "init_weights_sha256": init_sha, "suites": hashes,
                "eval_suite": {cfg.eval_suite: ev_hash} if ev_hash else {}}
     atomic_write_text(run_json, json.dumps(lineage, indent=1))
@@ -441,6 +445,11 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
         tracker.log_metrics({"train_seconds": train_s, "perf/env_steps_per_s_mean": env_sps,
                              "perf/learner_samples_per_s_mean": learn_sps}, rnd)
         tracker.set_tags({"checkpoint": str(final), "stopped_early": stopped_early})
+        if cfg.register:
+            registered = register_final(final, {"trainer": "road", **lineage, "parent": str(init_dir),
+                                                 "parent_weights_sha256": init_sha, "config": to_dict(cfg),
+                                                 "code": code}, log)
+            tracker.set_tags({"registered": registered or "no"})
     log(f"RoaD: {rnd} rounds in {train_s / 60:.1f} min ({env_sps:.0f} env steps/s, {learn_sps:.0f} learner "
         f"samples/s) -> {final} (total {(time.perf_counter() - t_start) / 60:.1f} min)")
     return RoaDResult(final, rnd, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early)
