@@ -56,12 +56,14 @@ from roadloop.errors import RoadloopError
 from roadloop.io import atomic_write_bytes, atomic_write_text, sha256_file
 from roadloop.policies.base import HISTORY_STEPS, Observation, Policy, PolicyOutput
 from roadloop.policies.expert import Expert
-from roadloop.policies.vla.observe import (
-    CH,
+from roadloop.policies.vla.observe import (  # noqa: F401  (encode / decode re-exported)
+    SIGNED_CHANNELS,
     RasterConfig,
     _to_ego,
     command_index,
+    decode_raster,
     ego_history_features,
+    encode_raster,
     render_bev,
     route_command,
 )
@@ -75,7 +77,6 @@ from roadloop.sim.geometry import wrap_angle
 FORMAT = "roadloop-demos"
 VERSION = 2  # 2: facts_* arrays, 2 Hz default
 MANIFEST = "manifest.json"
-SIGNED_CHANNELS = (CH["lane_cos"], CH["lane_sin"])  # stored as round(127.5 (x + 1))
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FACT_FIELDS = tuple(f.name for f in dataclasses.fields(SceneFacts))
 
@@ -83,28 +84,6 @@ FACT_FIELDS = tuple(f.name for f in dataclasses.fields(SceneFacts))
 def _np(x: torch.Tensor) -> np.ndarray:
     x = x.detach().cpu()
     return x.numpy() if x.dtype in (torch.bool, torch.int64) else x.float().numpy()
-
-
-# --- raster quantisation ------------------------------------------------------------------
-
-def _signed_mask(n_ch: int) -> torch.Tensor:
-    m = torch.zeros(n_ch, dtype=torch.bool)
-    m[list(SIGNED_CHANNELS)] = True
-    return m.view(n_ch, 1, 1)
-
-
-def encode_raster(x: torch.Tensor) -> torch.Tensor:
-    """(..., C, H, W) float in [0, 1] ([-1, 1] for lane_cos / lane_sin) -> uint8 (see module docstring)."""
-    signed = _signed_mask(x.shape[-3])
-    q = torch.where(signed, (x.clamp(-1, 1) + 1.0) * 127.5, x.clamp(0, 1) * 255.0)
-    return q.round().to(torch.uint8)
-
-
-def decode_raster(q: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> float32, the inverse of ``encode_raster`` (error <= 1/255)."""
-    signed = _signed_mask(q.shape[-3])
-    x = q.to(torch.float32)
-    return torch.where(signed, x / 127.5 - 1.0, x / 255.0)
 
 
 # --- the recorder ---------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class GRPOConfig:
     init: str = ""  # init VLA checkpoint (e.g. <il run>/final); also the frozen KL reference
     model_preset: str | None = None  # the init checkpoint must have this architecture (None: any)
     out: str = "~/.roadloop/runs/grpo"
-    suites: str = "train"  # comma-separated suite names (train, sumo-real-train...) or directories
+    suites: str = "train,sumo-real-train"  # comma-separated suite names or directories
     families: str = ""  # comma-separated families to keep (empty: all)
     max_scenarios: int = 0  # keep the first N scenarios of the pool (0: all)
     scenarios_per_iter: int = 8  # S
@@ -110,7 +110,7 @@ class GRPOConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval_every: int = 10  # iterations between closed-loop evaluations (0: none)
     eval_suite: str = "val"
-    eval_scenarios: int = 40  # first N scenarios of the eval suite (0: all)
+    eval_scenarios: int = 40  # N scenarios spread evenly over the eval suite (every family; 0: all)
     eval_temperature: float = 1.0  # as ``roadloop eval`` drives a checkpoint
     eval_top_p: float = 0.95
     ckpt_every: int = 5
@@ -193,6 +193,14 @@ def load_pool(suites: str, families: str = "", max_scenarios: int = 0) -> tuple[
     if not pool:
         raise ConfigError(f"suites '{suites}' hold no scenarios" + (f" of the families {sorted(fams)}" if fams else ""))
     return pool, hashes
+
+
+def spread(items: list, n: int) -> list:
+    """``n`` items spread evenly over ``items`` (suites are ordered by family, so every family is
+    represented); all of them if ``n`` is 0 or >= len(items)."""
+    if not n or n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
 
 
 def pick_scenarios(n_pool: int, n: int, seed: int, iteration: int) -> list[int]:
@@ -339,13 +347,10 @@ def decision_advantages(gb: GroupBatch, cfg: GRPOConfig) -> torch.Tensor:
 
 
 def decode_bev(q: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> float32: ``roadloop.data.collect.decode_raster`` (equal to ~1e-7) in one fused
-    multiply-add after the conversion, 2.5x faster; the learner decodes every minibatch."""
-    from roadloop.data.collect import _signed_mask
+    """uint8 (..., C, H, W) -> float32 (``decode_raster``: exactly what the policy saw when acting)."""
+    from roadloop.policies.vla.observe import decode_raster
 
-    signed = _signed_mask(q.shape[-3])
-    scale = torch.where(signed, 1 / 127.5, 1 / 255.0).float()
-    return torch.addcmul(torch.where(signed, -1.0, 0.0).float(), q.float(), scale)
+    return decode_raster(q)
 
 
 def decision_batch(gb: GroupBatch, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -527,7 +532,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         from roadloop.scenarios.suites import load_suite
 
         ev = load_suite(cfg.eval_suite)
-        ev_pool, ev_hash = ev.scenarios[:cfg.eval_scenarios or None], ev.content_hash
+        ev_pool, ev_hash = spread(ev.scenarios, cfg.eval_scenarios), ev.content_hash
 
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.eval()  # no dropout while learning: exact ratios (module docstring)

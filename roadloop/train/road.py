@@ -57,7 +57,7 @@ from roadloop.registry.lineage import code_version
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import Scenario, SimState
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
-from roadloop.train.grpo import check_init_model, decode_bev, evaluate_model, load_pool, pick_scenarios
+from roadloop.train.grpo import check_init_model, decode_bev, evaluate_model, load_pool, pick_scenarios, spread
 from roadloop.train.release import register_final
 
 _SEED_SALT = 0x0A0D_5EED
@@ -88,7 +88,7 @@ class RoaDConfig:
     aggregate: bool = True  # train on every round's demonstrations so far (else this round's only)
     eval_every: int = 1  # rounds between closed-loop evaluations (0: none)
     eval_suite: str = "val"
-    eval_scenarios: int = 40
+    eval_scenarios: int = 40  # N scenarios spread evenly over the eval suite (0: all)
     eval_temperature: float = 1.0
     eval_top_p: float = 0.95
     time_limit_min: float = 0.0
@@ -156,7 +156,7 @@ class ClosestOfK(Policy):
 
     @torch.no_grad()
     def act(self, obs: Observation) -> PolicyOutput:
-        from roadloop.data.collect import encode_raster
+        from roadloop.policies.vla.observe import decode_raster, encode_raster
         from roadloop.policies.vla.policy import observation_tensors
 
         state = obs.state
@@ -166,6 +166,8 @@ class ClosestOfK(Policy):
         expert_xy = self.expert.act(obs).plan_xy  # (B, 64, 2)
         frames = list(obs.recent[-self.raster.frames:]) or [state]
         inputs = observation_tensors(frames, obs, self.raster)
+        bev_q = encode_raster(inputs["bev"])  # the model sees the uint8-quantised raster, as VLAPolicy
+        inputs["bev"] = decode_raster(bev_q)
         rep = {key: v.repeat_interleave(K, 0) for key, v in inputs.items()}
         was = self.model.training
         self.model.eval()
@@ -180,7 +182,7 @@ class ClosestOfK(Policy):
         ade = torch.linalg.vector_norm(xy[:, :H] - rk(expert_xy[:, :H]), dim=-1).mean(-1).view(B, K)
         j = ade.argmin(1)
         pick = torch.arange(B) * K + j
-        self.records.append({"bev": encode_raster(inputs["bev"]), "history": inputs["history"].float(),
+        self.records.append({"bev": bev_q, "history": inputs["history"].float(),
                              "command": inputs["command"], "text": text[pick], "actions": acts[pick],
                              "ade": ade.gather(1, j.view(B, 1)).squeeze(1), "ade_mean": ade.mean(1)})
         return PolicyOutput(plan_xy=xy[pick], plan_yaw=yaw[pick], plan_speed=speed[pick], controls=ctrl[pick],
@@ -325,7 +327,7 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
         from roadloop.scenarios.suites import load_suite
 
         ev = load_suite(cfg.eval_suite)
-        ev_pool, ev_hash = ev.scenarios[:cfg.eval_scenarios or None], ev.content_hash
+        ev_pool, ev_hash = spread(ev.scenarios, cfg.eval_scenarios), ev.content_hash
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]

@@ -375,6 +375,35 @@ def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None) -
 
 
 # ---------------------------------------------------------------------------------------------
+# uint8 storage of rasters (demonstrations, post-training traces) -- and what the policy sees
+
+SIGNED_CHANNELS = (CH["lane_cos"], CH["lane_sin"])  # stored as round(127.5 (x + 1))
+
+
+def _signed_mask(n_ch: int) -> torch.Tensor:
+    m = torch.zeros(n_ch, dtype=torch.bool)
+    m[list(SIGNED_CHANNELS)] = True
+    return m.view(n_ch, 1, 1)
+
+
+def encode_raster(x: torch.Tensor) -> torch.Tensor:
+    """(..., C, H, W) float in [0, 1] ([-1, 1] for lane_cos / lane_sin) -> uint8: channels in [0, 1]
+    as ``round(255 x)``, lane_cos / lane_sin as ``round(127.5 (x + 1))``."""
+    signed = _signed_mask(x.shape[-3])
+    q = torch.where(signed, (x.clamp(-1, 1) + 1.0) * 127.5, x.clamp(0, 1) * 255.0)
+    return q.round().to(torch.uint8)
+
+
+def decode_raster(q: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., C, H, W) -> float32, the inverse of ``encode_raster`` (error <= 1/255; a signed 0
+    comes back as +1/255).  ``VLAPolicy`` passes its live raster through encode + decode too, so
+    the model sees exactly the values it was trained on (demonstrations are stored as uint8)."""
+    signed = _signed_mask(q.shape[-3])
+    div = torch.where(signed, 127.5, 255.0).float()
+    return torch.addcdiv(torch.where(signed, -1.0, 0.0).float(), q.float(), div)  # one fused pass, 255 -> 1 exactly
+
+
+# ---------------------------------------------------------------------------------------------
 # ego history and route commands
 
 def ego_history_features(obs: Observation) -> torch.Tensor:

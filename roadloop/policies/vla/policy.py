@@ -17,7 +17,15 @@ import torch
 from roadloop.policies.base import Observation, Policy, PolicyOutput
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAModel, load_checkpoint, state_hash
-from roadloop.policies.vla.observe import RasterConfig, command_index, ego_history_features, render_bev, route_command
+from roadloop.policies.vla.observe import (
+    RasterConfig,
+    command_index,
+    decode_raster,
+    ego_history_features,
+    encode_raster,
+    render_bev,
+    route_command,
+)
 from roadloop.reasoning.labels import SceneFacts, scene_facts
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import SimState
@@ -84,11 +92,11 @@ class VLAPolicy(Policy):
             self.reset(state, torch.zeros(B, dtype=torch.int64))
         frames = list(obs.recent[-self.raster.frames:]) or [state]
         inputs = observation_tensors(frames, obs, self.raster)
+        bev_q = encode_raster(inputs["bev"])  # the uint8 values the model was trained on (demonstrations)
+        inputs["bev"] = decode_raster(bev_q)
         text, acts, lp_text, lp_act = self.model.sample(inputs, self.temperature, self.top_p, self._gens)
         if self.record:
-            from roadloop.data.collect import encode_raster
-
-            self.trace.append(DecisionRecord(obs.step, encode_raster(inputs["bev"]), inputs["history"].float(),
+            self.trace.append(DecisionRecord(obs.step, bev_q, inputs["history"].float(),
                                              inputs["command"], text.cpu(), acts.cpu(), lp_text.float().cpu(),
                                              lp_act.float().cpu(), state.speed[:, 0].float().clone(),
                                              scene_facts(state)))
