@@ -74,6 +74,7 @@ from roadloop.sim.datatypes import Scenario
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
 from roadloop.train.release import register_final
 from roadloop.train.rewards import RewardConfig, driving_reward, reasoning_flags, reasoning_reward
+from roadloop.train.run import eval_pool, make_tracker, open_run_dir
 
 ADV_EPS = 1e-6
 ROLLOUT_METRICS = ("score", "progress", "collision_at_fault", "collision_any", "offroad", "comfort_violation",
@@ -496,14 +497,6 @@ def evaluate_model(model: VLAModel, scenarios: list[Scenario], cfg, suite_name: 
     return {f"eval/{k}": rep.overall[k].mean for k in keys if k in rep.overall}
 
 
-def _make_tracker(cfg: GRPOConfig, run_dir: Path, resume_id: str | None):
-    from roadloop.train.tracking import Tracker
-
-    if not cfg.track:
-        return Tracker.disabled()
-    return Tracker(cfg.experiment, run_name=run_dir.name, run_id=resume_id)
-
-
 def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
                log: Callable[[str], None] = print) -> GRPOResult:
     """Run (or resume) GRPO post-training; see the module docstring."""
@@ -514,25 +507,15 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
     check_init_model(model, cfg)
     init_sha = meta["weights_sha256"]
     pool, hashes = load_pool(cfg.suites, cfg.families, cfg.max_scenarios)
-    run_dir = Path(cfg.out).expanduser()
+    run_dir, prev = open_run_dir(cfg.out, resume)
     run_json = run_dir / "run.json"
-    prev = json.loads(run_json.read_text()) if resume and run_json.is_file() else {}
-    if not resume and (run_dir / "latest").exists():
-        raise RoadloopError(f"{run_dir} already holds a training run; pass --resume to continue it or choose "
-                            "another --out")
     if prev and prev.get("init_weights_sha256") != init_sha:
         raise RoadloopError(f"--init {init_dir} (weights {init_sha[:12]}) is not the checkpoint this run started "
                             f"from ({prev.get('init')}, {str(prev.get('init_weights_sha256'))[:12]})")
     if prev and prev.get("suites") != hashes:
         raise RoadloopError(f"suites {hashes} differ from the ones this run started on ({prev.get('suites')}); "
                             "not resuming on other scenarios")
-    ev_pool: list[Scenario] = []
-    ev_hash = ""
-    if cfg.eval_every:
-        from roadloop.scenarios.suites import load_suite
-
-        ev = load_suite(cfg.eval_suite)
-        ev_pool, ev_hash = spread(ev.scenarios, cfg.eval_scenarios), ev.content_hash
+    ev_pool, ev_hash = eval_pool(cfg)
 
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.eval()  # no dropout while learning: exact ratios (module docstring)
@@ -547,7 +530,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         log(f"no checkpoint in {run_dir}: starting from iteration 0")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    tracker = _make_tracker(cfg, run_dir, prev.get("run_id"))
+    tracker = make_tracker(cfg, run_dir, prev.get("run_id"))
     code = code_version()
     lineage = {"run_id": tracker.run_id, "init": str(init_dir), "init_weights_sha256": init_sha, "suites": hashes,
                "eval_suite": {cfg.eval_suite: ev_hash} if ev_hash else {}}

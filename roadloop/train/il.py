@@ -36,6 +36,7 @@ from roadloop.io import atomic_write_text
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
+from roadloop.train.run import adamw, make_tracker, open_run_dir
 
 
 @dataclass
@@ -130,25 +131,13 @@ class ILResult:
     stopped_early: bool
 
 
-def _make_tracker(cfg: ILConfig, run_dir: Path, resume_id: str | None):
-    from roadloop.train.tracking import Tracker
-
-    if not cfg.track:
-        return Tracker.disabled()
-    return Tracker(cfg.experiment, run_name=run_dir.name, run_id=resume_id)
-
-
 def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
              log: Callable[[str], None] = print) -> ILResult:
     """Train (or resume) an imitation run; see the module docstring.  Returns where the model went."""
     cfg.validate()
     t_start = time.perf_counter()
-    run_dir = Path(cfg.out).expanduser()
+    run_dir, prev = open_run_dir(cfg.out, resume)
     run_json = run_dir / "run.json"
-    prev = json.loads(run_json.read_text()) if resume and run_json.is_file() else {}
-    if not resume and (run_dir / "latest").exists():
-        raise RoadloopError(f"{run_dir} already holds a training run; pass --resume to continue it or choose "
-                            "another --out")
     train_all = load_demos(cfg.data)
     vcfg = VLAConfig.preset(cfg.model.preset)
     vcfg = VLAConfig(**{**to_dict(vcfg), "dropout": cfg.model.dropout})
@@ -171,10 +160,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
 
     torch.manual_seed(cfg.seed)
     model = VLAModel(vcfg).to(cfg.device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = max(1, train_idx.numel() // cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
     step, elapsed = 0, 0.0
@@ -185,7 +171,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
         log(f"resumed {state['path']} at step {step}/{total}")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    tracker = _make_tracker(cfg, run_dir, prev.get("run_id"))
+    tracker = make_tracker(cfg, run_dir, prev.get("run_id"))
     atomic_write_text(run_json, json.dumps({"run_id": tracker.run_id, "dataset": train_all.content_hash,
                                             "val_dataset": val.content_hash}, indent=1))
     with tracker:

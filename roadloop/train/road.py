@@ -57,8 +57,9 @@ from roadloop.registry.lineage import code_version
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import Scenario, SimState
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
-from roadloop.train.grpo import check_init_model, decode_bev, evaluate_model, load_pool, pick_scenarios, spread
+from roadloop.train.grpo import check_init_model, decode_bev, evaluate_model, load_pool, pick_scenarios
 from roadloop.train.release import register_final
+from roadloop.train.run import adamw, eval_pool, make_tracker, open_run_dir
 
 _SEED_SALT = 0x0A0D_5EED
 
@@ -294,14 +295,6 @@ class RoaDResult:
     stopped_early: bool
 
 
-def _make_tracker(cfg: RoaDConfig, run_dir: Path, resume_id: str | None):
-    from roadloop.train.tracking import Tracker
-
-    if not cfg.track:
-        return Tracker.disabled()
-    return Tracker(cfg.experiment, run_name=run_dir.name, run_id=resume_id)
-
-
 def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
                log: Callable[[str], None] = print) -> RoaDResult:
     """Run (or resume) RoaD; see the module docstring."""
@@ -312,27 +305,14 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
     check_init_model(model, cfg)
     init_sha = meta["weights_sha256"]
     pool, hashes = load_pool(cfg.suites, cfg.families, cfg.max_scenarios)
-    run_dir = Path(cfg.out).expanduser()
+    run_dir, prev = open_run_dir(cfg.out, resume)
     run_json = run_dir / "run.json"
-    prev = json.loads(run_json.read_text()) if resume and run_json.is_file() else {}
-    if not resume and (run_dir / "latest").exists():
-        raise RoadloopError(f"{run_dir} already holds a training run; pass --resume to continue it or choose "
-                            "another --out")
     if prev and (prev.get("init_weights_sha256") != init_sha or prev.get("suites") != hashes):
         raise RoadloopError(f"--init / suites differ from the ones this run started with ({prev.get('init')}, "
                             f"{prev.get('suites')}); not resuming")
-    ev_pool: list[Scenario] = []
-    ev_hash = ""
-    if cfg.eval_every:
-        from roadloop.scenarios.suites import load_suite
+    ev_pool, ev_hash = eval_pool(cfg)
 
-        ev = load_suite(cfg.eval_suite)
-        ev_pool, ev_hash = spread(ev.scenarios, cfg.eval_scenarios), ev.content_hash
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     rnd, elapsed = 0, 0.0
     state = load_train_state(run_dir, model, opt) if resume else None
     if state is not None:
@@ -341,7 +321,7 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
         log(f"resumed {state['path']} at round {rnd}/{cfg.rounds}")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    tracker = _make_tracker(cfg, run_dir, prev.get("run_id"))
+    tracker = make_tracker(cfg, run_dir, prev.get("run_id"))
     code = code_version()
     lineage = {"run_id": tracker.run_id, "init": str(init_dir), "init_weights_sha256": init_sha, "suites": hashes,
                "eval_suite": {cfg.eval_suite: ev_hash} if ev_hash else {}}
