@@ -59,7 +59,7 @@ class ThresholdConfig:
     safety_slack: float = 0.0
     family_score_drop: float = 0.05
     score_tolerance: float = 0.005
-    comfort_violation_max: float = 0.25
+    comfort_violation_max: float = 0.9
     comfort_violation_increase: float = 0.05
     reasoning_consistency_min: float = 0.5
     reasoning_consistency_drop: float = 0.05
