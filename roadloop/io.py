@@ -9,6 +9,11 @@ import tempfile
 from pathlib import Path
 
 
+def roadloop_home() -> Path:
+    """``$ROADLOOP_HOME`` or ``~/.roadloop`` (absolute; not created): trackers, registry, rollout store."""
+    return Path(os.environ.get("ROADLOOP_HOME") or Path.home() / ".roadloop").expanduser().resolve()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     path = Path(path)

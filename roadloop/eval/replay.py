@@ -14,20 +14,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from roadloop.errors import RoadloopError
-from roadloop.io import atomic_write_text
+from roadloop.io import atomic_write_text, roadloop_home
 from roadloop.rollout import Rollout, RolloutConfig, rollout
 from roadloop.sim.config import IDMParams, SimConfig
 
 
 def store_dir() -> Path:
-    return Path(os.environ.get("ROADLOOP_HOME", Path.home() / ".roadloop")) / "rollouts"
+    return roadloop_home() / "rollouts"
 
 
 def row_digest(ro: Rollout, b: int) -> str:

@@ -55,8 +55,6 @@ Departures from the papers / AlpaGym:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -65,16 +63,22 @@ from pathlib import Path
 
 import torch
 
-from roadloop.config import to_dict, to_yaml
+from roadloop.config import to_dict
 from roadloop.errors import ConfigError, RoadloopError
-from roadloop.io import atomic_write_text
-from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint, param_count, save_checkpoint
+from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.registry.lineage import code_version
 from roadloop.sim.datatypes import Scenario
-from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
+from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
 from roadloop.train.release import register_final
 from roadloop.train.rewards import RewardConfig, driving_reward, reasoning_flags, reasoning_reward
-from roadloop.train.run import eval_pool, make_tracker, open_run_dir
+from roadloop.train.run import (  # noqa: F401  (check_init_model, load_pool, spread: public here too)
+    begin_run,
+    check_init_model,
+    load_pool,
+    restore,
+    spread,
+    start_post_training,
+)
 
 ADV_EPS = 1e-6
 ROLLOUT_METRICS = ("score", "progress", "collision_at_fault", "collision_any", "offroad", "comfort_violation",
@@ -162,46 +166,6 @@ class GRPOConfig:
 
 # ---------------------------------------------------------------------------------------------
 # inputs
-
-
-def check_init_model(model: VLAModel, cfg) -> None:
-    """``ConfigError`` if the init checkpoint's architecture is not ``cfg.model_preset``'s (any config with
-    ``init`` and ``model_preset``: GRPO, RoaD)."""
-    if cfg.model_preset is None:
-        return
-    want = dataclasses.asdict(VLAConfig.preset(cfg.model_preset))
-    have = dataclasses.asdict(model.cfg)
-    diff = [f"{k}: checkpoint {have[k]!r}, preset {want[k]!r}" for k in want if k != "dropout" and want[k] != have[k]]
-    if diff:
-        raise ConfigError(f"init checkpoint {cfg.init} is not a '{cfg.model_preset}' model: " + "; ".join(diff))
-
-
-def load_pool(suites: str, families: str = "", max_scenarios: int = 0) -> tuple[list[Scenario], dict[str, str]]:
-    """Scenarios of the comma-separated suites (filtered), and {suite: content hash}.  Empty: ConfigError."""
-    from roadloop.scenarios.suites import load_suite
-
-    names = [s.strip() for s in suites.split(",") if s.strip()]
-    if not names:
-        raise ConfigError(f"no scenario suite given (suites='{suites}')")
-    fams = {f.strip() for f in families.split(",") if f.strip()}
-    pool, hashes = [], {}
-    for n in names:
-        s = load_suite(n)
-        hashes[n] = s.content_hash
-        pool += [sc for sc in s.scenarios if not fams or sc.meta.family in fams]
-    if max_scenarios:
-        pool = pool[:max_scenarios]
-    if not pool:
-        raise ConfigError(f"suites '{suites}' hold no scenarios" + (f" of the families {sorted(fams)}" if fams else ""))
-    return pool, hashes
-
-
-def spread(items: list, n: int) -> list:
-    """``n`` items spread evenly over ``items`` (suites are ordered by family, so every family is
-    represented); all of them if ``n`` is 0 or >= len(items)."""
-    if not n or n >= len(items):
-        return list(items)
-    return [items[(i * len(items)) // n] for i in range(n)]
 
 
 def pick_scenarios(n_pool: int, n: int, seed: int, iteration: int) -> list[int]:
@@ -500,41 +464,17 @@ def evaluate_model(model: VLAModel, scenarios: list[Scenario], cfg, suite_name: 
 def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
                log: Callable[[str], None] = print) -> GRPOResult:
     """Run (or resume) GRPO post-training; see the module docstring."""
-    cfg.validate()
     t_start = time.perf_counter()
-    init_dir = Path(cfg.init).expanduser()
-    model, meta = load_checkpoint(init_dir, cfg.device)
-    check_init_model(model, cfg)
-    init_sha = meta["weights_sha256"]
-    pool, hashes = load_pool(cfg.suites, cfg.families, cfg.max_scenarios)
-    run_dir, prev = open_run_dir(cfg.out, resume)
-    run_json = run_dir / "run.json"
-    if prev and prev.get("init_weights_sha256") != init_sha:
-        raise RoadloopError(f"--init {init_dir} (weights {init_sha[:12]}) is not the checkpoint this run started "
-                            f"from ({prev.get('init')}, {str(prev.get('init_weights_sha256'))[:12]})")
-    if prev and prev.get("suites") != hashes:
-        raise RoadloopError(f"suites {hashes} differ from the ones this run started on ({prev.get('suites')}); "
-                            "not resuming on other scenarios")
-    ev_pool, ev_hash = eval_pool(cfg)
+    st = start_post_training(cfg, resume)
+    model, pool, run_dir, ev_pool, ev_hash = st.model, st.pool, st.run_dir, st.ev_pool, st.ev_hash
+    init_dir, init_sha, hashes = st.init_dir, st.init_sha, st.hashes
 
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.eval()  # no dropout while learning: exact ratios (module docstring)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    it, elapsed = 0, 0.0
-    state = load_train_state(run_dir, model, opt) if resume else None
-    if state is not None:
-        it = int(state["step"])
-        elapsed = float(state["extra"].get("elapsed", 0.0))
-        log(f"resumed {state['path']} at iteration {it}/{cfg.iterations}")
-    elif resume:
-        log(f"no checkpoint in {run_dir}: starting from iteration 0")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    tracker = make_tracker(cfg, run_dir, prev.get("run_id"))
+    it, elapsed, state = restore(run_dir, model, opt, resume, "iteration", cfg.iterations, log)
     code = code_version()
-    lineage = {"run_id": tracker.run_id, "init": str(init_dir), "init_weights_sha256": init_sha, "suites": hashes,
-               "eval_suite": {cfg.eval_suite: ev_hash} if ev_hash else {}}
-    atomic_write_text(run_json, json.dumps(lineage, indent=1))
+    tracker, lineage = begin_run(cfg, run_dir, st.prev, st.lineage(cfg))
     history: list[dict[str, float]] = []
     last_eval: dict[str, float] = {}
     env_steps = learn_samples = 0

@@ -19,7 +19,6 @@ that hits it ends at a higher learning rate than planned; the LOG records which 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -28,15 +27,14 @@ from pathlib import Path
 
 import torch
 
-from roadloop.config import to_dict, to_yaml
+from roadloop.config import to_dict
 from roadloop.data.dataset import DemoTensors, load_demos
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.eval.openloop import model_inputs, openloop_metrics
-from roadloop.io import atomic_write_text
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
-from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
-from roadloop.train.run import adamw, make_tracker, open_run_dir
+from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
+from roadloop.train.run import adamw, begin_run, open_run_dir, restore
 
 
 @dataclass
@@ -116,10 +114,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
-def imitation_loss(model: VLAModel, batch: dict, action_weight: float) -> dict[str, torch.Tensor]:
-    return model.loss(batch, action_weight=action_weight)
-
-
 @dataclass
 class ILResult:
     checkpoint: Path
@@ -137,7 +131,6 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     cfg.validate()
     t_start = time.perf_counter()
     run_dir, prev = open_run_dir(cfg.out, resume)
-    run_json = run_dir / "run.json"
     train_all = load_demos(cfg.data)
     vcfg = VLAConfig.preset(cfg.model.preset)
     vcfg = VLAConfig(**{**to_dict(vcfg), "dropout": cfg.model.dropout})
@@ -163,17 +156,8 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = max(1, train_idx.numel() // cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-    step, elapsed = 0, 0.0
-    state = load_train_state(run_dir, model, opt) if resume else None
-    if state is not None:
-        step = int(state["step"])
-        elapsed = float(state["extra"].get("elapsed", 0.0))
-        log(f"resumed {state['path']} at step {step}/{total}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    tracker = make_tracker(cfg, run_dir, prev.get("run_id"))
-    atomic_write_text(run_json, json.dumps({"run_id": tracker.run_id, "dataset": train_all.content_hash,
-                                            "val_dataset": val.content_hash}, indent=1))
+    step, elapsed, state = restore(run_dir, model, opt, resume, "step", total, log)
+    tracker, _ = begin_run(cfg, run_dir, prev, {"dataset": train_all.content_hash, "val_dataset": val.content_hash})
     with tracker:
         if state is None:
             tracker.log_params({"il": to_dict(cfg), "model": to_dict(vcfg), "params": param_count(model),
@@ -192,7 +176,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
             bi = train_idx[order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(step, total, cfg)
-            out = imitation_loss(model, data.batch(bi), cfg.action_weight)
+            out = model.loss(data.batch(bi), action_weight=cfg.action_weight)
             opt.zero_grad(set_to_none=True)
             try:
                 check_finite(out["loss"], model)
@@ -252,5 +236,5 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     return ILResult(final, step, train_s, sps, om, tracker.run_id, stopped_early)
 
 
-__all__ = ["ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "epoch_order", "imitation_loss", "lr_at",
+__all__ = ["ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "epoch_order", "lr_at",
            "train_il"]

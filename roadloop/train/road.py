@@ -37,7 +37,6 @@ Departures from the paper:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -47,19 +46,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from roadloop.config import to_dict, to_yaml
+from roadloop.config import to_dict
 from roadloop.errors import ConfigError, RoadloopError
-from roadloop.io import atomic_write_bytes, atomic_write_text
+from roadloop.io import atomic_write_bytes
 from roadloop.policies.base import Observation, Policy, PolicyOutput
 from roadloop.policies.vla import tokenizer as tok
-from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint, param_count, save_checkpoint
+from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.registry.lineage import code_version
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import Scenario, SimState
-from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, load_train_state, save_train_state
-from roadloop.train.grpo import check_init_model, decode_bev, evaluate_model, load_pool, pick_scenarios
+from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
+from roadloop.train.grpo import decode_bev, evaluate_model, pick_scenarios
 from roadloop.train.release import register_final
-from roadloop.train.run import adamw, eval_pool, make_tracker, open_run_dir
+from roadloop.train.run import adamw, begin_run, restore, start_post_training
 
 _SEED_SALT = 0x0A0D_5EED
 
@@ -298,34 +297,15 @@ class RoaDResult:
 def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
                log: Callable[[str], None] = print) -> RoaDResult:
     """Run (or resume) RoaD; see the module docstring."""
-    cfg.validate()
     t_start = time.perf_counter()
-    init_dir = Path(cfg.init).expanduser()
-    model, meta = load_checkpoint(init_dir, cfg.device)
-    check_init_model(model, cfg)
-    init_sha = meta["weights_sha256"]
-    pool, hashes = load_pool(cfg.suites, cfg.families, cfg.max_scenarios)
-    run_dir, prev = open_run_dir(cfg.out, resume)
-    run_json = run_dir / "run.json"
-    if prev and (prev.get("init_weights_sha256") != init_sha or prev.get("suites") != hashes):
-        raise RoadloopError(f"--init / suites differ from the ones this run started with ({prev.get('init')}, "
-                            f"{prev.get('suites')}); not resuming")
-    ev_pool, ev_hash = eval_pool(cfg)
+    st = start_post_training(cfg, resume)
+    model, pool, run_dir, ev_pool, ev_hash = st.model, st.pool, st.run_dir, st.ev_pool, st.ev_hash
+    init_dir, init_sha, hashes = st.init_dir, st.init_sha, st.hashes
 
     opt = adamw(model, cfg.lr, cfg.weight_decay)
-    rnd, elapsed = 0, 0.0
-    state = load_train_state(run_dir, model, opt) if resume else None
-    if state is not None:
-        rnd = int(state["step"])
-        elapsed = float(state["extra"].get("elapsed", 0.0))
-        log(f"resumed {state['path']} at round {rnd}/{cfg.rounds}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-    tracker = make_tracker(cfg, run_dir, prev.get("run_id"))
+    rnd, elapsed, state = restore(run_dir, model, opt, resume, "round", cfg.rounds, log)
     code = code_version()
-    lineage = {"run_id": tracker.run_id, "init": str(init_dir), "init_weights_sha256": init_sha, "suites": hashes,
-               "eval_suite": {cfg.eval_suite: ev_hash} if ev_hash else {}}
-    atomic_write_text(run_json, json.dumps(lineage, indent=1))
+    tracker, lineage = begin_run(cfg, run_dir, st.prev, st.lineage(cfg))
     demo_dir = run_dir / "demos"
     past: list[RoaDDemos] = []
     if cfg.aggregate:

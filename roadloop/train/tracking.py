@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from roadloop.errors import RoadloopError
+from roadloop.io import roadloop_home
 
 MAX_PARAM_VALUE = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE = 8000  # MAX_TAG_VAL_LENGTH
@@ -64,11 +65,6 @@ STATUSES = ("FINISHED", "FAILED", "KILLED")
 _lock = threading.Lock()
 _clients: dict[str, Any] = {}
 _quiet_done = False
-
-
-def roadloop_home() -> Path:
-    """``$ROADLOOP_HOME`` or ``~/.roadloop`` (absolute; not created)."""
-    return Path(os.environ.get("ROADLOOP_HOME") or Path.home() / ".roadloop").expanduser().resolve()
 
 
 def default_tracking_uri() -> str:
