@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -591,6 +592,50 @@ def _print_gates(run) -> None:
                       f"{_fmt(o['score'].mean, o['score'].ci)}, at-fault "
                       f"{_fmt(o['collision_at_fault'].mean, pct=True)}, off-road {_fmt(o['offroad'].mean, pct=True)}")
     console.print("[green]PASSED[/]" if run.passed else f"[bold red]FAILED[/]: {', '.join(run.summary.failed)}")
+
+
+@app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@friendly
+def demo_cmd(overrides: list[str] = typer.Argument(None, help="Config overrides key=value, e.g. grpo.iterations=20 "
+                                                 "il.time_limit_min=5 (see roadloop/configs/demo.yaml)."),
+             out: Path = typer.Option(Path("roadloop-demo"), "--out", help="Where everything goes (suites, data, "
+                                      "runs, MLflow store, registry, report); a re-run reuses what is there."),
+             quick: bool = typer.Option(False, "--quick", help="Toy-sized run of every stage (a couple of minutes; "
+                                        "for CI and a first look, its numbers mean nothing)."),
+             config: list[Path] = typer.Option(None, "--config", help="YAML config file(s) merged in order.")) -> None:
+    """The whole loop in one command: suites, expert demonstrations, imitation, closed-loop GRPO, evaluation,
+    gates, promotion and an HTML report (about 15 minutes on a 2-core laptop)."""
+    from roadloop.demo import Hooks, load_demo_config, run_demo
+
+    cfg = load_demo_config(list(overrides or []) + [f"out={out}"], quick=quick, files=list(config or []))
+    t0 = time.perf_counter()
+    with progress() as prog:
+        def bar(desc: str, total: int):
+            task = prog.add_task(desc, total=total)
+            return lambda n: prog.advance(task, n)
+
+        def stage_done(st) -> None:
+            tag = "[dim]reused[/]" if st.reused else f"{st.seconds:.0f} s"
+            prog.console.print(f"[bold green]✓[/] {st.name} ({tag}): {st.detail}")
+
+        res = run_demo(cfg, Hooks(log=lambda m: prog.console.print(f"  [dim]{m}[/]"), bar=bar, stage_done=stage_done))
+    t = Table(title="held-out scenarios: imitation vs post-trained vs expert")
+    for c in ("policy", "score [95% CI]", "at-fault coll.", "off-road", "comfort viol.", "consistency", "grounding"):
+        t.add_column(c, justify="left" if c == "policy" else "right")
+
+    def share(st) -> str:
+        return "–" if st is None or st.mean != st.mean else f"{st.mean:.2f}"
+
+    for label, rep in res.reports.items():
+        o = rep.overall
+        t.add_row(label, _fmt(o["score"].mean, o["score"].ci), _fmt(o["collision_at_fault"].mean, pct=True),
+                  _fmt(o["offroad"].mean, pct=True), _fmt(o["comfort_violation"].mean, pct=True),
+                  share(o.get("reasoning_consistency")), share(o.get("reasoning_grounding")))
+    console.print(t)
+    console.print("[bold green]post-trained policy promoted[/] (it passed every gate)" if res.promoted else
+                  "[bold yellow]post-trained policy not promoted[/]: " + "; ".join(res.gate_reasons[:4]))
+    console.print(f"report: [bold]{res.report}[/]   (total {(time.perf_counter() - t0) / 60:.1f} min)")
+    console.print(f"next: open the report, or `ROADLOOP_HOME={res.out / 'home'} roadloop registry list`")
 
 
 @app.command("gate", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})

@@ -77,6 +77,7 @@ class Rollout(_TensorTree):
     failed: torch.Tensor  # (B,) bool
     seeds: torch.Tensor  # (B,) int64
     reasoning: tuple  # (D,) tuples of B strings ("" if none)
+    grounded: torch.Tensor  # (D, B) float: text grounded in the scene at its decision 1 / 0, NaN: no text
     fail_reason: tuple  # (B,) strings ("" if ok)
     scenario_ids: tuple  # (B,) strings
     policy: str  # policy name and version, "name@version"
@@ -135,7 +136,7 @@ def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutC
     B = scenarios.batch_size
     policy.reset(state, seeds)
     states = [state]
-    controls, checks, dsteps, plans, logps, texts = [], [], [], [], [], []
+    controls, checks, dsteps, plans, logps, texts, grounded = [], [], [], [], [], [], []
     failed = torch.zeros(B, dtype=torch.bool)
     reasons = [""] * B
     plan: PolicyOutput | None = None
@@ -159,6 +160,7 @@ def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutC
                 plans.append(torch.where(failed.view(B, 1, 1), torch.nan, plan.plan_xy))
                 logps.append(plan.logp if plan.logp is not None else torch.full((B,), float("nan")))
                 texts.append(tuple(plan.reasoning) if plan.reasoning is not None else ("",) * B)
+                grounded.append(_grounded(texts[-1], state))
                 k_in_plan = 0
             ctrl = _controls(plan, state, k_in_plan, sim)
             k_in_plan += 1
@@ -181,8 +183,24 @@ def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutC
         plan_xy=torch.stack(plans) if plans else torch.zeros(0, B, PLAN_STEPS, 2),
         logp=torch.stack(logps) if logps else torch.zeros(0, B),
         scored=torch.arange(T) >= warmup, failed=failed, seeds=seeds, reasoning=tuple(texts),
+        grounded=torch.stack(grounded) if grounded else torch.zeros(0, B),
         fail_reason=tuple(reasons), scenario_ids=tuple(scenarios.ids), policy=f"{policy.name}@{policy.version}",
     )
+
+
+def _grounded(texts: tuple, state: SimState) -> torch.Tensor:
+    """(B,) float: ``reasoning.checks.grounding`` of each non-empty text against the scene it was written in
+    (1 / 0), NaN where the policy wrote none."""
+    out = torch.full((len(texts),), float("nan"))
+    if any(texts):
+        from roadloop.reasoning.checks import grounding
+        from roadloop.reasoning.labels import scene_facts
+
+        facts = scene_facts(state)
+        for b, t in enumerate(texts):
+            if t:
+                out[b] = float(grounding(t, state, b, facts))
+    return out
 
 
 def _decide(policy: Policy, state: SimState, states: list[SimState], t: int, B: int):

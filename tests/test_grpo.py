@@ -119,13 +119,61 @@ def test_decision_advantages_add_driving_and_reasoning_parts():
     gb = grpo.GroupBatch(scenario_ids=["a"], group_size=G, seeds=torch.arange(2), decision_steps=torch.arange(D),
                          bev=z, history=z, command=z, text=z, actions=z, logp=z, grounding=z.bool(),
                          consistency=z.bool(), drive_reward=torch.tensor([1.0, 0.0]),
-                         reason_reward=torch.tensor([[1.0, 0.0], [0.0, 0.0]]), terms={}, metrics={},
+                         reason_reward=torch.tensor([[1.0, 0.0], [0.0, 0.0]]), local_reward=torch.zeros(D, 2),
+                         terms={}, metrics={},
                          failed=torch.zeros(2, dtype=torch.bool), env_steps=0, seconds=0.0)
     cfg = GRPOConfig(init="x", advantage="centered", adv_scale=1.0)
     adv = grpo.decision_advantages(gb, cfg)
     assert torch.allclose(adv, torch.tensor([[1.25, -0.75], [0.25, -0.75]]))
-    cfg = GRPOConfig(init="x", advantage="centered", reward=RewardConfig(preset="progress_safety"))
+    cfg = GRPOConfig(init="x", advantage="centered", adv_scale=1.0, reward=RewardConfig(preset="progress_safety"))
     assert torch.allclose(grpo.decision_advantages(gb, cfg), torch.tensor([[0.5, -0.5], [0.5, -0.5]]))
+    # local credit: the incident reward of decision 1 of rollout 1 is normalised with the reasoning rewards
+    gb.local_reward, gb.reason_reward = torch.tensor([[0.0, 0.0], [0.0, -4.0]]), torch.zeros(D, 2)
+    cfg = GRPOConfig(init="x", advantage="centered", adv_scale=1.0,
+                     reward=RewardConfig(preset="progress_safety", credit="local"))
+    assert torch.allclose(grpo.decision_advantages(gb, cfg), torch.tensor([[1.5, 0.5], [1.5, -3.5]]))
+
+
+def test_random_start_is_a_pure_function_within_the_logs():
+    from types import SimpleNamespace
+
+    from roadloop.train.grpo import pick_start
+
+    scs = [SimpleNamespace(meta=SimpleNamespace(warmup_steps=10), num_steps=n) for n in (150, 201, 180)]
+    cfg = GRPOConfig(init="x", max_steps=80, random_start=True, seed=3)
+    starts = [pick_start(scs, cfg, it) for it in range(200)]
+    assert starts == [pick_start(scs, cfg, it) for it in range(200)]  # same seed and iteration, same start
+    assert min(starts) == 10 and max(starts) == 150 - 1 - 70  # the policy's 70 steps fit in the shortest log
+    assert len(set(starts)) > 30
+    assert pick_start(scs, GRPOConfig(init="x", max_steps=80), 0) is None  # off by default
+    assert pick_start(scs, GRPOConfig(init="x", max_steps=None, random_start=True), 0) is None
+    assert pick_start([SimpleNamespace(meta=SimpleNamespace(warmup_steps=10), num_steps=70)], cfg, 0) is None
+
+
+def test_local_credit_penalises_the_decisions_before_the_first_incident():
+    from types import SimpleNamespace
+
+    from roadloop.train.rewards import local_incident_reward
+
+    T, B = 60, 3
+    coll, off = torch.zeros(T, B, dtype=torch.bool), torch.zeros(T, B, dtype=torch.bool)
+    coll[40:45, 0] = True  # rollout 0: at-fault collision from step 40 (state 41) on
+    off[5, 1] = True  # rollout 1: off-road at step 5, inside the 1 s warm-up -> not scored
+    off[50, 1] = True  # ... and at step 50 (state 51)
+    ro = SimpleNamespace(decision_steps=torch.arange(10, T, 5), batch_size=B, scored=torch.arange(T) >= 10,
+                         checks=SimpleNamespace(collision_at_fault=coll, offroad=off),
+                         failed=torch.tensor([False, False, False]))
+    cfg = RewardConfig(preset="default", credit="local", credit_window_s=1.0)
+    r = local_incident_reward(ro, None, cfg)
+    steps = ro.decision_steps.tolist()
+    want = torch.zeros(len(steps), B)
+    for d, t in enumerate(steps):
+        want[d, 0] = -4.0 if 31 <= t < 41 else 0.0
+        want[d, 1] = -3.0 if 41 <= t < 51 else 0.0
+    assert torch.equal(r, want)
+    assert torch.equal(local_incident_reward(ro, None, RewardConfig(preset="default")), torch.zeros(len(steps), B))
+    with pytest.raises(ConfigError, match="reward.credit"):
+        RewardConfig(credit="nearby").validate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +193,9 @@ def test_collection_is_pure_and_first_ppo_epoch_has_ratio_one_and_zero_kl(toy):
     D, B = gb.num_decisions, gb.batch_size
     assert D == 4 and B == 4 and gb.bev.dtype == torch.uint8 and gb.text.shape == (D, B, MICRO.max_text_len)
     assert torch.isfinite(gb.drive_reward).all() and gb.env_steps == B * 30
+    # a later start: the log replays 5 more steps, then the policy drives as many steps as before
+    late = collect_groups(model, toy["scenarios"][:2], seeds, cfg, start=toy["scenarios"][0].meta.warmup_steps + 5)
+    assert late.decision_steps.tolist() == (gb.decision_steps + 5).tolist() and late.env_steps == B * 35
     ref = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {k: v.clone() for k, v in model.state_dict().items()}

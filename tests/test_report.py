@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from browser import CHROMIUM, CHROMIUM_ARGS, need_chromium, playwright_sync_api
 
 from roadloop.bench import bench_scenario
 from roadloop.eval.evaluate import evaluate
@@ -20,9 +20,6 @@ from roadloop.scenarios.builder import ScenarioBuilder, straight
 from roadloop.sim.config import SimConfig
 from roadloop.sim.datatypes import AgentType, LightState, Scenario, ScenarioMeta, TrafficModel
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 STEPS = 40
 REASONING = r"route ahead is clear|Slowing down from"
 
@@ -188,20 +185,9 @@ def test_report_max_rollouts(evaluated):
     assert "No rollouts were kept" in build_html(rep, [])
 
 
-def _need_chromium() -> None:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing under CI: apt-get install -y chromium")
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium); "
-                    "the browser test is skipped outside CI")
-
-
 def test_report_in_headless_chromium(report_path: Path, evaluated, tmp_path):
-    _need_chromium()
-    if os.environ.get("CI"):
-        from playwright import sync_api
-    else:
-        sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    need_chromium()
+    sync_api = playwright_sync_api()
     rep, _ = evaluated
     errors: list[str] = []
     failed: list[str] = []

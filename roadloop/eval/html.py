@@ -4,7 +4,9 @@
 CSS/JS (``roadloop/eval/assets/``) and the data embedded as strict JSON, so it opens from
 ``file://`` with no network access.  The tables are rendered here in Python; the animated
 top-down viewer (canvas, player, reasoning panel) is vanilla JS drawing the compact per-rollout
-data built by ``rollout_view`` (also used by ``roadloop.eval.export`` for GIF/MP4).
+data built by ``rollout_view`` (also used by ``roadloop.eval.export`` for GIF/MP4 and by the
+demo page, ``roadloop.eval.demo_report``): ``assets/scene.js`` draws a frame, ``assets/viewer.js``
+is the player.
 """
 
 from __future__ import annotations
@@ -401,6 +403,7 @@ def build_html(report: EvalReport, kept: list[tuple[Rollout, Scenario]], max_rol
 </main>
 <footer>roadloop · self-contained report, no network access needed</footer>
 <script type="application/json" id="report-data">{_json_for_script(data)}</script>
+<script>{_asset("scene.js")}</script>
 <script>{_asset("viewer.js")}</script>
 </body></html>
 """

@@ -188,6 +188,16 @@ def _reasoning_consistency(v: EpisodeView) -> torch.Tensor:
     return torch.where(n > 0, ok / n.clamp_min(1), torch.full_like(n, float("nan")))
 
 
+def _reasoning_grounding(v: EpisodeView) -> torch.Tensor:
+    """Share of the rollout's decisions with reasoning text that is grounded in the scene it was written in
+    (every mentioned component exists as stated; ``Rollout.grounded``); NaN when the policy wrote no text."""
+    g = v.ro.grounded
+    ok = torch.isfinite(g)
+    n = ok.sum(0)
+    s = torch.where(ok, g, torch.zeros_like(g)).sum(0)
+    return torch.where(n > 0, s / n.clamp_min(1), torch.full_like(s, float("nan")))
+
+
 def _km(v: EpisodeView) -> torch.Tensor:
     sp = v.ro.speed[1:, :, 0]
     return (sp * 0.1 * v.scored).sum(0) / 1000.0
@@ -229,6 +239,8 @@ for _spec in [
     MetricSpec("km", _km, "km", "[0, inf)", "sum", "distance driven in the scored steps"),
     MetricSpec("reasoning_consistency", _reasoning_consistency, "-", "[0, 1]", "mean",
                "share of decisions whose reasoning text states the plan's meta-actions (NaN: no text)"),
+    MetricSpec("reasoning_grounding", _reasoning_grounding, "-", "[0, 1]", "mean",
+               "share of decisions whose reasoning text is grounded in the scene (NaN: no text)"),
 ]:
     register(_spec)
 

@@ -17,13 +17,16 @@ One iteration:
    of rare safety violations instead of blowing a single crash up to the same size as a tiny
    progress difference (Plan-R1's point, REFERENCE 3).  Both are clipped to +-``adv_clip``.  The
    driving advantage is replicated to every decision of the rollout (AlpaGym).
-3. **PPO** for ``ppo_epochs`` over shuffled minibatches of decisions: per-token clipped surrogate
+3. **PPO** for ``ppo_epochs`` over shuffled minibatches of up to ``max_decisions`` decisions drawn
+   uniformly from the collection (whole-log rollouts give ~2,000 decisions per iteration; the
+   learner, not the simulator, is the slow part): per-token clipped surrogate
    (``clip_eps``, dual clip ``dual_clip`` for negative advantages) over the CoC text tokens and the
    32 action tokens (16 chunks x (accel, curvature)), the log-ratio clamped to +-``logratio_clamp``,
    plus ``kl_coef`` x the k3 estimator of KL(pi || pi_ref) on the sampled tokens, where pi_ref is the
-   frozen init model; token-level mean over the minibatch; AdamW, gradient clipping.  The old
-   per-token log-probs are recomputed once per iteration with the sampling weights before the first
-   epoch (``DecisionRecord`` holds per-sequence sums only), so the first ratio is exactly 1.
+   frozen init model (not evaluated when ``kl_coef`` = 0); token-level mean over the minibatch;
+   AdamW, gradient clipping.  The old per-token log-probs are recomputed once per iteration with the
+   sampling weights before the first epoch (``DecisionRecord`` holds per-sequence sums only), so the
+   first ratio is exactly 1.
 
 Resilience as in ``roadloop.train.il``: ``config.yaml`` + ``run.json`` (tracker run id, init
 checkpoint and suite hashes) in the run directory, trainer checkpoints (weights, optimizer, RNG,
@@ -47,6 +50,11 @@ Departures from the papers / AlpaGym:
   (``roadloop.reasoning.checks``), not a large reasoning model's 0-5 grade.
 * Collision is at-fault only (AlpaGym's ``collision_any`` also counts being rear-ended); the
   XY-RMSE to the log is over the AlpaSim-kept window.  A failed rollout gets the worst reward.
+* ``reward.credit=local`` (optional) moves the collision / off-road penalties onto the decisions of
+  the few seconds before the incident; ``random_start`` (optional) starts rollouts at a random point
+  of the logs after a log replay.  Neither is in AlpaGym (one reward per rollout, rollouts from the
+  scenario start).
+* The learner trains on at most ``max_decisions`` decisions per iteration (uniform subset).
 * One process; no rollout / learner overlap (the collection is already batched).
 * Dropout is off (model in eval mode) while learning, so the recomputed ratios are exact.
 * No entropy bonus, no learning-rate schedule (constant ``lr``), Cosmos-RL's advantage clip +-5.
@@ -70,7 +78,13 @@ from roadloop.registry.lineage import code_version
 from roadloop.sim.datatypes import Scenario
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
 from roadloop.train.release import register_final
-from roadloop.train.rewards import RewardConfig, driving_reward, reasoning_flags, reasoning_reward
+from roadloop.train.rewards import (
+    RewardConfig,
+    driving_reward,
+    local_incident_reward,
+    reasoning_flags,
+    reasoning_reward,
+)
 from roadloop.train.run import (  # noqa: F401  (check_init_model, load_pool, spread: public here too)
     begin_run,
     check_init_model,
@@ -96,10 +110,14 @@ class GRPOConfig:
     scenarios_per_iter: int = 8  # S
     group_size: int = 8  # G rollouts per scenario (>= 2)
     iterations: int = 100
-    max_steps: int | None = 80  # closed-loop steps per rollout incl. warm-up (None: the whole log)
+    max_steps: int | None = 80  # closed-loop steps per rollout incl. warm-up (None: the whole log; LOG: 8 s learns
+    # more stably than whole 15-20 s logs, whose one reward per rollout is spread over ~30 decisions)
     replan_every: int = 5  # 2 Hz
     ppo_epochs: int = 2
     minibatch_size: int = 64  # decisions per gradient step
+    random_start: bool = False  # start each iteration's rollouts at a random point of the logs (log replay up
+    # to it): short, low-noise rollouts that still cover the whole scenario (LOG)
+    max_decisions: int = 512  # decisions the learner trains on per iteration, drawn uniformly (0: all)
     clip_eps: float = 0.2
     dual_clip: float = 3.0  # cap of the loss for negative advantages (Cosmos-RL); 0: off
     logratio_clamp: float = 5.0
@@ -109,8 +127,9 @@ class GRPOConfig:
     grad_clip: float = 1.0
     temperature: float = 1.0  # sampling (ratios use the untempered model: see departures)
     top_p: float = 1.0
-    advantage: str = "std"  # std: (r - mean) / (std + 1e-6); centered: (r - mean) / adv_scale
-    adv_scale: float = 1.0  # reward units per unit advantage (centered)
+    advantage: str = "centered"  # std: (r - mean) / (std + 1e-6); centered: (r - mean) / adv_scale (LOG: std lets
+    # reasoning weigh as much as driving and the reward fell)
+    adv_scale: float = 2.0  # reward units per unit advantage (centered)
     adv_clip: float = 5.0
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval_every: int = 10  # iterations between closed-loop evaluations (0: none)
@@ -134,7 +153,7 @@ class GRPOConfig:
         for name in ("scenarios_per_iter", "ppo_epochs", "minibatch_size", "ckpt_every", "max_bad_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("iterations", "eval_every", "max_scenarios", "eval_scenarios"):
+        for name in ("iterations", "eval_every", "max_scenarios", "eval_scenarios", "max_decisions"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.replan_every <= 64:
@@ -202,6 +221,7 @@ class GroupBatch:
     consistency: torch.Tensor  # (D, B) bool
     drive_reward: torch.Tensor  # (B,) reward units
     reason_reward: torch.Tensor  # (D, B)
+    local_reward: torch.Tensor  # (D, B) incident rewards of ``reward.credit = local`` (zeros otherwise)
     terms: dict[str, torch.Tensor]  # weighted driving reward terms {term: (B,)}
     metrics: dict[str, torch.Tensor]  # closed-loop metrics {name: (B,)} (NaN: failed rollout)
     failed: torch.Tensor  # (B,) bool
@@ -219,13 +239,32 @@ class GroupBatch:
     def total_reward(self) -> torch.Tensor:
         """(B,) driving reward + the rollout's mean reasoning reward (the tracked ``rollout/reward``)."""
         r = self.drive_reward
-        return r + self.reason_reward.mean(0) if self.num_decisions else r
+        return r + (self.reason_reward + self.local_reward).sum(0) / max(self.num_decisions, 1) \
+            if self.num_decisions else r
 
 
-def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: GRPOConfig) -> GroupBatch:
+def pick_start(scenarios: list[Scenario], cfg: GRPOConfig, iteration: int) -> int | None:
+    """Log-replay steps before the policy engages at ``iteration`` with ``random_start`` (None: each
+    scenario's own warm-up): uniform over the points from which ``max_steps`` minus the warm-up steps
+    still fit in the shortest picked log; a pure function of (seed, iteration, scenarios)."""
+    if not cfg.random_start or cfg.max_steps is None:
+        return None
+    w0 = max(sc.meta.warmup_steps for sc in scenarios)
+    horizon = max(cfg.max_steps - w0, 1)
+    hi = min(sc.num_steps for sc in scenarios) - 1 - horizon
+    if hi <= w0:
+        return None
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration + 77_777)
+    return w0 + int(torch.randint(0, hi - w0 + 1, (1,), generator=g))
+
+
+def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: GRPOConfig,
+                   start: int | None = None) -> GroupBatch:
     """Roll each of the S ``scenarios`` out G times (``seeds`` (S, G)) in one batch and score them.
+    ``start``: log-replay steps before the policy drives (``pick_start``; None: the scenarios' own
+    warm-up); the policy then drives ``max_steps`` minus the scenarios' warm-up steps.
 
-    A pure function of (weights, scenarios, seeds, cfg): no global RNG is used.
+    A pure function of (weights, scenarios, seeds, cfg, start): no global RNG is used.
     """
     from roadloop.eval.metrics import compute_metrics
     from roadloop.policies.vla import tokenizer as tok
@@ -239,9 +278,13 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     t0 = time.perf_counter()
     batch = collate([sc for sc in scenarios for _ in range(G)])
     T = batch.num_steps - 1 if cfg.max_steps is None else min(cfg.max_steps, batch.num_steps - 1)
+    if start is not None:
+        w0 = max(sc.meta.warmup_steps for sc in scenarios)
+        T = min(start + T - w0, batch.num_steps - 1)
     policy = VLAPolicy(model, temperature=cfg.temperature, top_p=cfg.top_p, version="grpo", record=True)
     with torch.no_grad():
-        ro = rollout(policy, batch, seeds.reshape(-1), RolloutConfig(replan_every=cfg.replan_every, max_steps=T))
+        ro = rollout(policy, batch, seeds.reshape(-1),
+                     RolloutConfig(replan_every=cfg.replan_every, max_steps=T, warmup=start))
     metrics = compute_metrics(ro, batch, list(ROLLOUT_METRICS))
     drive, terms = driving_reward(ro, batch, cfg.reward, metrics)
     tr = policy.trace
@@ -263,6 +306,7 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
         actions=torch.stack([r.actions for r in tr]),
         logp=torch.stack([r.logp_text + r.logp_action for r in tr]),
         grounding=gr, consistency=co, drive_reward=drive, reason_reward=reasoning_reward(gr, co, cfg.reward),
+        local_reward=local_incident_reward(ro, batch, cfg.reward),
         terms=terms, metrics=metrics, failed=ro.failed.clone(), env_steps=B * ro.num_steps,
         seconds=time.perf_counter() - t0)
 
@@ -300,8 +344,9 @@ def decision_advantages(gb: GroupBatch, cfg: GRPOConfig) -> torch.Tensor:
     S, G, D = len(gb.scenario_ids), gb.group_size, gb.num_decisions
     a_drive = group_advantages(gb.drive_reward.view(S, G), cfg.advantage, cfg.adv_scale, cfg.adv_clip)
     adv = a_drive.reshape(1, S * G).expand(D, S * G)
-    if cfg.reward.uses_reasoning and D:
-        rr = gb.reason_reward.view(D, S, G).permute(1, 2, 0).reshape(S, G * D)
+    local = cfg.reward.credit == "local"
+    if (cfg.reward.uses_reasoning or local) and D:
+        rr = (gb.reason_reward + gb.local_reward).view(D, S, G).permute(1, 2, 0).reshape(S, G * D)
         a_reason = group_advantages(rr, cfg.advantage, cfg.adv_scale, cfg.adv_clip)
         adv = adv + a_reason.view(S, G, D).permute(2, 0, 1).reshape(D, S * G)
     return adv.contiguous()
@@ -360,14 +405,15 @@ def ppo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, mask: tor
 
 
 @torch.no_grad()
-def fixed_logps(model: VLAModel, ref: VLAModel, gb: GroupBatch, idx: torch.Tensor, chunk: int = 256
+def fixed_logps(model: VLAModel, ref: VLAModel | None, gb: GroupBatch, idx: torch.Tensor, chunk: int = 256
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token (old, ref, mask) of the decisions ``idx`` under the sampling weights and the reference."""
+    """Per-token (old, ref, mask) of the decisions ``idx`` under the sampling weights and the reference
+    (``ref=None``, i.e. no KL term: ref = old, no second forward pass)."""
     olds, refs, masks = [], [], []
     for i in range(0, idx.numel(), chunk):
         batch = decision_batch(gb, idx[i:i + chunk])
         o, mk = flat_token_logps(model, batch)
-        r, _ = flat_token_logps(ref, batch)
+        r = o if ref is None else flat_token_logps(ref, batch)[0]
         olds.append(o)
         refs.append(r)
         masks.append(mk)
@@ -377,15 +423,18 @@ def fixed_logps(model: VLAModel, ref: VLAModel, gb: GroupBatch, idx: torch.Tenso
 def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: GroupBatch, adv: torch.Tensor,
                cfg: GRPOConfig, iteration: int) -> dict[str, float]:
     """PPO epochs on one GroupBatch (module docstring, step 3).  Raises ``NonFiniteError``."""
-    idx = torch.arange(gb.num_decisions * gb.batch_size)
+    n = gb.num_decisions * gb.batch_size
     out = {"samples": 0.0}
-    if idx.numel() == 0:
+    if n == 0:
         return out
-    old, refl, mask = fixed_logps(model, ref, gb, idx)
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + iteration)
+    idx = torch.arange(n)
+    if 0 < cfg.max_decisions < n:  # a uniform subset (a function of seed and iteration)
+        idx = torch.randperm(n, generator=g)[:cfg.max_decisions].sort().values
+    old, refl, mask = fixed_logps(model, ref if cfg.kl_coef > 0 else None, gb, idx)
     rec = gb.logp.reshape(-1)[idx].to(old.device)
     out["old_logp_mismatch"] = float(((old * mask).sum(1) - rec).abs().max())
     adv_flat = adv.reshape(-1)[idx].to(old.device)
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + iteration)
     sums: dict[str, float] = {}
     steps = 0
     for epoch in range(cfg.ppo_epochs):
@@ -452,12 +501,12 @@ def evaluate_model(model: VLAModel, scenarios: list[Scenario], cfg, suite_name: 
     from roadloop.rollout import RolloutConfig
 
     pol = VLAPolicy(model, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, version="grpo-eval")
-    T = min(s.num_steps for s in scenarios) - 1
-    T = T if cfg.max_steps is None else min(T, cfg.max_steps)
+    # max_steps None: every scenario's whole log, as ``roadloop eval`` drives it
+    T = None if cfg.max_steps is None else min(min(s.num_steps for s in scenarios) - 1, cfg.max_steps)
     rep, _ = evaluate(pol, scenarios, suite_name=suite_name, suite_hash=suite_hash, seed=cfg.seed,
                       cfg=RolloutConfig(replan_every=cfg.replan_every, max_steps=T))
     keys = ("score", "nuplan_score", "progress", "collision_at_fault", "offroad", "comfort_violation", "red_light",
-            "reasoning_consistency")
+            "reasoning_consistency", "reasoning_grounding")
     return {f"eval/{k}": rep.overall[k].mean for k in keys if k in rep.overall}
 
 
@@ -496,7 +545,8 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         while it < cfg.iterations:
             picks = pick_scenarios(len(pool), cfg.scenarios_per_iter, cfg.seed, it)
             seeds = group_seeds(len(picks), cfg.group_size, cfg.seed, it)
-            gb = collect_groups(model, [pool[i] for i in picks], seeds, cfg)
+            picked = [pool[i] for i in picks]
+            gb = collect_groups(model, picked, seeds, cfg, pick_start(picked, cfg, it))
             adv = decision_advantages(gb, cfg)
             tl = time.perf_counter()
             try:
@@ -569,4 +619,5 @@ def _fmt(m: dict[str, float]) -> str:
 
 __all__ = ["GRPOConfig", "GRPOResult", "GroupBatch", "check_init_model", "collect_groups", "decision_advantages",
            "decision_batch", "decode_bev", "evaluate_model", "fixed_logps", "flat_token_logps", "group_advantages",
-           "group_seeds", "iteration_metrics", "load_pool", "pick_scenarios", "ppo_loss", "ppo_update", "train_grpo"]
+           "group_seeds", "iteration_metrics", "load_pool", "pick_scenarios", "pick_start", "ppo_loss", "ppo_update",
+           "train_grpo"]

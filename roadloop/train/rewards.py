@@ -3,7 +3,7 @@ per-decision reasoning rewards.
 
 Driving reward, one value per rollout (weights ``w_*`` from ``RewardConfig``)::
 
-    R_drive = w_progress * clamp(progress, 0, 1)
+    R_drive = w_score * score + w_progress * clamp(progress, 0, 1)
             + w_collision * collision_at_fault + w_offroad * offroad
             + w_dist_to_log * xy_rmse_to_log
             + w_comfort * comfort_violation + w_red_light * red_light + w_wrong_way * wrong_way
@@ -13,6 +13,10 @@ Terms (all from ``roadloop.eval.metrics`` over the scored steps, i.e. after the 
 ==================  =====  ===========  ============================================================
 term                unit   range        meaning
 ==================  =====  ===========  ============================================================
+score               -      [0, 1]       the AlpaSim scene score itself (``roadloop.eval.metrics``):
+                                        0 on an at-fault collision or off-road, else progress over
+                                        the kept window / 0.8, capped at 1; the window ends where the
+                                        ego falls >= 4 m from its log, so slowness costs score
 progress            -      [0, 1]       ego route progress over the AlpaSim-kept window / the logged
                                         ego's over the scored horizon (1 when the log moves < 5 m);
                                         clamped to [0, 1] as in the AlpaSim score
@@ -36,11 +40,25 @@ Reasoning rewards, one value per decision (2 Hz), each in {0, 1}::
 * consistency: the decision parsed from the text equals the meta-actions of the sampled plan
   (``meta_actions`` of ``plans_from_tokens(actions, speed, chunk)``, ego frame, origin at the ego).
 
-Presets: ``progress_safety`` is AlpaGym's (REFERENCE 1.3): progress x 1, collision x -10,
-off-road x -5, XY-RMSE to the log x -0.01 (AlpaGym penalises ``collision_any``; here only at-fault
-collisions, as in the AlpaSim score, so being rear-ended is not punished).  ``default`` adds comfort
-x -0.5, red light x -5, wrong way x -1 and the reasoning rewards grounding x 0.5, consistency x 0.5
-(combined with the driving reward, as Alpamayo-R1 found reasoning-only rewards hurt driving).
+Presets:
+
+* ``progress_safety`` is AlpaGym's (REFERENCE 1.3): progress x 1, collision x -10, off-road x -5,
+  XY-RMSE to the log x -0.01 (AlpaGym penalises ``collision_any``; here only at-fault collisions,
+  as in the AlpaSim score, so being rear-ended is not punished).
+* ``terms`` adds comfort x -0.5, red light x -5, wrong way x -1 and the reasoning rewards
+  grounding x 0.5, consistency x 0.5 (combined with the driving reward, as Alpamayo-R1 found
+  reasoning-only rewards hurt driving).  Measured (docs/LOG.md): the policy learned that stopping
+  is safe and nearly free, since -0.01 x RMSE barely punishes falling behind the log.
+* ``default`` is score-aligned: the AlpaSim score x 4 (so falling > 4 m behind the log, which ends
+  the score's window, costs what the evaluation charges for it), collision x -4 and off-road x -3
+  on top of the score's own 0, comfort x -1, red light x -3, wrong way x -1, grounding x 0.5,
+  consistency x 0.5.
+
+Credit (``credit``): with ``rollout`` (AlpaGym) every decision of a rollout shares its one driving
+advantage.  With ``local`` the collision and off-road terms leave the per-rollout sum and become
+per-decision rewards of the decisions taken within ``credit_window_s`` before the rollout's first
+at-fault collision / off-road (``local_incident_reward``), group-normalised with the reasoning
+rewards: the decisions that led into the incident carry it, not the ones 15 s earlier.
 
 A rollout the policy failed (it raised or returned NaN; its metrics are NaN) gets the worst driving
 reward the weights allow (every negative indicator term on, progress 0).
@@ -58,18 +76,21 @@ from roadloop.eval.metrics import EpisodeView, compute_metrics
 from roadloop.rollout import Rollout
 from roadloop.sim.datatypes import Scenario
 
-DRIVING_TERMS = ("progress", "collision", "offroad", "dist_to_log", "comfort", "red_light", "wrong_way")
+DRIVING_TERMS = ("score", "progress", "collision", "offroad", "dist_to_log", "comfort", "red_light", "wrong_way")
 REASONING_TERMS = ("grounding", "consistency")
 TERMS = DRIVING_TERMS + REASONING_TERMS
+LOCAL_TERMS = ("collision", "offroad")  # moved onto the decisions before the incident with credit = local
 # metric behind each indicator / ratio term (``dist_to_log`` is computed here: RMSE, not the metric's mean)
-_METRIC_OF = {"progress": "progress", "collision": "collision_at_fault", "offroad": "offroad",
+_METRIC_OF = {"score": "score", "progress": "progress", "collision": "collision_at_fault", "offroad": "offroad",
               "comfort": "comfort_violation", "red_light": "red_light", "wrong_way": "wrong_way"}
 
 PRESETS: dict[str, dict[str, float]] = {
-    "progress_safety": {"progress": 1.0, "collision": -10.0, "offroad": -5.0, "dist_to_log": -0.01, "comfort": 0.0,
-                        "red_light": 0.0, "wrong_way": 0.0, "grounding": 0.0, "consistency": 0.0},
-    "default": {"progress": 1.0, "collision": -10.0, "offroad": -5.0, "dist_to_log": -0.01, "comfort": -0.5,
-                "red_light": -5.0, "wrong_way": -1.0, "grounding": 0.5, "consistency": 0.5},
+    "progress_safety": {"score": 0.0, "progress": 1.0, "collision": -10.0, "offroad": -5.0, "dist_to_log": -0.01,
+                        "comfort": 0.0, "red_light": 0.0, "wrong_way": 0.0, "grounding": 0.0, "consistency": 0.0},
+    "terms": {"score": 0.0, "progress": 1.0, "collision": -10.0, "offroad": -5.0, "dist_to_log": -0.01, "comfort": -0.5,
+              "red_light": -5.0, "wrong_way": -1.0, "grounding": 0.5, "consistency": 0.5},
+    "default": {"score": 4.0, "progress": 0.0, "collision": -4.0, "offroad": -3.0, "dist_to_log": 0.0, "comfort": -1.0,
+                "red_light": -3.0, "wrong_way": -1.0, "grounding": 0.5, "consistency": 0.5},
 }
 
 
@@ -77,7 +98,8 @@ PRESETS: dict[str, dict[str, float]] = {
 class RewardConfig:
     """Reward weights.  ``preset`` gives every weight; a weight set here (not None) overrides the preset's."""
 
-    preset: str = "default"  # progress_safety / default
+    preset: str = "default"  # progress_safety / terms / default (module docstring)
+    score: float | None = None  # x AlpaSim score [0, 1]
     progress: float | None = None  # x clamp(progress, 0, 1)
     collision: float | None = None  # x at-fault collision {0, 1}
     offroad: float | None = None  # x off-road {0, 1}
@@ -87,6 +109,8 @@ class RewardConfig:
     wrong_way: float | None = None  # x wrong-way driving {0, 1}
     grounding: float | None = None  # x grounded text {0, 1}, per decision
     consistency: float | None = None  # x text decision == plan meta-actions {0, 1}, per decision
+    credit: str = "rollout"  # rollout: incidents weigh on the whole rollout; local: on the decisions before them
+    credit_window_s: float = 3.0  # local credit: decisions up to this long before an incident carry its penalty
 
     @staticmethod
     def of(preset: str, **weights: float) -> RewardConfig:
@@ -100,6 +124,10 @@ class RewardConfig:
         return {k: float(base[k] if getattr(self, k) is None else getattr(self, k)) for k in TERMS}
 
     def validate(self) -> RewardConfig:
+        if self.credit not in ("rollout", "local"):
+            raise ConfigError(f"reward.credit must be 'rollout' or 'local', got '{self.credit}'")
+        if not self.credit_window_s > 0:
+            raise ConfigError(f"reward.credit_window_s must be > 0, got {self.credit_window_s}")
         w = self.weights()
         bad = [k for k, v in w.items() if v != v or abs(v) == float("inf")]
         if bad:
@@ -135,11 +163,33 @@ def driving_reward(ro: Rollout, scenarios: Scenario, cfg: RewardConfig,
     raw["progress"] = raw["progress"].clamp(0.0, 1.0)
     raw["dist_to_log"] = xy_rmse_to_log(ro, scenarios)
     terms = {k: w[k] * raw[k] for k in DRIVING_TERMS}
-    total = torch.stack(list(terms.values())).sum(0)
-    worst = sum(min(w[k], 0.0) for k in DRIVING_TERMS if k not in ("progress", "dist_to_log"))
+    rollout_terms = [v for k, v in terms.items() if not (cfg.credit == "local" and k in LOCAL_TERMS)]
+    total = torch.stack(rollout_terms).sum(0)
+    worst = sum(min(w[k], 0.0) for k in DRIVING_TERMS if k not in ("score", "progress", "dist_to_log"))
     worst += 4.0 * min(w["dist_to_log"], 0.0)
     total = torch.where(ro.failed | ~torch.isfinite(total), torch.full_like(total, worst), total)
     return total, terms
+
+
+def local_incident_reward(ro: Rollout, scenarios: Scenario, cfg: RewardConfig) -> torch.Tensor:
+    """(D, B) per-decision incident reward of ``credit = local``: a decision taken at most
+    ``credit_window_s`` before the rollout's first at-fault collision (first off-road) in the scored steps
+    gets ``w_collision`` (``w_offroad``); every other decision 0.  All zeros with ``credit = rollout``."""
+    D, B = ro.decision_steps.numel(), ro.batch_size
+    out = torch.zeros(D, B)
+    if cfg.credit != "local" or D == 0:
+        return out
+    w = cfg.weights()
+    win = cfg.credit_window_s / 0.1
+    scored = ro.scored.view(-1, 1)
+    t_dec = ro.decision_steps.view(D, 1).float()
+    for key, flag in (("collision", ro.checks.collision_at_fault), ("offroad", ro.checks.offroad)):
+        hit = flag & scored  # (T, B): step t leads to state t + 1
+        any_ = hit.any(0)
+        first = hit.to(torch.int8).argmax(0).float() + 1.0  # the state index of the incident
+        near = (t_dec < first.view(1, B)) & (t_dec >= first.view(1, B) - win) & any_.view(1, B)
+        out += w[key] * near.float()
+    return torch.where(ro.failed.view(1, B), torch.zeros_like(out), out)
 
 
 def reasoning_flags(texts: list[str], actions: torch.Tensor, speed: torch.Tensor, facts, chunk: int
@@ -163,5 +213,5 @@ def reasoning_reward(grounded: torch.Tensor, consistent: torch.Tensor, cfg: Rewa
     return w["grounding"] * grounded.float() + w["consistency"] * consistent.float()
 
 
-__all__ = ["DRIVING_TERMS", "PRESETS", "REASONING_TERMS", "RewardConfig", "driving_reward", "reasoning_flags",
-           "reasoning_reward", "xy_rmse_to_log"]
+__all__ = ["DRIVING_TERMS", "LOCAL_TERMS", "PRESETS", "REASONING_TERMS", "RewardConfig", "driving_reward",
+           "local_incident_reward", "reasoning_flags", "reasoning_reward", "xy_rmse_to_log"]

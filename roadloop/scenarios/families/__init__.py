@@ -39,6 +39,8 @@ FAMILIES: dict[str, FamilySpec] = {
               pedestrian_crossing, construction_zone, stopped_vehicle, roundabout)
 }
 
+BUILTIN = frozenset(FAMILIES)
+
 
 def get_family(name: str) -> FamilySpec:
     """The family called ``name``; ``UnknownNameError`` listing the known ones otherwise."""
@@ -48,4 +50,17 @@ def get_family(name: str) -> FamilySpec:
         raise UnknownNameError("scenario family", name, list(FAMILIES)) from None
 
 
-__all__ = ["FAMILIES", "FamilySpec", "get_family"]
+def register_family(name: str, build_raw: Callable[[int], Scenario], description: str = "") -> FamilySpec:
+    """Add a procedural family: ``build_raw(seed)`` returns a raw scenario (module docstring) for any
+    seed >= 0, bit-identical for the same seed.  ``generate_many([(name, seed), ...])`` then logs it with
+    the expert like the built-in ones.  A built-in name is refused; an added one may be registered again
+    (e.g. when its module is re-run)."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"family name must be letters, digits and '_', got {name!r}")
+    if name in BUILTIN:
+        raise ValueError(f"scenario family '{name}' already exists (built in)")
+    FAMILIES[name] = FamilySpec(name, build_raw, description)
+    return FAMILIES[name]
+
+
+__all__ = ["FAMILIES", "FamilySpec", "get_family", "register_family"]

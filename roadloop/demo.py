@@ -1,0 +1,611 @@
+"""``roadloop demo``: the whole closed loop in one command, on the embedded default.
+
+Stages (each reused on a re-run when its inputs' content hashes match, see ``Stage``):
+
+1. **Scenario suites**: ``demo-train`` (the first ``train_per_family`` scenarios of every procedural
+   family of ``train`` + ``sumo-real-train``) and ``demo-val`` (the first ``val_per_family`` of
+   ``val`` + ``sumo-real-val``: held out, disjoint seeds and SUMO vehicles), saved as suites.
+2. **Demonstrations**: the privileged expert drives ``demo-train``; observations, commands, plans and
+   Chain-of-Causation labels at 2 Hz (``roadloop.data.collect``).
+3. **Imitation**: ``train_il`` (``il.*`` in the config).
+4. **Closed-loop GRPO** from the imitation checkpoint on ``demo-train`` (``grpo.*``).
+5. **Evaluation** of the expert, the imitation and the post-trained policies on ``demo-val``
+   (``eval_seeds``): the registry's validation matrix, so the gates reuse it.
+6. **Gates and promotion**: the imitation checkpoint is registered and promoted as the first
+   champion; the post-trained one is registered and promoted only if every gate passes against it.
+7. **Report**: ``<out>/report/index.html`` (``roadloop.eval.demo_report``): before/after table,
+   curves, per-family matrix, gate decision, and the held-out rollouts whose outcome post-training
+   changed, replayed side by side with their reasoning.
+
+Everything goes under ``out``: suites, demonstrations, runs, the MLflow store and the registry
+(``<out>/home``, i.e. ``ROADLOOP_HOME``), the scenario cache (``<out>/cache``) and the report.  A
+stage's key hashes its configuration and the content hashes of its inputs; an interrupted training
+stage resumes from its last checkpoint.  ``roadloop/configs/demo.yaml`` is the default
+configuration, ``demo-quick.yaml`` the CI-sized one (``--quick``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roadloop.config import to_dict
+from roadloop.errors import ConfigError, RoadloopError
+from roadloop.io import atomic_write_text
+from roadloop.registry.lineage import canonical_sha256
+from roadloop.train.grpo import GRPOConfig
+from roadloop.train.il import ILConfig
+
+STAGE_FILE = "demo-stage.json"
+MODEL_NAME = "roadloop-vla"
+
+
+@dataclass
+class DemoConfig:
+    out: str = "roadloop-demo"
+    train_per_family: int = 8  # procedural scenarios per family in demo-train (from `train`)
+    val_per_family: int = 6  # ... in demo-val (from `val`)
+    sumo: bool = True  # add sumo-real-train / sumo-real-val (real road networks, SUMO traffic)
+    max_steps: int | None = None  # closed-loop steps per demonstration rollout (None: whole log)
+    il: ILConfig = field(default_factory=ILConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval_seeds: list[int] = field(default_factory=lambda: [0])
+    gate_overrides: list[str] = field(default_factory=list)  # GateConfig key=value on top of the demo matrix
+    pairs: int = 4  # changed-outcome rollouts replayed side by side in the report
+    threads: int = 0  # torch threads (0: leave as set)
+
+    def validate(self) -> DemoConfig:
+        if self.train_per_family < 1 or self.val_per_family < 1:
+            raise ConfigError(f"demo.train_per_family and demo.val_per_family must be >= 1, got "
+                              f"{self.train_per_family}, {self.val_per_family}")
+        if not self.eval_seeds:
+            raise ConfigError("demo.eval_seeds must hold at least one seed")
+        if self.pairs < 0:
+            raise ConfigError(f"demo.pairs must be >= 0, got {self.pairs}")
+        self.il.validate()
+        return self
+
+
+def load_demo_config(overrides: list[str] | tuple = (), quick: bool = False,
+                     files: list[str | Path] | tuple = ()) -> DemoConfig:
+    """``demo.yaml`` (+ ``demo-quick.yaml`` when ``quick``) + ``files`` + ``key=value`` overrides."""
+    from roadloop.config import load_config
+
+    return load_config(DemoConfig, list(overrides), ["demo.yaml"] + (["demo-quick.yaml"] if quick else [])
+                       + list(files))
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+@dataclass
+class Stage:
+    """One stage's record: how long it took, whether it was reused, one line on what it made."""
+
+    name: str
+    seconds: float = 0.0
+    reused: bool = False
+    detail: str = ""
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "seconds": round(self.seconds, 1), "reused": self.reused, "detail": self.detail}
+
+
+def _key(obj) -> str:
+    return canonical_sha256(obj)[:16]
+
+
+def _stage_key(d: Path) -> str | None:
+    try:
+        return json.loads((d / STAGE_FILE).read_text()).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+def _mark(d: Path, key: str, **info) -> None:
+    atomic_write_text(d / STAGE_FILE, json.dumps({"key": key, **info}, indent=1))
+
+
+def _fresh(d: Path, key: str) -> bool:
+    """True when ``d`` was completed for ``key``; otherwise clears ``d`` if it belongs to another key
+    (an interrupted stage of the same key is kept, to resume)."""
+    have = _stage_key(d)
+    if have == key and (d / STAGE_FILE).is_file() and json.loads((d / STAGE_FILE).read_text()).get("done"):
+        return True
+    if d.exists() and have is not None and have != key:
+        shutil.rmtree(d)
+    return False
+
+
+@contextlib.contextmanager
+def _env(home: Path, cache: Path) -> Iterator[None]:
+    """ROADLOOP_HOME / ROADLOOP_CACHE pointed into the demo's folder for the duration."""
+    old = {k: os.environ.get(k) for k in ("ROADLOOP_HOME", "ROADLOOP_CACHE", "MLFLOW_TRACKING_URI",
+                                           "ROADLOOP_TRACKING_URI")}
+    os.environ["ROADLOOP_HOME"], os.environ["ROADLOOP_CACHE"] = str(home), str(cache)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("ROADLOOP_TRACKING_URI", None)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---------------------------------------------------------------------------------------------
+# hooks a front end (the CLI) gives: progress bars and messages
+
+
+@dataclass
+class Hooks:
+    log: Callable[[str], None] = print
+    # bar(description, total) -> advance(n) callback; the bar ends when the stage ends
+    bar: Callable[[str, int], Callable[[int], None]] = lambda desc, total: (lambda n: None)
+    stage_done: Callable[[Stage], None] = lambda st: None
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: Path
+    stages: list[Stage]
+    reports: dict  # label -> EvalReport
+    promoted: bool
+    gate_reasons: list[str]
+    seconds: float
+
+
+def _suite_specs(cfg: DemoConfig) -> dict[str, dict]:
+    from roadloop.scenarios.suites import suite_pairs
+
+    specs = {}
+    for name, base, n in (("demo-train", "train", cfg.train_per_family), ("demo-val", "val", cfg.val_per_family)):
+        per: Counter = Counter()
+        pairs = []
+        for f, s in suite_pairs(base):
+            if per[f] < n:
+                per[f] += 1
+                pairs.append((f, s))
+        specs[name] = {"pairs": pairs, "sumo": f"sumo-real-{base}" if cfg.sumo else None}
+    return specs
+
+
+def build_suites(cfg: DemoConfig, out: Path, hooks: Hooks) -> tuple[dict[str, Path], Stage]:
+    """``demo-train`` / ``demo-val`` saved under ``out/suites`` (content-hashed; reused when built)."""
+    from roadloop.scenarios.generate import CHUNK, generate_many
+    from roadloop.scenarios.suites import Suite, code_hash, load_suite, save_suite
+    from roadloop.sumo.suite import sumo_code_hash
+
+    t0 = time.perf_counter()
+    st = Stage("scenario suites", reused=True)
+    dirs, sizes = {}, {}
+    specs = _suite_specs(cfg)
+    for name, spec in specs.items():
+        d = out / "suites" / name
+        key = _key({"spec": spec, "code": code_hash(), "sumo_code": sumo_code_hash() if spec["sumo"] else None})
+        if _fresh(d, key):
+            try:
+                sizes[name] = len(load_suite(d).scenarios)
+                dirs[name] = d
+                continue
+            except RoadloopError as e:  # damaged: rebuild it
+                hooks.log(f"{d}: {e}; rebuilding")
+                shutil.rmtree(d)
+        st.reused = False
+        pairs = spec["pairs"]
+        adv = hooks.bar(f"generating {name}", len(pairs) + (1 if spec["sumo"] else 0))
+        scs = []
+        for k in range(0, len(pairs), CHUNK):  # the generator's batch size: as fast as one call
+            part = pairs[k:k + CHUNK]
+            scs += generate_many(part)
+            adv(len(part))
+        if spec["sumo"]:
+            scs += load_suite(spec["sumo"]).scenarios
+            adv(1)
+        if d.exists():
+            shutil.rmtree(d)
+        save_suite(Suite.of(name, scs), d)
+        _mark(d, key, done=True)
+        dirs[name], sizes[name] = d, len(scs)
+    st.seconds = time.perf_counter() - t0
+    st.detail = f"{sizes['demo-train']} training / {sizes['demo-val']} held-out scenarios"
+    return dirs, st
+
+
+def collect_demos(cfg: DemoConfig, train_dir: Path, out: Path, hooks: Hooks) -> tuple[Path, str, Stage]:
+    """Expert demonstrations on ``demo-train`` (``out/data/train``); resumes an interrupted collection."""
+    from roadloop.data.collect import collect, load_manifest
+    from roadloop.scenarios.suites import load_suite
+
+    t0 = time.perf_counter()
+    d = out / "data" / "train"
+    suite_hash = load_suite(train_dir).content_hash
+    key = _key({"suite": suite_hash, "max_steps": cfg.max_steps})
+    st = Stage("expert demonstrations", reused=_fresh(d, key))
+    if not st.reused:
+        _mark(d, key, done=False)
+        adv = hooks.bar("expert demonstrations", len(load_suite(train_dir).scenarios))
+        last = [0]
+
+        def prog(done: int, total: int) -> None:
+            adv(done - last[0])
+            last[0] = done
+
+        collect([str(train_dir)], d, on_progress=prog, resume=True, max_steps=cfg.max_steps)
+        _mark(d, key, done=True)
+    man = load_manifest(d)
+    st.seconds = time.perf_counter() - t0
+    st.detail = (f"{man.n_samples} samples with CoC labels from {man.n_scenarios} scenarios "
+                 f"(hash {man.content_hash[:8]})")
+    return d, man.content_hash, st
+
+
+def _run_json(d: Path) -> dict:
+    try:
+        return json.loads((d / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def train_imitation(cfg: DemoConfig, data: Path, data_hash: str, out: Path, hooks: Hooks) -> tuple[Path, Stage]:
+    from roadloop.train.il import train_il
+
+    t0 = time.perf_counter()
+    d = out / "runs" / "il"
+    il = cfg.il
+    il.data, il.val_data, il.out = str(data), None, str(d)
+    key = _key({"il": to_dict(il), "data": data_hash})
+    st = Stage("imitation pre-training", reused=_fresh(d, key))
+    if not st.reused:
+        resume = (d / "latest").exists()
+        _mark(d, key, done=False)
+        adv = hooks.bar("imitation" + (" (resuming)" if resume else ""), 1000)
+        last = [0]
+
+        def prog(step: int, total: int, m: dict) -> None:
+            k = int(1000 * step / max(total, 1))
+            adv(k - last[0])
+            last[0] = k
+
+        res = train_il(il, resume=resume, on_progress=prog, log=hooks.log)
+        _mark(d, key, done=True, metrics=res.metrics, seconds=res.seconds, samples_per_s=res.samples_per_s)
+    info = json.loads((d / STAGE_FILE).read_text())
+    m = info.get("metrics", {})
+    st.seconds = time.perf_counter() - t0
+    st.detail = (f"{il.model.preset} model, {info.get('seconds', 0) / 60:.1f} min at "
+                 f"{info.get('samples_per_s', 0):.0f} samples/s; held-out minADE_6 "
+                 f"{m.get('min_ade', math.nan):.2f} m, decision accuracy {m.get('decision_acc', math.nan):.0%}")
+    return d / "final", st
+
+
+def post_train(cfg: DemoConfig, init: Path, dirs: dict[str, Path], out: Path, hooks: Hooks) -> tuple[Path, Stage]:
+    from roadloop.policies.vla.model import load_checkpoint
+    from roadloop.scenarios.suites import load_suite
+    from roadloop.train.grpo import train_grpo
+
+    t0 = time.perf_counter()
+    d = out / "runs" / "grpo"
+    g = cfg.grpo
+    g.init, g.out, g.register = str(init), str(d), False
+    g.suites, g.eval_suite = str(dirs["demo-train"]), str(dirs["demo-val"])
+    g.validate()
+    _, meta = load_checkpoint(init)
+    key = _key({"grpo": to_dict(g), "init": meta["weights_sha256"],
+                "suites": [load_suite(p).content_hash for p in dirs.values()]})
+    st = Stage("closed-loop GRPO", reused=_fresh(d, key))
+    if not st.reused:
+        resume = (d / "latest").exists()
+        _mark(d, key, done=False)
+        adv = hooks.bar("GRPO iterations" + (" (resuming)" if resume else ""), g.iterations)
+        last = [0]
+
+        def prog(it: int, total: int, m: dict) -> None:
+            adv(it - last[0])
+            last[0] = it
+
+        res = train_grpo(g, resume=resume, on_progress=prog, log=hooks.log)
+        _mark(d, key, done=True, iterations=res.iterations, seconds=res.seconds, env_steps_per_s=res.env_steps_per_s,
+              learner_samples_per_s=res.learner_samples_per_s)
+    info = json.loads((d / STAGE_FILE).read_text())
+    st.seconds = time.perf_counter() - t0
+    st.detail = (f"{info.get('iterations')} iterations x {g.scenarios_per_iter} scenarios x {g.group_size} rollouts "
+                 f"in {info.get('seconds', 0) / 60:.1f} min ({info.get('env_steps_per_s', 0):.0f} env steps/s)")
+    return d / "final", st
+
+
+def gate_config(cfg: DemoConfig, val_dir: Path):
+    """The demo's gates: the default thresholds on the ``demo-val`` matrix, the envelope it covers."""
+    from roadloop.registry.gates import load_gate_config
+    from roadloop.registry.matrix import map_of
+    from roadloop.scenarios.suites import load_suite
+
+    scs = load_suite(val_dir).scenarios
+    fams = sorted({s.meta.family for s in scs})
+    maps = sorted({map_of(s.meta) for s in scs})
+    per_family = min(Counter(s.meta.family for s in scs).values()) * len(cfg.eval_seeds)
+    over = [f"matrix.suites=[{json.dumps(str(val_dir))}]", f"matrix.seeds=[{','.join(map(str, cfg.eval_seeds))}]",
+            f"envelope.families=[{','.join(fams)}]", f"envelope.maps=[{','.join(maps)}]",
+            f"envelope.min_rollouts={per_family}"]
+    return load_gate_config(overrides=over + list(cfg.gate_overrides))
+
+
+def _registered(reg, ckpt: Path, lineage: dict, reason: str):
+    """The registry version holding ``ckpt``'s weights (registered now if none does)."""
+    from roadloop.io import sha256_file
+
+    sha = sha256_file(ckpt / "model.safetensors")
+    for mv in reg.versions(MODEL_NAME):
+        if mv.weights_sha256 == sha:
+            return mv
+    return reg.register(ckpt, lineage, name=MODEL_NAME, reason=reason)
+
+
+def release(cfg: DemoConfig, il_ckpt: Path, grpo_ckpt: Path, val_dir: Path, out: Path, hooks: Hooks):
+    """Evaluate expert / imitation / post-trained on the gate matrix; promote through the gates."""
+    from roadloop.eval.evaluate import report_from_json
+    from roadloop.policies import get_policy
+    from roadloop.registry import Registry
+    from roadloop.registry.errors import GateFailedError
+    from roadloop.registry.matrix import evaluate_matrix, load_matrix, matrix_key, matrix_size
+
+    t0 = time.perf_counter()
+    gcfg = gate_config(cfg, val_dir)
+    suites = load_matrix(gcfg.matrix)
+    key = matrix_key(gcfg.matrix, suites)
+    n = matrix_size(suites, gcfg.matrix)
+
+    def on_eval(desc: str, total: int):
+        return hooks.bar(desc, total)
+
+    ev = Stage("evaluation on held-out scenarios", reused=True)
+    exp_path = out / "eval" / f"expert-{key[:16]}.json"
+    if exp_path.is_file():
+        expert = report_from_json(json.loads(exp_path.read_text()))
+    else:
+        ev.reused = False
+        expert = evaluate_matrix(get_policy("expert"), gcfg.matrix, suites, on_batch=on_eval("validate expert", n))
+        atomic_write_text(exp_path, json.dumps(expert.to_json()))
+    reg = Registry()
+    il_mv = _registered(reg, il_ckpt, None, "roadloop demo: imitation checkpoint")
+    grpo_mv = _registered(reg, grpo_ckpt, None, "roadloop demo: closed-loop GRPO checkpoint")
+    before = len(reg.evaluations(MODEL_NAME, il_mv.version)) + len(reg.evaluations(MODEL_NAME, grpo_mv.version))
+    il_rep = reg.matrix_report(il_mv, gcfg, suites, on_eval=on_eval)
+    grpo_rep = reg.matrix_report(grpo_mv, gcfg, suites, on_eval=on_eval)
+    after = len(reg.evaluations(MODEL_NAME, il_mv.version)) + len(reg.evaluations(MODEL_NAME, grpo_mv.version))
+    ev.reused = ev.reused and after == before
+    ev.seconds = time.perf_counter() - t0
+    ev.detail = f"{n} rollouts per policy ({len(suites[0].scenarios)} scenarios x {len(gcfg.matrix.seeds)} seed(s))"
+    hooks.stage_done(ev)
+
+    t1 = time.perf_counter()
+    gs = Stage("gates and promotion")
+    notes = []
+    champ = reg.champion(MODEL_NAME)
+    if champ is None:
+        try:
+            reg.promote(il_mv.version, gcfg, name=MODEL_NAME, reason="roadloop demo: imitation baseline, first "
+                        "release", on_eval=on_eval)
+            notes.append(f"{il_mv.ref} (imitation) promoted as the first champion")
+        except GateFailedError as e:
+            reg.promote(il_mv.version, gcfg, name=MODEL_NAME, force=True,
+                        reason=f"roadloop demo: the imitation baseline is the reference the post-trained policy "
+                               f"is gated against ({e})")
+            notes.append(f"{il_mv.ref} (imitation) failed absolute gates ({', '.join(e.gates.failed)}) and was "
+                         "made the reference champion by a recorded, forced promotion")
+    champ = reg.champion(MODEL_NAME)
+    promoted = champ is not None and champ.version == grpo_mv.version
+    run = None
+    if not promoted:
+        try:
+            pr = reg.promote(grpo_mv.version, gcfg, name=MODEL_NAME, reason="roadloop demo: closed-loop GRPO",
+                             on_eval=on_eval)
+            run, promoted = pr.gate_run, True
+        except GateFailedError:
+            promoted = False
+    if run is None:
+        runs = [r for r in reg.gate_runs(MODEL_NAME, grpo_mv.version)]
+        run = runs[-1] if runs else None
+    results = (run["results"] if isinstance(run, dict) else run.summary.to_json()) if run is not None else None
+    gate = _gate_dict(results, grpo_mv.ref, il_mv.ref, promoted, notes)
+    gs.seconds = time.perf_counter() - t1
+    gs.detail = (f"{grpo_mv.ref} promoted" if promoted else f"{grpo_mv.ref} refused: "
+                 + ", ".join(r["name"] for r in gate["results"] if not r["passed"]))
+    reports = {"expert": _without_reasoning(expert), "imitation": il_rep, "post-trained": grpo_rep}
+    return reports, gate, (il_mv, grpo_mv), ev, gs
+
+
+def _without_reasoning(rep):
+    """``rep`` without the reasoning metrics: the expert's text is a one-line trace of its rule (which
+    factor decided), not a Chain-of-Causation, so grading it as one would mislead."""
+    import dataclasses
+
+    drop = ("reasoning_consistency", "reasoning_grounding")
+    return dataclasses.replace(rep, overall={k: v for k, v in rep.overall.items() if k not in drop},
+                               per_family={f: {k: v for k, v in m.items() if k not in drop}
+                                           for f, m in rep.per_family.items()})
+
+
+def _gate_dict(results, cand: str, champ: str, promoted: bool, notes: list[str]) -> dict:
+    rows = []
+    if results:
+        for r in results.get("results", []):
+            why = "; ".join(r.get("reasons") or []) or ("passed" if r.get("passed") else "failed")
+            rows.append({"name": r.get("gate", ""), "passed": bool(r.get("passed")), "reason": why})
+    passed = bool(rows) and all(r["passed"] for r in rows)
+    return {"candidate": cand, "champion": champ, "passed": passed, "promoted": promoted, "results": rows,
+            "note": "; ".join(notes)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the report's data
+
+
+def _incident(m: dict) -> bool:
+    return (m.get("collision_at_fault", 0.0) or 0.0) > 0 or (m.get("offroad", 0.0) or 0.0) > 0
+
+
+def changed_outcomes(before, after, n: int) -> list[tuple[str, int, str]]:
+    """Up to ``n`` (scenario id, seed, kind) where the outcome changed: ``fixed`` (an incident before,
+    none after; best after-score first), keeping room for ``n // 4`` (>= 1 when n >= 2) ``regressed``
+    ones (the reverse), which also fill what the fixed ones leave."""
+    a = {(r.scenario_id, r.seed): r for r in after.rollouts if not r.failed}
+    fixed, regressed = [], []
+    for r in before.rollouts:
+        o = a.get((r.scenario_id, r.seed))
+        if o is None or r.failed:
+            continue
+        if _incident(r.metrics) and not _incident(o.metrics):
+            fixed.append((-o.metrics.get("score", 0.0), r.scenario_id, r.seed))
+        elif not _incident(r.metrics) and _incident(o.metrics):
+            regressed.append((-r.metrics.get("score", 0.0), r.scenario_id, r.seed))
+    n_reg = min(len(regressed), max(1, n // 4)) if regressed and n >= 2 else 0
+    picks = [(sid, seed, "fixed") for _, sid, seed in sorted(fixed)[:n - n_reg]]
+    picks += [(sid, seed, "regressed") for _, sid, seed in sorted(regressed)[:n - len(picks)]]
+    return picks
+
+
+def paired_rollouts(picks: list[tuple[str, int, str]], policies: tuple, val_dir: Path, replan_every: int) -> list:
+    """Re-drive each pick with both policies (deterministic: same seed, same rollout) and build the
+    side-by-side views with their reasoning."""
+    from roadloop.eval.demo_report import PairedRollout, outcome_text
+    from roadloop.eval.evaluate import evaluate
+    from roadloop.eval.html import rollout_view
+    from roadloop.rollout import RolloutConfig
+    from roadloop.scenarios.suites import load_suite
+
+    if not picks:
+        return []
+    by_id = {s.meta.scenario_id: s for s in load_suite(val_dir).scenarios}
+    views: dict[tuple[str, int], list] = {}
+    for pol in policies:
+        for seed in sorted({p[1] for p in picks}):
+            scs = [by_id[sid] for sid, sd, _ in picks if sd == seed]
+            rep, kept = evaluate(pol, scs, seed=seed, keep_rollouts=True, cfg=RolloutConfig(replan_every=replan_every))
+            summ = {r.scenario_id: r for r in rep.rollouts}
+            for ro, batch in kept:
+                for b, sid in enumerate(ro.scenario_ids):
+                    views.setdefault((sid, seed), []).append((rollout_view(ro, batch, b, summ[sid]), summ[sid]))
+    out = []
+    for sid, seed, _kind in picks:
+        (vb, sb), (va, sa) = views[(sid, seed)][:2]
+        if _incident(sb.metrics) != _incident(sa.metrics):  # as evaluated (rollouts are batch-independent)
+            out.append(PairedRollout(sid, sb.family, seed, vb, va, outcome_text(sb, vb), outcome_text(sa, va)))
+    return out
+
+
+CURVES = {  # series label -> (run, metric key)
+    "imitation: train loss": ("il", "loss"),
+    "imitation: held-out minADE_6 (m)": ("il", "val/min_ade"),
+    "GRPO: rollout reward": ("grpo", "rollout/reward"),
+    "GRPO: rollout score": ("grpo", "rollout/score"),
+    "GRPO: at-fault collision rate": ("grpo", "rollout/collision_at_fault"),
+    "GRPO: off-road rate": ("grpo", "rollout/offroad"),
+    "GRPO: reasoning consistency": ("grpo", "rollout/consistency"),
+    "GRPO: held-out score": ("grpo", "eval/score"),
+}
+
+
+def learning_curves(runs: dict[str, Path]) -> dict[str, list[tuple[float, float]]]:
+    """The tracked curves of the demo's runs (empty series left out)."""
+    from roadloop.train.tracking import read_metrics
+
+    out = {}
+    for label, (run, key) in CURVES.items():
+        rid = _run_json(runs[run]).get("run_id")
+        if not rid:
+            continue
+        pts = [(float(s), float(v)) for s, v in read_metrics(rid, key) if math.isfinite(v)]
+        if pts:
+            out[label] = pts
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole loop
+
+
+NEXT_COMMANDS = [
+    ("roadloop eval --policy champion --suite val --report report/",
+     "the released champion on the full held-out suite"),
+    ("roadloop train grpo --init {il} iterations=100", "longer closed-loop post-training from the same start"),
+    ("roadloop registry list", "versions, champion, gate results"),
+    ("roadloop registry rollback --reason '...'", "make the previous champion current again"),
+    ("roadloop replay ROLLOUT_ID", "re-run any evaluated rollout bit for bit"),
+]
+
+
+def run_demo(cfg: DemoConfig, hooks: Hooks | None = None) -> DemoResult:
+    """Run (or re-run, reusing what is built) the whole demo; see the module docstring."""
+    import torch
+
+    from roadloop.eval.demo_report import DemoReportData, write_demo_report
+
+    hooks = hooks or Hooks()
+    t0 = time.perf_counter()
+    out = Path(cfg.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    stages: list[Stage] = []
+
+    def done(st: Stage) -> None:
+        stages.append(st)
+        hooks.stage_done(st)
+
+    with _env(out / "home", out / "cache"):
+        dirs, st = build_suites(cfg, out, hooks)
+        done(st)
+        data, data_hash, st = collect_demos(cfg, dirs["demo-train"], out, hooks)
+        done(st)
+        il_ckpt, st = train_imitation(cfg, data, data_hash, out, hooks)
+        done(st)
+        grpo_ckpt, st = post_train(cfg, il_ckpt, dirs, out, hooks)
+        done(st)
+        reports, gate, (il_mv, grpo_mv), ev, gs = release(cfg, il_ckpt, grpo_ckpt, dirs["demo-val"], out, hooks)
+        stages.append(ev)
+        done(gs)
+
+        t1 = time.perf_counter()
+        from roadloop.registry import Registry
+
+        reg = Registry()
+        picks = changed_outcomes(reports["imitation"], reports["post-trained"], cfg.pairs)
+        pols = (reg.load_policy(il_mv.version, MODEL_NAME), reg.load_policy(grpo_mv.version, MODEL_NAME))
+        pairs = paired_rollouts(picks, pols, dirs["demo-val"], pols[0].replan_every)
+        curves = learning_curves({"il": out / "runs" / "il", "grpo": out / "runs" / "grpo"})
+        rs = Stage("report", seconds=time.perf_counter() - t1,
+                   detail=f"{len(pairs)} changed-outcome rollouts replayed side by side")
+        stages.append(rs)
+        total = time.perf_counter() - t0
+        data_ = DemoReportData(
+            title="roadloop demo: closed-loop post-training of a reasoning driving policy",
+            reports=reports, baseline="imitation", candidate="post-trained", curves=curves, gate=gate, pairs=pairs,
+            stages=[s.to_json() for s in stages],
+            next_commands=[(c.format(il=il_ckpt), w) for c, w in NEXT_COMMANDS],
+            meta={"out": str(out), "this run": f"{total / 60:.1f} min" + (" (stages reused)" if any(
+                      s.reused for s in stages) else ""), "date": time.strftime("%Y-%m-%d %H:%M"),
+                  "threads": str(torch.get_num_threads())})
+        report = write_demo_report(data_, out / "report")
+        hooks.stage_done(rs)
+        summary = {"stages": [s.to_json() for s in stages], "total_seconds": round(total, 1),
+                   "promoted": gate["promoted"], "gate": gate,
+                   "policies": {k: r.headline() for k, r in reports.items()}, "report": str(report)}
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    reasons = [f"{r['name']}: {r['reason']}" for r in gate["results"] if not r["passed"]]
+    return DemoResult(out, report, stages, reports, gate["promoted"], reasons, total)
+
+
+__all__ = ["DemoConfig", "DemoResult", "Hooks", "Stage", "changed_outcomes", "gate_config", "learning_curves",
+           "load_demo_config", "run_demo"]

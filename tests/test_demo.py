@@ -1,0 +1,118 @@
+"""``roadloop demo``: the whole loop at toy size (``--quick``), its re-run reuse, its stage bookkeeping
+and its config errors.  Real components throughout: scenario generation, expert, IL and GRPO
+training, MLflow on SQLite, the registry and its gates, the HTML report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from roadloop.cli import app
+from roadloop.demo import _fresh, _mark, changed_outcomes, load_demo_config
+from roadloop.errors import ConfigError
+from roadloop.eval.evaluate import EvalReport, RolloutSummary
+
+STAGES = ["scenario suites", "expert demonstrations", "imitation pre-training", "closed-loop GRPO",
+          "evaluation on held-out scenarios", "gates and promotion", "report"]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory) -> tuple[Path, dict, dict]:
+    """Run ``roadloop demo --quick`` twice into one folder; (out, first summary, second summary)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    runner = CliRunner()
+    args = ["--threads", "1", "demo", "--quick", "--out", str(out)]
+    r1 = runner.invoke(app, args)
+    assert r1.exit_code == 0, r1.output + repr(r1.exception)
+    first = json.loads((out / "summary.json").read_text())
+    r2 = runner.invoke(app, args)
+    assert r2.exit_code == 0, r2.output + repr(r2.exception)
+    second = json.loads((out / "summary.json").read_text())
+    assert "report:" in r2.output and "held-out scenarios" in r2.output
+    return out, first, second
+
+
+def test_demo_quick_runs_every_stage(quick_demo):
+    out, first, _ = quick_demo
+    assert [s["name"] for s in first["stages"]] == STAGES
+    assert not any(s["reused"] for s in first["stages"])
+    assert set(first["policies"]) == {"expert", "imitation", "post-trained"}
+    n = {k: p["n"] for k, p in first["policies"].items()}
+    assert len(set(n.values())) == 1 and n["expert"] > 0  # the same held-out matrix for all three
+    assert first["policies"]["expert"]["collision_at_fault_rate"] == 0.0
+    # everything lives under --out
+    for p in ("suites/demo-train/suite.json", "suites/demo-val/suite.json", "data/train/manifest.json",
+              "runs/il/final/model.safetensors", "runs/grpo/final/model.safetensors", "home/mlflow.db",
+              "home/registry.db", "report/index.html"):
+        assert (out / p).is_file(), p
+    html = (out / "report" / "index.html").read_text()
+    assert "imitation" in html and "post-trained" in html and "expert" in html
+
+
+def test_demo_registry_and_gates(quick_demo, monkeypatch):
+    from roadloop.registry import Registry
+
+    out, first, _ = quick_demo
+    monkeypatch.setenv("ROADLOOP_HOME", str(out / "home"))
+    reg = Registry()
+    versions = reg.versions("roadloop-vla")
+    assert len(versions) == 2  # imitation + post-trained, not re-registered by the second run
+    champ = reg.champion("roadloop-vla")
+    gate = first["gate"]
+    assert gate["candidate"] == "roadloop-vla@2" and gate["results"]
+    assert champ.version == (2 if gate["promoted"] else 1)
+    assert gate["promoted"] == all(r["passed"] for r in gate["results"])
+    actions = [a.action for a in reg.audit("roadloop-vla")]
+    assert "register" in actions and any(a.startswith("promote") for a in actions)
+    assert reg.verify_audit() == []
+
+
+def test_demo_rerun_reuses_everything(quick_demo):
+    _, first, second = quick_demo
+    reused = {s["name"]: s["reused"] for s in second["stages"]}
+    for name in STAGES[:5]:
+        assert reused[name], f"stage '{name}' was rebuilt on a re-run"
+    assert second["total_seconds"] < first["total_seconds"]
+    # same inputs, same outcome: bit-identical evaluation numbers
+    for k in ("expert", "imitation", "post-trained"):
+        assert second["policies"][k]["score"] == first["policies"][k]["score"]
+
+
+def test_demo_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="train_per_family"):
+        load_demo_config(["train_per_family=0"])
+    with pytest.raises(ConfigError, match="nope"):
+        load_demo_config(["nope=1"])
+    r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "x"), "eval_seeds=[]"])
+    assert r.exit_code != 0 and "eval_seeds" in r.output
+    assert not (tmp_path / "x" / "suites").exists()  # refused before any work
+
+
+def test_stage_keys(tmp_path):
+    d = tmp_path / "stage"
+    assert not _fresh(d, "a")
+    d.mkdir()
+    (d / "partial.bin").write_bytes(b"x")
+    _mark(d, "a", done=False)
+    assert not _fresh(d, "a") and (d / "partial.bin").exists()  # interrupted, same key: kept to resume
+    _mark(d, "a", done=True)
+    assert _fresh(d, "a")
+    assert not _fresh(d, "b") and not d.exists()  # other inputs: cleared
+
+
+def _rep(rows: list[tuple[str, float, float, float]]) -> EvalReport:
+    rs = [RolloutSummary(f"{sid}#0@p", sid, "fam", 0, False, "", {"score": s, "collision_at_fault": c, "offroad": o})
+          for sid, s, c, o in rows]
+    return EvalReport("p", "s", "", 0, {}, {}, rs, 0, 0.0)
+
+
+def test_changed_outcomes_orders_fixed_then_regressed():
+    before = _rep([("a", 0.0, 1.0, 0.0), ("b", 0.0, 0.0, 1.0), ("c", 0.9, 0.0, 0.0), ("d", 0.5, 0.0, 0.0)])
+    after = _rep([("a", 0.7, 0.0, 0.0), ("b", 0.9, 0.0, 0.0), ("c", 0.0, 1.0, 0.0), ("d", 0.6, 0.0, 0.0)])
+    assert changed_outcomes(before, after, 4) == [("b", 0, "fixed"), ("a", 0, "fixed"), ("c", 0, "regressed")]
+    assert changed_outcomes(before, after, 1) == [("b", 0, "fixed")]
+    assert changed_outcomes(after, before, 4) == [("c", 0, "fixed"), ("b", 0, "regressed"), ("a", 0, "regressed")]
+    assert changed_outcomes(before, before, 4) == []
