@@ -104,6 +104,12 @@ def _key(obj) -> str:
     return canonical_sha256(obj)[:16]
 
 
+def _no_paths(cfg: dict, *keys: str) -> dict:
+    """``cfg`` without its path entries: a stage's key holds the content hashes of its inputs instead, so a
+    moved ``--out`` folder is still reused."""
+    return {k: v for k, v in cfg.items() if k not in keys}
+
+
 def _stage_key(d: Path) -> str | None:
     try:
         return json.loads((d / STAGE_FILE).read_text()).get("key")
@@ -266,7 +272,7 @@ def train_imitation(cfg: DemoConfig, data: Path, data_hash: str, out: Path, hook
     d = out / "runs" / "il"
     il = cfg.il
     il.data, il.val_data, il.out = str(data), None, str(d)
-    key = _key({"il": to_dict(il), "data": data_hash})
+    key = _key({"il": _no_paths(to_dict(il), "data", "val_data", "out"), "data": data_hash})
     st = Stage("imitation pre-training", reused=_fresh(d, key))
     if not st.reused:
         resume = (d / "latest").exists()
@@ -302,7 +308,7 @@ def post_train(cfg: DemoConfig, init: Path, dirs: dict[str, Path], out: Path, ho
     g.suites, g.eval_suite = str(dirs["demo-train"]), str(dirs["demo-val"])
     g.validate()
     _, meta = load_checkpoint(init)
-    key = _key({"grpo": to_dict(g), "init": meta["weights_sha256"],
+    key = _key({"grpo": _no_paths(to_dict(g), "init", "out", "suites", "eval_suite"), "init": meta["weights_sha256"],
                 "suites": [load_suite(p).content_hash for p in dirs.values()]})
     st = Stage("closed-loop GRPO", reused=_fresh(d, key))
     if not st.reused:

@@ -81,6 +81,19 @@ def test_demo_rerun_reuses_everything(quick_demo):
         assert second["policies"][k]["score"] == first["policies"][k]["score"]
 
 
+def test_demo_copied_folder_reuses_its_training_stages(quick_demo, tmp_path):
+    """Stage keys hold content hashes, not paths: a copy of the folder reuses suites, data and runs."""
+    import shutil
+
+    out, _, _ = quick_demo
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    r = CliRunner().invoke(app, ["--threads", "1", "demo", "--quick", "--out", str(copy)])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    reused = {s["name"]: s["reused"] for s in json.loads((copy / "summary.json").read_text())["stages"]}
+    assert all(reused[n] for n in STAGES[:4]), reused
+
+
 def test_demo_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="train_per_family"):
         load_demo_config(["train_per_family=0"])
