@@ -52,6 +52,17 @@ def test_demo_quick_runs_every_stage(quick_demo):
     assert "imitation" in html and "post-trained" in html and "expert" in html
 
 
+def test_demo_report_opens_in_headless_chromium(quick_demo):
+    from browser import opened_page
+
+    out, first, _ = quick_demo
+    with opened_page(out / "report" / "index.html", "#before-after") as page:
+        table = page.inner_text("#before-after")
+        for label in ("expert", "imitation", "post-trained"):
+            assert label in table
+        assert ("NOT PROMOTED" in page.inner_text("#gate")) != first["gate"]["promoted"]
+
+
 def test_demo_registry_and_gates(quick_demo, monkeypatch):
     from roadloop.registry import Registry
 

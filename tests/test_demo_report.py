@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from browser import CHROMIUM, CHROMIUM_ARGS, need_chromium, playwright_sync_api
+from browser import opened_page
 
 from roadloop.eval.demo_report import (
     DemoReportData,
@@ -271,73 +271,52 @@ def test_outcome_text_and_pairs(evals):
 
 
 def test_demo_page_in_headless_chromium(page_path: Path, data: DemoReportData, tmp_path):
-    need_chromium()
-    sync_api = playwright_sync_api()
-    errors: list[str] = []
-    failed: list[str] = []
-    requests: list[str] = []
     warm = max(data.pairs[0].before["warmup"], data.pairs[0].after["warmup"])
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("requestfailed", lambda r: failed.append(r.url))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(page_path.resolve().as_uri())
-            page.wait_for_selector("#pair-0 canvas.pscene")
-            assert not errors, errors
-            assert not failed, failed
-            assert all(u.startswith("file://") or u.startswith("data:") for u in requests), requests
-            assert "post-trained" in page.inner_text("#before-after")
+    with opened_page(page_path, "#pair-0 canvas.pscene", width=1400) as page:
+        assert "post-trained" in page.inner_text("#before-after")
 
-            card = "#pair-0"
-            sides = [f'{card} .pside[data-side="{s}"]' for s in ("before", "after")]
-            colours = """(sel) => { const c = document.querySelector(sel); if (!c.width || !c.height) return 0;
-                const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data, seen = new Set();
-                for (let i = 0; i < d.length; i += 4 * 53) seen.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
-                return seen.size; }"""
-            for s in sides:
-                assert page.evaluate(colours, f"{s} canvas.pscene") > 3, f"{s}: canvas is blank"
-            pix = lambda s: page.evaluate("(sel) => document.querySelector(sel).toDataURL()", f"{s} canvas.pscene")
-            frames = lambda: [int(page.get_attribute(s, "data-frame")) for s in sides]
-            assert frames() == [0, 0]
-            before_pix = [pix(s) for s in sides]
+        card = "#pair-0"
+        sides = [f'{card} .pside[data-side="{s}"]' for s in ("before", "after")]
+        colours = """(sel) => { const c = document.querySelector(sel); if (!c.width || !c.height) return 0;
+            const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data, seen = new Set();
+            for (let i = 0; i < d.length; i += 4 * 53) seen.add((d[i] << 16) | (d[i + 1] << 8) | d[i + 2]);
+            return seen.size; }"""
+        for s in sides:
+            assert page.evaluate(colours, f"{s} canvas.pscene") > 3, f"{s}: canvas is blank"
+        pix = lambda s: page.evaluate("(sel) => document.querySelector(sel).toDataURL()", f"{s} canvas.pscene")
+        frames = lambda: [int(page.get_attribute(s, "data-frame")) for s in sides]
+        assert frames() == [0, 0]
+        before_pix = [pix(s) for s in sides]
 
-            # one slider drives both players
-            page.fill(f"{card} .pair-slider", str(warm + 5))
-            assert frames() == [warm + 5] * 2
-            assert page.inner_text(f"{card} .pair-frame").startswith(f"{warm + 5} /")
-            assert all(pix(s) != b for s, b in zip(sides, before_pix, strict=True)), "a player did not redraw"
-            # route-idm gives no text (placeholder), the expert explains its decision
-            assert "no reasoning text" in page.inner_text(f"{sides[0]} .reasoning")
-            after_text = page.inner_text(f"{sides[1]} .reasoning")
-            assert after_text and "no reasoning" not in after_text and "Warm-up" not in after_text
-            assert after_text in data.pairs[0].after["texts"]
-            assert "step" in page.inner_text(f"{sides[1]} .rmeta")
+        # one slider drives both players
+        page.fill(f"{card} .pair-slider", str(warm + 5))
+        assert frames() == [warm + 5] * 2
+        assert page.inner_text(f"{card} .pair-frame").startswith(f"{warm + 5} /")
+        assert all(pix(s) != b for s, b in zip(sides, before_pix, strict=True)), "a player did not redraw"
+        # route-idm gives no text (placeholder), the expert explains its decision
+        assert "no reasoning text" in page.inner_text(f"{sides[0]} .reasoning")
+        after_text = page.inner_text(f"{sides[1]} .reasoning")
+        assert after_text and "no reasoning" not in after_text and "Warm-up" not in after_text
+        assert after_text in data.pairs[0].after["texts"]
+        assert "step" in page.inner_text(f"{sides[1]} .rmeta")
 
-            # one play button drives both; pause stops both on the same frame
-            page.select_option(f"{card} .pair-speed", "4")
-            page.click(f"{card} .pair-play")
-            page.wait_for_function(f"+document.querySelector('{card}').dataset.frame >= {warm + 15}", timeout=8000)
-            page.click(f"{card} .pair-play")
-            f = frames()
-            assert f[0] == f[1] >= warm + 15
-            page.wait_for_timeout(250)
-            assert frames() == f, "pause did not stop the players"
-            page.click(f"{card} .pair-next")
-            assert frames() == [f[0] + 1] * 2
+        # one play button drives both; pause stops both on the same frame
+        page.select_option(f"{card} .pair-speed", "4")
+        page.click(f"{card} .pair-play")
+        page.wait_for_function(f"+document.querySelector('{card}').dataset.frame >= {warm + 15}", timeout=8000)
+        page.click(f"{card} .pair-play")
+        f = frames()
+        assert f[0] == f[1] >= warm + 15
+        page.wait_for_timeout(250)
+        assert frames() == f, "pause did not stop the players"
+        page.click(f"{card} .pair-next")
+        assert frames() == [f[0] + 1] * 2
 
-            # the second pair's injected text is rendered as text, in its own (independent) player
-            page.fill("#pair-1 .pair-slider", str(warm + 3))
-            assert page.inner_text('#pair-1 .pside[data-side="before"] .reasoning') == FAKE_TEXT
-            assert frames() == [f[0] + 1] * 2
-            # whole-scene camera for both
-            page.uncheck(f"{card} .pair-follow")
-            assert page.evaluate(colours, f"{sides[0]} canvas.pscene") > 3
-            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
-            assert not errors, errors
-            assert not failed, failed
-        finally:
-            browser.close()
+        # the second pair's injected text is rendered as text, in its own (independent) player
+        page.fill("#pair-1 .pair-slider", str(warm + 3))
+        assert page.inner_text('#pair-1 .pside[data-side="before"] .reasoning') == FAKE_TEXT
+        assert frames() == [f[0] + 1] * 2
+        # whole-scene camera for both
+        page.uncheck(f"{card} .pair-follow")
+        assert page.evaluate(colours, f"{sides[0]} canvas.pscene") > 3
+        page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from browser import CHROMIUM, CHROMIUM_ARGS, need_chromium, playwright_sync_api
+from browser import opened_page
 
 from roadloop.bench import bench_scenario
 from roadloop.eval.evaluate import evaluate
@@ -186,78 +186,56 @@ def test_report_max_rollouts(evaluated):
 
 
 def test_report_in_headless_chromium(report_path: Path, evaluated, tmp_path):
-    need_chromium()
-    sync_api = playwright_sync_api()
     rep, _ = evaluated
-    errors: list[str] = []
-    failed: list[str] = []
-    requests: list[str] = []
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1000})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("requestfailed", lambda r: failed.append(r.url))
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(report_path.resolve().as_uri())
-            page.wait_for_selector("#scene")
-            assert not errors, errors
-            assert not failed, failed
-            assert all(u.startswith("file://") or u.startswith("data:") for u in requests), requests
+    with opened_page(report_path, "#scene", width=1440) as page:
+        score = f"{rep.overall['score'].mean:.3f}"
+        assert score in page.inner_text("#headline-score")
+        fam_text = page.inner_text("#family-table")
+        for fam in rep.per_family:
+            assert fam in fam_text
 
-            score = f"{rep.overall['score'].mean:.3f}"
-            assert score in page.inner_text("#headline-score")
-            fam_text = page.inner_text("#family-table")
-            for fam in rep.per_family:
-                assert fam in fam_text
+        # the worst rollout (the failed one) is selected first and says why it failed
+        assert "boom" in page.inner_text("#v-sub")
+        selected = page.locator("#rollout-table tr.selected td.sid").inner_text()
+        assert selected.startswith("crossing/000002")
 
-            # the worst rollout (the failed one) is selected first and says why it failed
-            assert "boom" in page.inner_text("#v-sub")
-            selected = page.locator("#rollout-table tr.selected td.sid").inner_text()
-            assert selected.startswith("crossing/000002")
+        label = page.locator("#frame-label")
+        assert label.inner_text().startswith("0 /")
+        pix = lambda: page.evaluate("document.getElementById('scene').toDataURL()")
+        before = pix()
+        page.click("#btn-next")
+        assert label.inner_text().startswith("1 /")
+        assert pix() != before, "canvas did not change on next frame"
+        page.keyboard.press("ArrowRight")
+        assert label.inner_text().startswith("2 /")
+        page.click("#btn-prev")
+        assert label.inner_text().startswith("1 /")
+        assert re.search(REASONING, page.inner_text("#reasoning")), "policy reasoning not shown"
+        assert "step 1" in page.inner_text("#reasoning-meta")
 
-            label = page.locator("#frame-label")
-            assert label.inner_text().startswith("0 /")
-            pix = lambda: page.evaluate("document.getElementById('scene').toDataURL()")
-            before = pix()
-            page.click("#btn-next")
-            assert label.inner_text().startswith("1 /")
-            assert pix() != before, "canvas did not change on next frame"
-            page.keyboard.press("ArrowRight")
-            assert label.inner_text().startswith("2 /")
-            page.click("#btn-prev")
-            assert label.inner_text().startswith("1 /")
-            assert re.search(REASONING, page.inner_text("#reasoning")), "policy reasoning not shown"
-            assert "step 1" in page.inner_text("#reasoning-meta")
+        page.select_option("#speed-select", "4")
+        page.click("#btn-play")
+        page.wait_for_function("parseInt(document.getElementById('frame-label').textContent) >= 8",
+                               timeout=5000)
+        page.click("#btn-play")  # pause
+        frame = int(label.inner_text().split("/")[0])
+        page.wait_for_timeout(300)
+        assert int(label.inner_text().split("/")[0]) == frame, "pause did not stop the player"
+        # the failed rollout's policy gave no text after it raised at step 5
+        assert "no reasoning" in page.inner_text("#reasoning")
 
-            page.select_option("#speed-select", "4")
-            page.click("#btn-play")
-            page.wait_for_function("parseInt(document.getElementById('frame-label').textContent) >= 8",
-                                   timeout=5000)
-            page.click("#btn-play")  # pause
-            frame = int(label.inner_text().split("/")[0])
-            page.wait_for_timeout(300)
-            assert int(label.inner_text().split("/")[0]) == frame, "pause did not stop the player"
-            # the failed rollout's policy gave no text after it raised at step 5
-            assert "no reasoning" in page.inner_text("#reasoning")
-
-            # another rollout: whole-scene camera, zoom, reasoning again
-            page.locator("#rollout-table tr[data-view='1']").click()
-            assert label.inner_text().startswith("0 /")
-            page.uncheck("#follow-toggle")
-            before = pix()
-            page.click("#btn-zoom-in")
-            assert pix() != before, "zoom did not change the view"
-            page.fill("#frame-slider", "20")
-            assert label.inner_text().startswith("20 /")
-            assert re.search(REASONING, page.inner_text("#reasoning"))
-            assert page.inner_text("#speed-val") != "–"
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
-            assert not errors, errors
-            assert not failed, failed
-        finally:
-            browser.close()
+        # another rollout: whole-scene camera, zoom, reasoning again
+        page.locator("#rollout-table tr[data-view='1']").click()
+        assert label.inner_text().startswith("0 /")
+        page.uncheck("#follow-toggle")
+        before = pix()
+        page.click("#btn-zoom-in")
+        assert pix() != before, "zoom did not change the view"
+        page.fill("#frame-slider", "20")
+        assert label.inner_text().startswith("20 /")
+        assert re.search(REASONING, page.inner_text("#reasoning"))
+        assert page.inner_text("#speed-val") != "–"
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
 
 
 def test_export_gif(evaluated, tmp_path):
