@@ -360,11 +360,13 @@ def _registered(reg, ckpt: Path, lineage: dict, reason: str):
 
 def release(cfg: DemoConfig, il_ckpt: Path, grpo_ckpt: Path, val_dir: Path, out: Path, hooks: Hooks):
     """Evaluate expert / imitation / post-trained on the gate matrix; promote through the gates."""
+    from roadloop.eval.demo_report import gate_dict
     from roadloop.eval.evaluate import report_from_json
     from roadloop.policies import get_policy
     from roadloop.registry import Registry
     from roadloop.registry.errors import GateFailedError
-    from roadloop.registry.matrix import evaluate_matrix, load_matrix, matrix_key, matrix_size
+    from roadloop.registry.gates import GateSummary
+    from roadloop.registry.matrix import eval_code_hash, evaluate_matrix, load_matrix, matrix_key, matrix_size
 
     t0 = time.perf_counter()
     gcfg = gate_config(cfg, val_dir)
@@ -397,23 +399,27 @@ def release(cfg: DemoConfig, il_ckpt: Path, grpo_ckpt: Path, val_dir: Path, out:
 
     t1 = time.perf_counter()
     gs = Stage("gates and promotion")
-    notes = []
-    champ = reg.champion(MODEL_NAME)
-    if champ is None:
+    if reg.champion(MODEL_NAME) is None:
         try:
             reg.promote(il_mv.version, gcfg, name=MODEL_NAME, reason="roadloop demo: imitation baseline, first "
                         "release", on_eval=on_eval)
-            notes.append(f"{il_mv.ref} (imitation) promoted as the first champion")
         except GateFailedError as e:
             reg.promote(il_mv.version, gcfg, name=MODEL_NAME, force=True,
                         reason=f"roadloop demo: the imitation baseline is the reference the post-trained policy "
-                               f"is gated against ({e})")
-            notes.append(f"{il_mv.ref} (imitation) failed absolute gates ({', '.join(e.gates.failed)}) and was "
-                         "made the reference champion by a recorded, forced promotion")
+                               f"is gated against; failed absolute gates: {', '.join(e.gates.failed)}")
     champ = reg.champion(MODEL_NAME)
+    first = next((c for c in reg.champion_history(MODEL_NAME) if c.version == il_mv.version), None)
+    notes = [] if first is None else [f"{il_mv.ref} (imitation) was made the first champion" + (
+        " by a recorded, forced promotion: " + first.reason.split("; ", 1)[-1] if first.forced else
+        " through the gates")]
     promoted = champ is not None and champ.version == grpo_mv.version
     run = None
-    if not promoted:
+    if not promoted:  # a refusal recorded against this champion, config and code is final: not asked again
+        run = next((r for r in reversed(reg.gate_runs(MODEL_NAME, grpo_mv.version))
+                    if champ is not None and r["champion"] == champ.version and not r["passed"]
+                    and r["config_sha256"] == gcfg.sha256 and r["eval_code"] == eval_code_hash()), None)
+        gs.reused = run is not None
+    if not promoted and run is None:
         try:
             pr = reg.promote(grpo_mv.version, gcfg, name=MODEL_NAME, reason="roadloop demo: closed-loop GRPO",
                              on_eval=on_eval)
@@ -423,8 +429,11 @@ def release(cfg: DemoConfig, il_ckpt: Path, grpo_ckpt: Path, val_dir: Path, out:
     if run is None:
         runs = [r for r in reg.gate_runs(MODEL_NAME, grpo_mv.version)]
         run = runs[-1] if runs else None
-    results = (run["results"] if isinstance(run, dict) else run.summary.to_json()) if run is not None else None
-    gate = _gate_dict(results, grpo_mv.ref, il_mv.ref, promoted, notes)
+    if run is None:
+        summary = GateSummary(False, [])
+    else:
+        summary = GateSummary.from_json(run["results"]) if isinstance(run, dict) else run.summary
+    gate = gate_dict(summary, grpo_mv.ref, il_mv.ref, promoted, "; ".join(notes))
     gs.seconds = time.perf_counter() - t1
     gs.detail = (f"{grpo_mv.ref} promoted" if promoted else f"{grpo_mv.ref} refused: "
                  + ", ".join(r["name"] for r in gate["results"] if not r["passed"]))
@@ -441,17 +450,6 @@ def _without_reasoning(rep):
     return dataclasses.replace(rep, overall={k: v for k, v in rep.overall.items() if k not in drop},
                                per_family={f: {k: v for k, v in m.items() if k not in drop}
                                            for f, m in rep.per_family.items()})
-
-
-def _gate_dict(results, cand: str, champ: str, promoted: bool, notes: list[str]) -> dict:
-    rows = []
-    if results:
-        for r in results.get("results", []):
-            why = "; ".join(r.get("reasons") or []) or ("passed" if r.get("passed") else "failed")
-            rows.append({"name": r.get("gate", ""), "passed": bool(r.get("passed")), "reason": why})
-    passed = bool(rows) and all(r["passed"] for r in rows)
-    return {"candidate": cand, "champion": champ, "passed": passed, "promoted": promoted, "results": rows,
-            "note": "; ".join(notes)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,32 +481,28 @@ def changed_outcomes(before, after, n: int) -> list[tuple[str, int, str]]:
 
 
 def paired_rollouts(picks: list[tuple[str, int, str]], policies: tuple, val_dir: Path, replan_every: int) -> list:
-    """Re-drive each pick with both policies (deterministic: same seed, same rollout) and build the
-    side-by-side views with their reasoning."""
-    from roadloop.eval.demo_report import PairedRollout, outcome_text
+    """Re-drive each pick with both policies (deterministic: same seed, same rollout), keeping the rollouts,
+    and build the side-by-side views of those whose outcome class changed (``demo_report.paired_rollouts``)."""
+    import dataclasses
+
+    from roadloop.eval.demo_report import paired_rollouts as pair_views
     from roadloop.eval.evaluate import evaluate
-    from roadloop.eval.html import rollout_view
     from roadloop.rollout import RolloutConfig
     from roadloop.scenarios.suites import load_suite
 
     if not picks:
         return []
     by_id = {s.meta.scenario_id: s for s in load_suite(val_dir).scenarios}
-    views: dict[tuple[str, int], list] = {}
+    runs = []
     for pol in policies:
+        reps, kept = [], []
         for seed in sorted({p[1] for p in picks}):
             scs = [by_id[sid] for sid, sd, _ in picks if sd == seed]
-            rep, kept = evaluate(pol, scs, seed=seed, keep_rollouts=True, cfg=RolloutConfig(replan_every=replan_every))
-            summ = {r.scenario_id: r for r in rep.rollouts}
-            for ro, batch in kept:
-                for b, sid in enumerate(ro.scenario_ids):
-                    views.setdefault((sid, seed), []).append((rollout_view(ro, batch, b, summ[sid]), summ[sid]))
-    out = []
-    for sid, seed, _kind in picks:
-        (vb, sb), (va, sa) = views[(sid, seed)][:2]
-        if _incident(sb.metrics) != _incident(sa.metrics):  # as evaluated (rollouts are batch-independent)
-            out.append(PairedRollout(sid, sb.family, seed, vb, va, outcome_text(sb, vb), outcome_text(sa, va)))
-    return out
+            rep, k = evaluate(pol, scs, seed=seed, keep_rollouts=True, cfg=RolloutConfig(replan_every=replan_every))
+            reps.append(rep)
+            kept += k
+        runs.append((dataclasses.replace(reps[0], rollouts=[r for rep in reps for r in rep.rollouts]), kept))
+    return pair_views(runs[0], runs[1], limit=len(picks), min_score_change=math.inf)
 
 
 CURVES = {  # series label -> (run, metric key)

@@ -86,6 +86,8 @@ def test_demo_rerun_reuses_everything(quick_demo):
     reused = {s["name"]: s["reused"] for s in second["stages"]}
     for name in STAGES[:5]:
         assert reused[name], f"stage '{name}' was rebuilt on a re-run"
+    if not first["gate"]["promoted"]:  # the recorded refusal stands: not gated (nor audited) again
+        assert reused["gates and promotion"] and second["gate"]["results"] == first["gate"]["results"]
     assert second["total_seconds"] < first["total_seconds"]
     # same inputs, same outcome: bit-identical evaluation numbers
     for k in ("expert", "imitation", "post-trained"):
