@@ -16,6 +16,7 @@ class Cruise(Policy):
 
     name = "cruise"
     replan_every = 5  # decide at 2 Hz (the rollout executes the first 0.5 s of each 6.4 s plan)
+    writes_coc = True  # its reasoning follows the CoC grammar (docs/reasoning.md): graded in evaluations
 
     def act(self, obs):
         st = obs.state

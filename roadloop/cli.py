@@ -610,15 +610,12 @@ def demo_cmd(overrides: list[str] = typer.Argument(None, help="Config overrides 
     cfg = load_demo_config(list(overrides or []) + [f"out={out}"], quick=quick, files=list(config or []))
     t0 = time.perf_counter()
     with progress() as prog:
-        def bar(desc: str, total: int):
-            task = prog.add_task(desc, total=total)
-            return lambda n: prog.advance(task, n)
-
         def stage_done(st) -> None:
             tag = "[dim]reused[/]" if st.reused else f"{st.seconds:.0f} s"
             prog.console.print(f"[bold green]✓[/] {st.name} ({tag}): {st.detail}")
 
-        res = run_demo(cfg, Hooks(log=lambda m: prog.console.print(f"  [dim]{m}[/]"), bar=bar, stage_done=stage_done))
+        res = run_demo(cfg, Hooks(log=lambda m: prog.console.print(f"  [dim]{m}[/]"), bar=_eval_progress(prog),
+                                  stage_done=stage_done))
     t = Table(title="held-out scenarios: imitation vs post-trained vs expert")
     for c in ("policy", "score [95% CI]", "at-fault coll.", "off-road", "comfort viol.", "consistency", "grounding"):
         t.add_column(c, justify="left" if c == "policy" else "right")

@@ -162,6 +162,18 @@ class Hooks:
     stage_done: Callable[[Stage], None] = lambda st: None
 
 
+def _bar_to(hooks: Hooks, desc: str, total: int) -> Callable[[int], None]:
+    """A progress bar fed with the absolute count done (what the trainers and the collector report)."""
+    adv = hooks.bar(desc, total)
+    last = [0]
+
+    def to(done: int) -> None:
+        adv(done - last[0])
+        last[0] = done
+
+    return to
+
+
 @dataclass
 class DemoResult:
     out: Path
@@ -242,14 +254,8 @@ def collect_demos(cfg: DemoConfig, train_dir: Path, out: Path, hooks: Hooks) -> 
     st = Stage("expert demonstrations", reused=_fresh(d, key))
     if not st.reused:
         _mark(d, key, done=False)
-        adv = hooks.bar("expert demonstrations", len(load_suite(train_dir).scenarios))
-        last = [0]
-
-        def prog(done: int, total: int) -> None:
-            adv(done - last[0])
-            last[0] = done
-
-        collect([str(train_dir)], d, on_progress=prog, resume=True, max_steps=cfg.max_steps)
+        to = _bar_to(hooks, "expert demonstrations", len(load_suite(train_dir).scenarios))
+        collect([str(train_dir)], d, on_progress=lambda done, total: to(done), resume=True, max_steps=cfg.max_steps)
         _mark(d, key, done=True)
     man = load_manifest(d)
     st.seconds = time.perf_counter() - t0
@@ -277,15 +283,9 @@ def train_imitation(cfg: DemoConfig, data: Path, data_hash: str, out: Path, hook
     if not st.reused:
         resume = (d / "latest").exists()
         _mark(d, key, done=False)
-        adv = hooks.bar("imitation" + (" (resuming)" if resume else ""), 1000)
-        last = [0]
-
-        def prog(step: int, total: int, m: dict) -> None:
-            k = int(1000 * step / max(total, 1))
-            adv(k - last[0])
-            last[0] = k
-
-        res = train_il(il, resume=resume, on_progress=prog, log=hooks.log)
+        to = _bar_to(hooks, "imitation" + (" (resuming)" if resume else ""), 1000)
+        res = train_il(il, resume=resume, on_progress=lambda step, total, m: to(1000 * step // max(total, 1)),
+                       log=hooks.log)
         _mark(d, key, done=True, metrics=res.metrics, seconds=res.seconds, samples_per_s=res.samples_per_s)
     info = json.loads((d / STAGE_FILE).read_text())
     m = info.get("metrics", {})
@@ -314,14 +314,8 @@ def post_train(cfg: DemoConfig, init: Path, dirs: dict[str, Path], out: Path, ho
     if not st.reused:
         resume = (d / "latest").exists()
         _mark(d, key, done=False)
-        adv = hooks.bar("GRPO iterations" + (" (resuming)" if resume else ""), g.iterations)
-        last = [0]
-
-        def prog(it: int, total: int, m: dict) -> None:
-            adv(it - last[0])
-            last[0] = it
-
-        res = train_grpo(g, resume=resume, on_progress=prog, log=hooks.log)
+        to = _bar_to(hooks, "GRPO iterations" + (" (resuming)" if resume else ""), g.iterations)
+        res = train_grpo(g, resume=resume, on_progress=lambda it, total, m: to(it), log=hooks.log)
         _mark(d, key, done=True, iterations=res.iterations, seconds=res.seconds, env_steps_per_s=res.env_steps_per_s,
               learner_samples_per_s=res.learner_samples_per_s)
     info = json.loads((d / STAGE_FILE).read_text())
@@ -374,9 +368,7 @@ def release(cfg: DemoConfig, il_ckpt: Path, grpo_ckpt: Path, val_dir: Path, out:
     key = matrix_key(gcfg.matrix, suites)
     n = matrix_size(suites, gcfg.matrix)
 
-    def on_eval(desc: str, total: int):
-        return hooks.bar(desc, total)
-
+    on_eval = hooks.bar  # (description, rollouts) -> advance(n): the registry's evaluation progress
     ev = Stage("evaluation on held-out scenarios", reused=True)
     exp_path = out / "eval" / f"expert-{key[:16]}.json"
     if exp_path.is_file():
@@ -427,7 +419,7 @@ def release(cfg: DemoConfig, il_ckpt: Path, grpo_ckpt: Path, val_dir: Path, out:
         except GateFailedError:
             promoted = False
     if run is None:
-        runs = [r for r in reg.gate_runs(MODEL_NAME, grpo_mv.version)]
+        runs = reg.gate_runs(MODEL_NAME, grpo_mv.version)
         run = runs[-1] if runs else None
     if run is None:
         summary = GateSummary(False, [])
@@ -437,19 +429,8 @@ def release(cfg: DemoConfig, il_ckpt: Path, grpo_ckpt: Path, val_dir: Path, out:
     gs.seconds = time.perf_counter() - t1
     gs.detail = (f"{grpo_mv.ref} promoted" if promoted else f"{grpo_mv.ref} refused: "
                  + ", ".join(r["name"] for r in gate["results"] if not r["passed"]))
-    reports = {"expert": _without_reasoning(expert), "imitation": il_rep, "post-trained": grpo_rep}
+    reports = {"expert": expert, "imitation": il_rep, "post-trained": grpo_rep}
     return reports, gate, (il_mv, grpo_mv), ev, gs
-
-
-def _without_reasoning(rep):
-    """``rep`` without the reasoning metrics: the expert's text is a one-line trace of its rule (which
-    factor decided), not a Chain-of-Causation, so grading it as one would mislead."""
-    import dataclasses
-
-    drop = ("reasoning_consistency", "reasoning_grounding")
-    return dataclasses.replace(rep, overall={k: v for k, v in rep.overall.items() if k not in drop},
-                               per_family={f: {k: v for k, v in m.items() if k not in drop}
-                                           for f, m in rep.per_family.items()})
 
 
 # ---------------------------------------------------------------------------------------------

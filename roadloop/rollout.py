@@ -77,7 +77,7 @@ class Rollout(_TensorTree):
     failed: torch.Tensor  # (B,) bool
     seeds: torch.Tensor  # (B,) int64
     reasoning: tuple  # (D,) tuples of B strings ("" if none)
-    grounded: torch.Tensor  # (D, B) float: text grounded in the scene at its decision 1 / 0, NaN: no text
+    grounded: torch.Tensor  # (D, B) float: CoC text grounded in the scene at its decision 1 / 0, NaN: no graded text
     fail_reason: tuple  # (B,) strings ("" if ok)
     scenario_ids: tuple  # (B,) strings
     policy: str  # policy name and version, "name@version"
@@ -140,6 +140,7 @@ def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutC
     failed = torch.zeros(B, dtype=torch.bool)
     reasons = [""] * B
     plan: PolicyOutput | None = None
+    ungraded = torch.full((B,), float("nan"))  # texts of a policy whose reasoning is not CoC (e.g. a rule trace)
     k_in_plan = 0
     for t in range(T):
         if t < warmup:
@@ -160,7 +161,7 @@ def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutC
                 plans.append(torch.where(failed.view(B, 1, 1), torch.nan, plan.plan_xy))
                 logps.append(plan.logp if plan.logp is not None else torch.full((B,), float("nan")))
                 texts.append(tuple(plan.reasoning) if plan.reasoning is not None else ("",) * B)
-                grounded.append(_grounded(texts[-1], state))
+                grounded.append(_grounded(texts[-1], state) if policy.writes_coc else ungraded)
                 k_in_plan = 0
             ctrl = _controls(plan, state, k_in_plan, sim)
             k_in_plan += 1
@@ -190,7 +191,7 @@ def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutC
 
 def _grounded(texts: tuple, state: SimState) -> torch.Tensor:
     """(B,) float: ``reasoning.checks.grounding`` of each non-empty text against the scene it was written in
-    (1 / 0), NaN where the policy wrote none."""
+    (1 / 0), NaN where the policy wrote none.  Only for ``Policy.writes_coc`` policies, at their decisions."""
     out = torch.full((len(texts),), float("nan"))
     if any(texts):
         from roadloop.reasoning.checks import grounding

@@ -164,14 +164,14 @@ def test_local_credit_penalises_the_decisions_before_the_first_incident():
                          checks=SimpleNamespace(collision_at_fault=coll, offroad=off),
                          failed=torch.tensor([False, False, False]))
     cfg = RewardConfig(preset="default", credit="local", credit_window_s=1.0)
-    r = local_incident_reward(ro, None, cfg)
+    r = local_incident_reward(ro, cfg)
     steps = ro.decision_steps.tolist()
     want = torch.zeros(len(steps), B)
     for d, t in enumerate(steps):
         want[d, 0] = -4.0 if 31 <= t < 41 else 0.0
         want[d, 1] = -3.0 if 41 <= t < 51 else 0.0
     assert torch.equal(r, want)
-    assert torch.equal(local_incident_reward(ro, None, RewardConfig(preset="default")), torch.zeros(len(steps), B))
+    assert torch.equal(local_incident_reward(ro, RewardConfig(preset="default")), torch.zeros(len(steps), B))
     with pytest.raises(ConfigError, match="reward.credit"):
         RewardConfig(credit="nearby").validate()
 

@@ -157,6 +157,7 @@ class Narrating(RouteSpeed):
     """States its own plan's meta-actions (``lie``: a wrong turn) -- or nothing (``mute``)."""
 
     name = "narrating"
+    writes_coc = True
 
     def __init__(self, speed, lie=False, mute=False):
         super().__init__(speed)
@@ -183,6 +184,15 @@ def test_reasoning_consistency_metric():
     assert honest.overall["reasoning_consistency"].mean == 1.0 and honest.overall["reasoning_consistency"].n == 2
     assert liar.overall["reasoning_consistency"].mean == 0.0
     assert math.isnan(mute.overall["reasoning_consistency"].mean) and mute.overall["reasoning_consistency"].n == 0
+    g = honest.overall["reasoning_grounding"]
+    assert g.n == 2 and 0.0 <= g.mean <= 1.0  # checked against the scene at each decision
+
+    class Trace(Narrating):  # same texts, but a rule trace the policy does not offer as CoC: not graded
+        writes_coc = False
+
+    trace, _ = evaluate(Trace(10.0), sc, batch_size=2)
+    for k in ("reasoning_consistency", "reasoning_grounding"):
+        assert math.isnan(trace.overall[k].mean) and trace.overall[k].n == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,8 +168,9 @@ def _route_completion(v: EpisodeView) -> torch.Tensor:
 
 
 def _reasoning_consistency(v: EpisodeView) -> torch.Tensor:
-    """Share of the rollout's decisions with reasoning text whose parsed decision equals the meta-actions
-    of the plan it came with (``reasoning.checks.consistency``); NaN when the policy wrote no text."""
+    """Share of the rollout's decisions with CoC text (graded: finite ``Rollout.grounded``) whose parsed
+    decision equals the meta-actions of the plan it came with (``reasoning.checks.consistency``); NaN when
+    the policy wrote none (or is not a ``writes_coc`` policy)."""
     from roadloop.reasoning.checks import consistency
     from roadloop.reasoning.meta_action import meta_actions
 
@@ -178,11 +179,12 @@ def _reasoning_consistency(v: EpisodeView) -> torch.Tensor:
     n = torch.zeros(v.B)
     for d, t in enumerate(ro.decision_steps.tolist()):
         texts = ro.reasoning[d] if d < len(ro.reasoning) else ()
-        if not any(texts):
+        graded = torch.isfinite(ro.grounded[d]).tolist() if d < ro.grounded.shape[0] else [False] * v.B
+        if not any(graded):
             continue
         lon, lat = meta_actions(ro.xy[t, :, 0], ro.yaw[t, :, 0], ro.speed[t, :, 0], ro.plan_xy[d])
         for b, text in enumerate(texts):
-            if text:
+            if graded[b]:
                 n[b] += 1
                 ok[b] += float(consistency(text, lon[b], lat[b]))
     return torch.where(n > 0, ok / n.clamp_min(1), torch.full_like(n, float("nan")))

@@ -77,6 +77,7 @@ class Policy:
     name: str = "policy"
     version: str = "0"
     replan_every: int = 1  # preferred decision period in 0.1 s steps (evaluation default)
+    writes_coc: bool = False  # its reasoning is Chain-of-Causation text, graded for grounding and consistency
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         """Called once per rollout batch with the initial state and one seed (B,) per rollout."""

@@ -80,9 +80,9 @@ from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite
 from roadloop.train.release import register_final
 from roadloop.train.rewards import (
     RewardConfig,
+    consistency_flags,
     driving_reward,
     local_incident_reward,
-    reasoning_flags,
     reasoning_reward,
 )
 from roadloop.train.run import (  # noqa: F401  (check_init_model, load_pool, spread: public here too)
@@ -293,11 +293,11 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
         raise ConfigError(f"rollouts of {T} steps made no decision (warm-up too long for max_steps={cfg.max_steps})")
     D = len(tr)
     chunk = model.cfg.action_chunk
-    gr = torch.zeros(D, B, dtype=torch.bool)
+    gr = ro.grounded == 1.0  # (D, B): checked by the rollout engine against the scene at each decision
     co = torch.zeros(D, B, dtype=torch.bool)
     if cfg.reward.uses_reasoning:
         for d, rec in enumerate(tr):
-            gr[d], co[d] = reasoning_flags(tok.decode_batch(rec.text), rec.actions, rec.speed, rec.facts, chunk)
+            co[d] = consistency_flags(tok.decode_batch(rec.text), rec.actions, rec.speed, chunk)
     return GroupBatch(
         scenario_ids=[sc.meta.scenario_id for sc in scenarios], group_size=G, seeds=seeds.reshape(-1).clone(),
         decision_steps=torch.tensor([r.step for r in tr], dtype=torch.int64),
@@ -306,7 +306,7 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
         actions=torch.stack([r.actions for r in tr]),
         logp=torch.stack([r.logp_text + r.logp_action for r in tr]),
         grounding=gr, consistency=co, drive_reward=drive, reason_reward=reasoning_reward(gr, co, cfg.reward),
-        local_reward=local_incident_reward(ro, batch, cfg.reward),
+        local_reward=local_incident_reward(ro, cfg.reward),
         terms=terms, metrics=metrics, failed=ro.failed.clone(), env_steps=B * ro.num_steps,
         seconds=time.perf_counter() - t0)
 

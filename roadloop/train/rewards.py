@@ -35,8 +35,9 @@ Reasoning rewards, one value per decision (2 Hz), each in {0, 1}::
 
     r_reason = w_grounding * grounding + w_consistency * consistency
 
-* grounding: every scene component the sampled CoC text mentions exists as stated in the facts
-  recorded at that decision (``reasoning.checks.grounding``); unparseable text scores 0.
+* grounding: every scene component the sampled CoC text mentions exists as stated in the scene at
+  that decision (``reasoning.checks.grounding``, checked by the rollout engine: ``Rollout.grounded``);
+  unparseable text scores 0.
 * consistency: the decision parsed from the text equals the meta-actions of the sampled plan
   (``meta_actions`` of ``plans_from_tokens(actions, speed, chunk)``, ego frame, origin at the ego).
 
@@ -171,7 +172,7 @@ def driving_reward(ro: Rollout, scenarios: Scenario, cfg: RewardConfig,
     return total, terms
 
 
-def local_incident_reward(ro: Rollout, scenarios: Scenario, cfg: RewardConfig) -> torch.Tensor:
+def local_incident_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
     """(D, B) per-decision incident reward of ``credit = local``: a decision taken at most
     ``credit_window_s`` before the rollout's first at-fault collision (first off-road) in the scored steps
     gets ``w_collision`` (``w_offroad``); every other decision 0.  All zeros with ``credit = rollout``."""
@@ -192,19 +193,17 @@ def local_incident_reward(ro: Rollout, scenarios: Scenario, cfg: RewardConfig) -
     return torch.where(ro.failed.view(1, B), torch.zeros_like(out), out)
 
 
-def reasoning_flags(texts: list[str], actions: torch.Tensor, speed: torch.Tensor, facts, chunk: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grounding and consistency (B,) bool of one decision's sampled texts and action bins (B, N, 2)."""
+def consistency_flags(texts: list[str], actions: torch.Tensor, speed: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(B,) bool consistency of one decision's sampled texts with the sampled plans (action bins (B, N, 2)).
+    (Grounding needs the scene: the rollout engine checks it, ``Rollout.grounded``.)"""
     from roadloop.eval.openloop import plans_from_tokens
-    from roadloop.reasoning.checks import consistency, grounding
+    from roadloop.reasoning.checks import consistency
     from roadloop.reasoning.meta_action import meta_actions
 
     B = len(texts)
     plan = plans_from_tokens(actions, speed, chunk)
     lon, lat = meta_actions(torch.zeros(B, 2), torch.zeros(B), speed.float(), plan)
-    g = torch.tensor([grounding(t, None, b, facts) for b, t in enumerate(texts)], dtype=torch.bool)
-    c = torch.tensor([consistency(t, lon[b], lat[b]) for b, t in enumerate(texts)], dtype=torch.bool)
-    return g, c
+    return torch.tensor([consistency(t, lon[b], lat[b]) for b, t in enumerate(texts)], dtype=torch.bool)
 
 
 def reasoning_reward(grounded: torch.Tensor, consistent: torch.Tensor, cfg: RewardConfig) -> torch.Tensor:
@@ -214,4 +213,4 @@ def reasoning_reward(grounded: torch.Tensor, consistent: torch.Tensor, cfg: Rewa
 
 
 __all__ = ["DRIVING_TERMS", "LOCAL_TERMS", "PRESETS", "REASONING_TERMS", "RewardConfig", "driving_reward",
-           "local_incident_reward", "reasoning_flags", "reasoning_reward", "xy_rmse_to_log"]
+           "local_incident_reward", "consistency_flags", "reasoning_reward", "xy_rmse_to_log"]

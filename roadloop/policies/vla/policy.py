@@ -26,7 +26,6 @@ from roadloop.policies.vla.observe import (
     render_bev,
     route_command,
 )
-from roadloop.reasoning.labels import SceneFacts, scene_facts
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import SimState
 
@@ -53,7 +52,6 @@ class DecisionRecord:
     logp_text: torch.Tensor  # (B,) float32 log-likelihood under the sampling weights
     logp_action: torch.Tensor  # (B,) float32
     speed: torch.Tensor  # (B,) float32 m/s, ego speed (plans start at the ego pose: x = y = yaw = 0)
-    facts: SceneFacts  # ground truth the reasoning text is checked against (``reasoning.checks.grounding``)
 
 
 class VLAPolicy(Policy):
@@ -62,6 +60,7 @@ class VLAPolicy(Policy):
 
     name = "vla"
     replan_every = 5  # 2 Hz: the rate of its demonstrations (roadloop data collect)
+    writes_coc = True
 
     def __init__(self, model: VLAModel, temperature: float = 1.0, top_p: float = 0.95, version: str | None = None,
                  record: bool = False):
@@ -98,8 +97,7 @@ class VLAPolicy(Policy):
         if self.record:
             self.trace.append(DecisionRecord(obs.step, bev_q, inputs["history"].float(),
                                              inputs["command"], text.cpu(), acts.cpu(), lp_text.float().cpu(),
-                                             lp_act.float().cpu(), state.speed[:, 0].float().clone(),
-                                             scene_facts(state)))
+                                             lp_act.float().cpu(), state.speed[:, 0].float().clone()))
         controls = tok.dequantize(acts.cpu(), self.model.cfg.action_chunk)
         xy, yaw, speed = dynamics.unicycle_rollout(state.xy[:, 0], state.yaw[:, 0], state.speed[:, 0], controls)
         return PolicyOutput(plan_xy=xy, plan_yaw=yaw, plan_speed=speed, controls=controls,
