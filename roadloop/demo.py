@@ -57,7 +57,7 @@ class DemoConfig:
     max_steps: int | None = None  # closed-loop steps per demonstration rollout (None: whole log)
     il: ILConfig = field(default_factory=ILConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    eval_seeds: list[int] = field(default_factory=lambda: [0])
+    eval_seeds: list[int] = field(default_factory=lambda: [0, 1])  # held-out rollouts = scenarios x seeds
     gate_overrides: list[str] = field(default_factory=list)  # GateConfig key=value on top of the demo matrix
     pairs: int = 4  # changed-outcome rollouts replayed side by side in the report
     threads: int = 0  # torch threads (0: leave as set)

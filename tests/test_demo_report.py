@@ -319,3 +319,40 @@ def test_demo_page_in_headless_chromium(page_path: Path, data: DemoReportData, t
         page.uncheck(f"{card} .pair-follow")
         assert page.evaluate(colours, f"{sides[0]} canvas.pscene") > 3
         page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+
+
+def _paired_report(base: EvalReport, coll: list[int], off: list[int], score: list[float]) -> EvalReport:
+    """A report of len(coll) rollouts of one scenario (seeds 0..n-1) with these per-rollout outcomes."""
+    t = base.rollouts[0]
+    rows = [dataclasses.replace(t, seed=i, rollout_id=f"{t.scenario_id}#{i}", failed=False,
+                                metrics={**t.metrics, "collision_at_fault": float(c), "offroad": float(o), "score": s})
+            for i, (c, o, s) in enumerate(zip(coll, off, score, strict=True))]
+    n = len(rows)
+    overall = {**base.overall, "collision_at_fault": Stat(sum(coll) / n, (0.0, 1.0), n),
+               "offroad": Stat(sum(off) / n, (0.0, 1.0), n), "score": Stat(sum(score) / n, (0.0, 1.0), n)}
+    return dataclasses.replace(base, rollouts=rows, overall=overall, n_failed=0)
+
+
+def test_verdict_uses_paired_intervals_when_rollouts_pair_up(data: DemoReportData):
+    from roadloop.eval.demo_report import paired_change
+
+    base, n = data.reports["imitation"], 100
+    before = _paired_report(base, [1] * 30 + [0] * 70, [0] * 30 + [1] * 30 + [0] * 40, [0.0] * 60 + [0.8] * 40)
+    # 25 off-road rollouts fixed, 3 more collisions, the 25 fixed ones score 0.8
+    after = _paired_report(base, [1] * 33 + [0] * 67, [0] * 30 + [0] * 25 + [1] * 5 + [0] * 40,
+                           [0.0] * 33 + [0.8] * 22 + [0.0] * 5 + [0.8] * 40)
+    mean, half, pairs = paired_change(before, after, lambda m: m["offroad"])
+    assert pairs == n and mean == pytest.approx(-0.25) and 0 < half < 0.25
+    d = dataclasses.replace(data, reports={"imitation": before, "post-trained": after})
+    s, tone = demo_verdict(d)
+    # the incident share and the score moved beyond noise; the 3 extra collisions did not
+    assert tone == "good" and s.startswith("Post-training made the policy better: it cut the share of rollouts")
+    assert "from 60.0% to 38.0% (-37% relative; paired change -22.0 pp ± " in s
+    assert "95%, 100 pairs)" in s and "raised the score from 0.320 to 0.496" in s
+    assert "within noise (paired 95% interval holds 0): at-fault collisions 30.0% → 33.0%" in s
+    # nothing beyond noise: said so, tone "same"
+    small = _paired_report(base, [1] * 31 + [0] * 69, [0] * 30 + [1] * 30 + [0] * 40, [0.0] * 61 + [0.8] * 39)
+    s, tone = demo_verdict(dataclasses.replace(data, reports={"imitation": before, "post-trained": small}))
+    assert tone == "same" and s.startswith("Post-training changed nothing beyond noise: it left the share")
+    assert "unchanged at 60.0%; within noise (paired 95% interval holds 0): the score 0.320 → 0.312 (" in s
+    assert paired_change(before, _paired_report(base, [0] * 5, [0] * 5, [0.0] * 5), lambda m: m["score"]) is None

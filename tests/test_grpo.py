@@ -124,14 +124,33 @@ def test_decision_advantages_add_driving_and_reasoning_parts():
                          failed=torch.zeros(2, dtype=torch.bool), env_steps=0, seconds=0.0)
     cfg = GRPOConfig(init="x", advantage="centered", adv_scale=1.0)
     adv = grpo.decision_advantages(gb, cfg)
-    assert torch.allclose(adv, torch.tensor([[1.25, -0.75], [0.25, -0.75]]))
+    assert adv.shape == (D, S * G, 2)
+    assert torch.allclose(adv[..., 0], torch.tensor([[0.5, -0.5], [0.5, -0.5]]))  # driving
+    assert torch.allclose(adv[..., 1], torch.tensor([[0.75, -0.25], [-0.25, -0.25]]))  # reasoning
     cfg = GRPOConfig(init="x", advantage="centered", adv_scale=1.0, reward=RewardConfig(preset="progress_safety"))
-    assert torch.allclose(grpo.decision_advantages(gb, cfg), torch.tensor([[0.5, -0.5], [0.5, -0.5]]))
+    assert torch.allclose(grpo.decision_advantages(gb, cfg).sum(-1), torch.tensor([[0.5, -0.5], [0.5, -0.5]]))
     # local credit: the incident reward of decision 1 of rollout 1 is normalised with the reasoning rewards
     gb.local_reward, gb.reason_reward = torch.tensor([[0.0, 0.0], [0.0, -4.0]]), torch.zeros(D, 2)
     cfg = GRPOConfig(init="x", advantage="centered", adv_scale=1.0,
                      reward=RewardConfig(preset="progress_safety", credit="local"))
-    assert torch.allclose(grpo.decision_advantages(gb, cfg), torch.tensor([[1.5, 0.5], [1.5, -3.5]]))
+    adv = grpo.decision_advantages(gb, cfg)
+    assert torch.allclose(adv[..., 0], torch.tensor([[1.5, 0.5], [1.5, -3.5]])) and torch.equal(adv[..., 1], z)
+
+
+def test_driving_advantage_trains_text_and_executed_action_tokens_only():
+    from roadloop.policies.vla.model import VLAConfig
+    from roadloop.train.grpo import executed_action_tokens, token_advantages
+
+    mc = VLAConfig()  # 64 steps in 16 chunks of 4
+    assert executed_action_tokens(GRPOConfig(init="x"), mc) == 4  # 2 Hz: steps 0-4 lie in chunks 0 and 1
+    assert executed_action_tokens(GRPOConfig(init="x", replan_every=4), mc) == 2
+    assert executed_action_tokens(GRPOConfig(init="x", replan_every=64), mc) == 32
+    adv = torch.tensor([[2.0, 0.5], [-1.0, 0.0]])  # (M, [driving, reasoning])
+    tok = token_advantages(adv, text_len=3, n_action_tokens=6, n_exec=2)
+    assert torch.equal(tok, torch.tensor([[2.5] * 5 + [0.5] * 4, [-1.0] * 5 + [0.0] * 4]))
+    assert torch.equal(token_advantages(adv, 3, 6, None), adv.sum(-1, keepdim=True).expand(2, 9))
+    with pytest.raises(ConfigError, match="drive_tokens"):
+        GRPOConfig(init="x", drive_tokens="first").validate()
 
 
 def test_random_start_is_a_pure_function_within_the_logs():
@@ -207,7 +226,7 @@ def test_collection_is_pure_and_first_ppo_epoch_has_ratio_one_and_zero_kl(toy):
     assert st["samples"] == 2 * D * B and st["steps"] == 4
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     # a non-finite loss is caught before the optimizer step
-    adv = torch.full((D, B), float("nan"))
+    adv = torch.full((D, B, 2), float("nan"))
     with pytest.raises(NonFiniteError, match="non-finite loss"):
         grpo.ppo_update(model, ref, opt, gb, adv, cfg, iteration=1)
 

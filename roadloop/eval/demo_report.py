@@ -28,6 +28,7 @@ import datetime as _dt
 import io
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,63 +230,107 @@ def incident_rate(rep: EvalReport) -> float:
     return sum(hit) / len(hit)
 
 
+def _incident(m: dict[str, float]) -> float:
+    return float(_on(m, "collision_at_fault") or _on(m, "offroad"))
+
+
+def _metric(key: str) -> Callable[[dict[str, float]], float]:
+    return lambda m: float(m[key]) if _fin(m.get(key)) else math.nan
+
+
+def paired_change(b: EvalReport, c: EvalReport, value: Callable[[dict[str, float]], float]
+                  ) -> tuple[float, float, int] | None:
+    """Paired change of a per-rollout ``value`` from ``b`` to ``c``: (mean of value(c) - value(b), 95% half-width
+    of that mean (normal approximation), number of pairs), over the (scenario, seed) rollouts that both
+    evaluated without failure and with a finite value; None with fewer than 10 pairs."""
+    before = {(r.scenario_id, r.seed): r.metrics for r in b.rollouts if not r.failed}
+    diffs = []
+    for r in c.rollouts:
+        m = before.get((r.scenario_id, r.seed))
+        if m is None or r.failed:
+            continue
+        d = value(r.metrics) - value(m)
+        if math.isfinite(d):
+            diffs.append(d)
+    n = len(diffs)
+    if n < 10:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
+    return mean, 1.96 * sd / math.sqrt(n), n
+
+
 def demo_verdict(data: DemoReportData) -> tuple[str, str]:
     """(sentence, tone) comparing the candidate with the baseline; tone is good / bad / mixed / same / none.
 
-    Looks at the at-fault collision + off-road rate and the mean AlpaSim score; a change that vanishes at
-    the displayed precision (0.1% / 0.001) counts as unchanged."""
+    Looks at the at-fault collision + off-road share, the at-fault collisions when they move against it,
+    and the mean AlpaSim score.  A change that vanishes at the displayed precision (0.1% / 0.001) counts
+    as unchanged.  When both reports hold per-rollout records of the same (scenario, seed) pairs, each
+    change comes with its paired 95% interval (``paired_change``), and a change whose interval holds 0 is
+    called within noise and does not set the tone."""
     b, c = data.reports.get(data.baseline), data.reports.get(data.candidate)
     if b is None or c is None or data.baseline == data.candidate:
         return ("No before/after comparison: the baseline and the candidate must be two different evaluated "
                 "policies.", "none")
-    parts: list[tuple[int, str]] = []
-    ib, ic = incident_rate(b), incident_rate(c)
-    if _fin(ib) and _fin(ic):
-        fb, fc = _fmt(ib, "rate"), _fmt(ic, "rate")
-        rel = f" ({100 * (ic - ib) / ib:+.0f}% relative)" if ib > 0 else ""
+    parts: list[tuple[int, str]] = []  # (+1 better / -1 worse / 0 unchanged, text)
+    noise: list[str] = []
+
+    def judge(label: str, kind: str, vb: float, vc: float, value: Callable, verbs: tuple[str, str],
+              rel: bool = False) -> int | None:
+        if not (_fin(vb) and _fin(vc)):
+            return None
+        fb, fc = _fmt(vb, kind), _fmt(vc, kind)
         if fb == fc:
-            parts.append((0, f"left {INCIDENTS} unchanged at {fb}"))
-        elif ic < ib:
-            parts.append((1, f"cut {INCIDENTS} from {fb} to {fc}{rel}"))
-        else:
-            parts.append((-1, f"raised {INCIDENTS} from {fb} to {fc}{rel}"))
+            parts.append((0, f"left {label} unchanged at {fb}"))
+            return 0
+        pc = paired_change(b, c, value)
+        if pc is not None and abs(pc[0]) <= pc[1]:
+            noise.append(f"{label} {fb} → {fc}")
+            return 0
+        better = (vc < vb) == (kind == "rate")
+        notes = [f"{100 * (vc - vb) / vb:+.0f}% relative"] if rel and vb > 0 else []
+        if pc is not None:
+            k, dec, unit = (100.0, 1, " pp") if kind == "rate" else (1.0, 3, "")
+            notes.append(f"paired change {k * pc[0]:+.{dec}f}{unit} ± {k * pc[1]:.{dec}f}{unit}, 95%, {pc[2]} pairs")
+        verb = verbs[0] if (vc < vb) else verbs[1]
+        parts.append((1 if better else -1, f"{verb} {label} from {fb} to {fc}" + (f" ({'; '.join(notes)})"
+                                                                                  if notes else "")))
+        return 1 if better else -1
+
+    inc = judge(INCIDENTS, "rate", incident_rate(b), incident_rate(c), _incident, ("cut", "raised"), rel=True)
     cb, cc = _mean(b, "collision_at_fault"), _mean(c, "collision_at_fault")
-    if _fin(cb) and _fin(cc) and _fmt(cb, "rate") != _fmt(cc, "rate") and parts and \
-            (cc > cb) == (parts[0][0] == 1):  # at-fault collisions moved against the incident share: say so
-        verb = "raised" if cc > cb else "cut"
-        parts.append((-1 if cc > cb else 1,
-                      f"{verb} at-fault collisions from {_fmt(cb, 'rate')} to {_fmt(cc, 'rate')}"))
-    sb, sc = _mean(b, "score"), _mean(c, "score")
-    if _fin(sb) and _fin(sc):
-        fb, fc = _fmt(sb, "score"), _fmt(sc, "score")
-        if fb == fc:
-            parts.append((0, f"left the score unchanged at {fb}"))
-        elif sc > sb:
-            parts.append((1, f"raised the score from {fb} to {fc}"))
-        else:
-            parts.append((-1, f"lowered the score from {fb} to {fc}"))
-    if not parts:
+    if inc is not None and _fin(cb) and _fin(cc) and (cc > cb) == (incident_rate(c) < incident_rate(b)) \
+            and _fmt(cb, "rate") != _fmt(cc, "rate"):  # at-fault collisions moved against the incident share
+        judge("at-fault collisions", "rate", cb, cc, _metric("collision_at_fault"), ("cut", "raised"))
+    judge("the score", "score", _mean(b, "score"), _mean(c, "score"), _metric("score"), ("lowered", "raised"))
+    if not parts and not noise:
         return (f"No before/after comparison: {data.candidate} or {data.baseline} has no finite score or "
                 "incident rate.", "none")
-    signs = {s for s, _ in parts}
+    signs = {sg for sg, _ in parts}
     if 1 in signs and -1 in signs:
         head, tone = "Post-training gave a mixed result", "mixed"
     elif -1 in signs:
         head, tone = "Post-training made the policy worse", "bad"
     elif 1 in signs:
         head, tone = "Post-training made the policy better", "good"
+    elif noise:
+        head, tone = "Post-training changed nothing beyond noise", "same"
     else:
         head, tone = "Post-training changed nothing measurable", "same"
+    good = " and ".join(t for sg, t in parts if sg == 1)
+    bad = " and ".join(t for sg, t in parts if sg == -1)
+    same = " and ".join(t for sg, t in parts if sg == 0)
     if tone == "mixed":
-        good = " and ".join(t for sg, t in parts if sg == 1)
-        bad = " and ".join(t for sg, t in parts if sg == -1)
-        same = [t for sg, t in parts if sg == 0]
-        body = f"{good} but {bad}" + (f", and {' and '.join(same)}" if same else "")
+        body = f"{good} but {bad}" + (f", and {same}" if same else "")
     else:
-        body = " and ".join(t for _, t in parts)
+        body = " and ".join(t for t in (good, bad, same) if t)
     nb, nc = len(b.rollouts), len(c.rollouts)
     counts = f"{nc} rollouts each" if nb == nc else f"{nb} and {nc} rollouts"
-    text = f"{head}: it {body} ({data.baseline} → {data.candidate}, {counts})."
+    said = [f"it {body}"] if body else []
+    if noise:
+        said.append(f"{'within' if body else 'every change is within'} noise (paired 95% interval holds 0): "
+                    + ", ".join(noise))
+    text = f"{head}: {'; '.join(said)} ({data.baseline} → {data.candidate}, {counts})."
     if c.n_failed > b.n_failed:
         text += f" {c.n_failed} {data.candidate} rollout(s) failed outright and are not in the means."
     return text, tone

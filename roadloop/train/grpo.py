@@ -7,16 +7,21 @@ One iteration:
    repeat each ``group_size`` (G) times with different rollout seeds, drive them all in ONE batched
    ``rollout`` with a recording ``VLAPolicy`` at 2 Hz (``replan_every`` = 5).  Each rollout gets a
    driving reward, each decision a reasoning reward (``roadloop.train.rewards``).
-2. **Advantages** (``decision_advantages``): a decision's advantage is its rollout's group-normalised
-   driving advantage plus its own group-normalised reasoning reward::
+2. **Advantages** (``decision_advantages``): a decision's advantage has a driving part, its rollout's
+   group-normalised driving advantage (plus, with ``reward.credit = local``, its own group-normalised
+   incident reward), and a reasoning part, its own group-normalised reasoning reward::
 
-       A[d, b] = norm_g(R_drive)[b] + norm_g(r_reason)[d, b]
+       A_drive[d, b] = norm_g(R_drive)[b] (+ norm_g(r_incident)[d, b]),   A_reason[d, b] = norm_g(r_reason)[d, b]
 
    ``norm_g`` normalises within the group of the G rollouts of one scenario: ``std`` (Cosmos-RL's
    default) (r - mean) / (std + 1e-6); ``centered`` (r - mean) / ``adv_scale``, which keeps the size
    of rare safety violations instead of blowing a single crash up to the same size as a tiny
    progress difference (Plan-R1's point, REFERENCE 3).  Both are clipped to +-``adv_clip``.  The
-   driving advantage is replicated to every decision of the rollout (AlpaGym).
+   driving advantage is replicated to every decision of the rollout (AlpaGym).  Tokens
+   (``token_advantages``): the text tokens and the action tokens the ego executes before the next
+   decision get A_drive + A_reason; with ``drive_tokens = executed`` (2 of the 16 chunks at 2 Hz) the rest
+   of the plan, replaced before it is driven, gets A_reason only (it still decides consistency); with
+   ``all`` (default, AlpaGym) every token gets A_drive + A_reason.
 3. **PPO** for ``ppo_epochs`` over shuffled minibatches of up to ``max_decisions`` decisions drawn
    uniformly from the collection (whole-log rollouts give ~2,000 decisions per iteration; the
    learner, not the simulator, is the slow part): per-token clipped surrogate
@@ -55,6 +60,9 @@ Departures from the papers / AlpaGym:
   of the logs after a log replay.  Neither is in AlpaGym (one reward per rollout, rollouts from the
   scenario start).
 * The learner trains on at most ``max_decisions`` decisions per iteration (uniform subset).
+* ``drive_tokens = executed`` (optional): the driving advantage trains the text and the executed action
+  tokens only, not the 28 tokens of the plan's undriven tail (AlpaGym, and the default ``all``, give
+  every token the sequence's advantage).  Measured at demo scale (LOG): not better.
 * One process; no rollout / learner overlap (the collection is already batched).
 * Dropout is off (model in eval mode) while learning, so the recomputed ratios are exact.
 * No entropy bonus, no learning-rate schedule (constant ``lr``), Cosmos-RL's advantage clip +-5.
@@ -118,6 +126,8 @@ class GRPOConfig:
     random_start: bool = False  # start each iteration's rollouts at a random point of the logs (log replay up
     # to it): short, low-noise rollouts that still cover the whole scenario (LOG)
     max_decisions: int = 512  # decisions the learner trains on per iteration, drawn uniformly (0: all)
+    drive_tokens: str = "all"  # action tokens the driving advantage trains: all (AlpaGym: every token) or
+    # executed (the chunks driven before the next decision, the plan's tail gets the reasoning part only; LOG)
     clip_eps: float = 0.2
     dual_clip: float = 3.0  # cap of the loss for negative advantages (Cosmos-RL); 0: off
     logratio_clamp: float = 5.0
@@ -173,6 +183,8 @@ class GRPOConfig:
             raise ConfigError("grpo.kl_coef, weight_decay and dual_clip must be >= 0")
         if 0 < self.dual_clip <= 1:
             raise ConfigError(f"grpo.dual_clip must be > 1 (or 0: off), got {self.dual_clip}")
+        if self.drive_tokens not in ("executed", "all"):
+            raise ConfigError(f"grpo.drive_tokens must be 'executed' or 'all', got '{self.drive_tokens}'")
         if self.advantage not in ("std", "centered"):
             raise ConfigError(f"grpo.advantage must be 'std' or 'centered', got '{self.advantage}'")
         if not self.init:
@@ -337,19 +349,47 @@ def group_advantages(r: torch.Tensor, mode: str, scale: float = 1.0, clip: float
 
 
 def decision_advantages(gb: GroupBatch, cfg: GRPOConfig) -> torch.Tensor:
-    """(D, B) advantage of every decision (module docstring, step 2).
+    """(D, B, 2) advantage parts of every decision (module docstring, step 2): ``[..., 0]`` driving (the
+    rollout's group-normalised driving advantage, plus the group-normalised local incident rewards with
+    ``reward.credit = local``), ``[..., 1]`` reasoning (group-normalised grounding + consistency reward).
+    ``sum(-1)`` is the decision's total advantage.
 
     A failed rollout (the policy raised or returned NaN) keeps its worst-case driving reward and takes
     part like any other: failing is the worst outcome."""
     S, G, D = len(gb.scenario_ids), gb.group_size, gb.num_decisions
     a_drive = group_advantages(gb.drive_reward.view(S, G), cfg.advantage, cfg.adv_scale, cfg.adv_clip)
-    adv = a_drive.reshape(1, S * G).expand(D, S * G)
-    local = cfg.reward.credit == "local"
-    if (cfg.reward.uses_reasoning or local) and D:
-        rr = (gb.reason_reward + gb.local_reward).view(D, S, G).permute(1, 2, 0).reshape(S, G * D)
-        a_reason = group_advantages(rr, cfg.advantage, cfg.adv_scale, cfg.adv_clip)
-        adv = adv + a_reason.view(S, G, D).permute(2, 0, 1).reshape(D, S * G)
-    return adv.contiguous()
+    drive = a_drive.reshape(1, S * G).expand(D, S * G).clone()
+    reason = torch.zeros(D, S * G)
+
+    def per_decision(r: torch.Tensor) -> torch.Tensor:  # (D, B) normalised over the G x D decisions of a group
+        rr = r.view(D, S, G).permute(1, 2, 0).reshape(S, G * D)
+        a = group_advantages(rr, cfg.advantage, cfg.adv_scale, cfg.adv_clip)
+        return a.view(S, G, D).permute(2, 0, 1).reshape(D, S * G)
+
+    if D and cfg.reward.credit == "local":
+        drive += per_decision(gb.local_reward)
+    if D and cfg.reward.uses_reasoning:
+        reason = per_decision(gb.reason_reward)
+    return torch.stack((drive, reason), -1).contiguous()
+
+
+def executed_action_tokens(cfg: GRPOConfig, model_cfg: VLAConfig) -> int:
+    """Action tokens (accel and curvature bins, 2 per chunk) whose controls the ego executes before the
+    next decision: the chunks covering the first ``replan_every`` plan steps."""
+    return 2 * min(-(-cfg.replan_every // model_cfg.action_chunk), model_cfg.n_action)
+
+
+def token_advantages(adv: torch.Tensor, text_len: int, n_action_tokens: int, n_exec: int | None) -> torch.Tensor:
+    """Per-token advantages (M, L + 2N) from decision advantage parts (M, 2) (``decision_advantages``).
+
+    Text tokens and the ``n_exec`` executed action tokens carry driving + reasoning; with ``n_exec`` not
+    None, the later action tokens (a plan tail replaced at the next decision before it is driven) carry
+    the reasoning part only, since the driving outcome does not depend on them."""
+    total = adv.sum(-1, keepdim=True)
+    out = total.expand(adv.shape[0], text_len + n_action_tokens).clone()
+    if n_exec is not None:
+        out[:, text_len + n_exec:] = adv[:, 1:2]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,12 +421,14 @@ def flat_token_logps(model: VLAModel, batch: dict) -> tuple[torch.Tensor, torch.
 
 def ppo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor,
              cfg: GRPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Token-level clipped surrogate + k3 KL to the reference; tensors (M, K) per token, adv (M,)."""
+    """Token-level clipped surrogate + k3 KL to the reference; tensors (M, K) per token, adv (M, K) per
+    token or (M,) per sequence."""
     m = mask.float()
     n = m.sum().clamp_min(1.0)
     lr = (logp - old).clamp(-cfg.logratio_clamp, cfg.logratio_clamp)
     ratio = torch.exp(lr)
-    a = adv.to(logp.dtype).view(-1, 1)
+    a = adv.to(logp.dtype)
+    a = a.view(-1, 1) if a.dim() == 1 else a
     s1 = ratio * a
     s2 = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * a
     pg = -torch.minimum(s1, s2)
@@ -422,7 +464,8 @@ def fixed_logps(model: VLAModel, ref: VLAModel | None, gb: GroupBatch, idx: torc
 
 def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: GroupBatch, adv: torch.Tensor,
                cfg: GRPOConfig, iteration: int) -> dict[str, float]:
-    """PPO epochs on one GroupBatch (module docstring, step 3).  Raises ``NonFiniteError``."""
+    """PPO epochs on one GroupBatch with decision advantage parts ``adv`` (D, B, 2) (``decision_advantages``)
+    (module docstring, step 3).  Raises ``NonFiniteError``."""
     n = gb.num_decisions * gb.batch_size
     out = {"samples": 0.0}
     if n == 0:
@@ -434,7 +477,9 @@ def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: G
     old, refl, mask = fixed_logps(model, ref if cfg.kl_coef > 0 else None, gb, idx)
     rec = gb.logp.reshape(-1)[idx].to(old.device)
     out["old_logp_mismatch"] = float(((old * mask).sum(1) - rec).abs().max())
-    adv_flat = adv.reshape(-1)[idx].to(old.device)
+    L = gb.text.shape[-1]
+    n_exec = executed_action_tokens(cfg, model.cfg) if cfg.drive_tokens == "executed" else None
+    adv_tok = token_advantages(adv.reshape(-1, 2)[idx], L, old.shape[1] - L, n_exec).to(old.device)
     sums: dict[str, float] = {}
     steps = 0
     for epoch in range(cfg.ppo_epochs):
@@ -443,7 +488,7 @@ def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: G
             p = perm[j:j + cfg.minibatch_size]
             logp, mk = flat_token_logps(model, decision_batch(gb, idx[p]))
             loss, st = ppo_loss(logp, old[p.to(old.device)], refl[p.to(old.device)], mk,
-                                adv_flat[p.to(old.device)], cfg)
+                                adv_tok[p.to(old.device)], cfg)
             if epoch == 0 and j == 0:
                 out["first_ratio_dev"] = float(st["ratio_dev_max"])
                 out["first_kl"] = float(st["kl"])
@@ -572,7 +617,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
             learn_s += dt_learn
             m = iteration_metrics(gb)
             m.update({f"loss/{k}": v for k, v in st.items() if k not in ("samples", "steps")})
-            m["loss/adv_abs"] = float(adv.abs().mean()) if adv.numel() else math.nan
+            m["loss/adv_abs"] = float(adv.sum(-1).abs().mean()) if adv.numel() else math.nan
             m["perf/env_steps_per_s"] = gb.env_steps / max(gb.seconds, 1e-9)
             m["perf/learner_samples_per_s"] = st.get("samples", 0.0) / max(dt_learn, 1e-9)
             m["perf/collect_s"], m["perf/learn_s"] = gb.seconds, dt_learn
@@ -617,7 +662,27 @@ def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in m.items())
 
 
-__all__ = ["GRPOConfig", "GRPOResult", "GroupBatch", "check_init_model", "collect_groups", "decision_advantages",
-           "decision_batch", "decode_bev", "evaluate_model", "fixed_logps", "flat_token_logps", "group_advantages",
-           "group_seeds", "iteration_metrics", "load_pool", "pick_scenarios", "pick_start", "ppo_loss", "ppo_update",
-           "train_grpo"]
+__all__ = [
+    "GRPOConfig",
+    "GRPOResult",
+    "GroupBatch",
+    "check_init_model",
+    "collect_groups",
+    "decision_advantages",
+    "decision_batch",
+    "decode_bev",
+    "evaluate_model",
+    "executed_action_tokens",
+    "fixed_logps",
+    "flat_token_logps",
+    "group_advantages",
+    "group_seeds",
+    "iteration_metrics",
+    "load_pool",
+    "pick_scenarios",
+    "pick_start",
+    "ppo_loss",
+    "ppo_update",
+    "token_advantages",
+    "train_grpo",
+]
