@@ -226,11 +226,11 @@ def incident_rate(rep: EvalReport) -> float:
     rows = [r.metrics for r in rep.rollouts if not r.failed]
     if not rows:
         return _mean(rep, "collision_at_fault") + _mean(rep, "offroad")
-    hit = [float((m.get("collision_at_fault") or 0) > 0 or (m.get("offroad") or 0) > 0) for m in rows]
-    return sum(hit) / len(hit)
+    return sum(_incident(m) for m in rows) / len(rows)
 
 
 def _incident(m: dict[str, float]) -> float:
+    """1.0 when a rollout's metrics hold an at-fault collision or an off-road excursion, else 0.0."""
     return float(_on(m, "collision_at_fault") or _on(m, "offroad"))
 
 
@@ -276,17 +276,17 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
     noise: list[str] = []
 
     def judge(label: str, kind: str, vb: float, vc: float, value: Callable, verbs: tuple[str, str],
-              rel: bool = False) -> int | None:
+              rel: bool = False) -> None:
         if not (_fin(vb) and _fin(vc)):
-            return None
+            return
         fb, fc = _fmt(vb, kind), _fmt(vc, kind)
         if fb == fc:
             parts.append((0, f"left {label} unchanged at {fb}"))
-            return 0
+            return
         pc = paired_change(b, c, value)
         if pc is not None and abs(pc[0]) <= pc[1]:
             noise.append(f"{label} {fb} → {fc}")
-            return 0
+            return
         better = (vc < vb) == (kind == "rate")
         notes = [f"{100 * (vc - vb) / vb:+.0f}% relative"] if rel and vb > 0 else []
         if pc is not None:
@@ -295,11 +295,11 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
         verb = verbs[0] if (vc < vb) else verbs[1]
         parts.append((1 if better else -1, f"{verb} {label} from {fb} to {fc}" + (f" ({'; '.join(notes)})"
                                                                                   if notes else "")))
-        return 1 if better else -1
 
-    inc = judge(INCIDENTS, "rate", incident_rate(b), incident_rate(c), _incident, ("cut", "raised"), rel=True)
+    ib, ic = incident_rate(b), incident_rate(c)
+    judge(INCIDENTS, "rate", ib, ic, _incident, ("cut", "raised"), rel=True)
     cb, cc = _mean(b, "collision_at_fault"), _mean(c, "collision_at_fault")
-    if inc is not None and _fin(cb) and _fin(cc) and (cc > cb) == (incident_rate(c) < incident_rate(b)) \
+    if _fin(ib) and _fin(ic) and _fin(cb) and _fin(cc) and (cc > cb) == (ic < ib) \
             and _fmt(cb, "rate") != _fmt(cc, "rate"):  # at-fault collisions moved against the incident share
         judge("at-fault collisions", "rate", cb, cc, _metric("collision_at_fault"), ("cut", "raised"))
     judge("the score", "score", _mean(b, "score"), _mean(c, "score"), _metric("score"), ("lowered", "raised"))

@@ -62,7 +62,8 @@ Departures from the papers / AlpaGym:
 * The learner trains on at most ``max_decisions`` decisions per iteration (uniform subset).
 * ``drive_tokens = executed`` (optional): the driving advantage trains the text and the executed action
   tokens only, not the 28 tokens of the plan's undriven tail (AlpaGym, and the default ``all``, give
-  every token the sequence's advantage).  Measured at demo scale (LOG): not better.
+  every token the sequence's advantage).  One demo-scale run (LOG) was worse, which is not conclusive
+  at that scale's run-to-run noise.
 * One process; no rollout / learner overlap (the collection is already batched).
 * Dropout is off (model in eval mode) while learning, so the recomputed ratios are exact.
 * No entropy bonus, no learning-rate schedule (constant ``lr``), Cosmos-RL's advantage clip +-5.
