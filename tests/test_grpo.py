@@ -342,6 +342,56 @@ def test_road_round_lowers_the_imitation_loss_on_its_own_rollouts(toy, tmp_path)
     assert meta["extra"]["trainer"] == "road" and (Path(cfg.out) / "demos" / "round-0000.npz").is_file()
 
 
+def test_road_commits_the_closest_candidate_that_passes_the_reasoning_checks():
+    from roadloop.train.road import choose_candidate
+
+    ade = torch.tensor([[0.5, 1.0, 2.0], [0.5, 1.0, 2.0], [3.0, 1.0, 2.0]])
+    ok = torch.tensor([[False, True, True], [False, False, False], [True, True, True]])
+    # row 0: the closest passing one (not the closest); row 1: none passes -> the closest; row 2: the closest
+    assert choose_candidate(ade, ok).tolist() == [1, 0, 1]
+
+
+def test_road_random_start_and_reasoning_selection(toy, tmp_path):
+    from roadloop.train.road import collect_guided
+
+    cfg = RoaDConfig(init=str(toy["init"]), out=str(tmp_path / "road"), suites=str(toy["suite"]), k=4, max_steps=30,
+                     random_start=True, select="ade_reasoning", seed=0, track=False, register=False, eval_every=0)
+    start = grpo.pick_start(toy["scenarios"], cfg, 0)
+    assert start is not None and start > toy["scenarios"][0].meta.warmup_steps
+    seeds = torch.arange(3)
+    g = collect_guided(toy["model"], toy["scenarios"], seeds, cfg, start)
+    w0 = toy["scenarios"][0].meta.warmup_steps
+    assert len(g.demos) == 3 * len(range(0, 30 - w0, cfg.replan_every))  # same decisions, later in the log
+    assert 0.0 <= g.metrics["road/reasoning_ok_candidates"] <= 1.0
+    again = collect_guided(toy["model"], toy["scenarios"], seeds, cfg, start)  # a pure function
+    assert torch.equal(again.demos.actions, g.demos.actions) and torch.equal(again.demos.text, g.demos.text)
+    with pytest.raises(ConfigError, match="select must be one of"):
+        RoaDConfig(init="x", select="best").validate()
+
+
+def test_road_label_text_target_records_consistent_ground_truth_text(toy):
+    from roadloop.policies.vla import tokenizer as tok
+    from roadloop.reasoning.checks import parse_coc
+    from roadloop.train.rewards import consistency_flags
+    from roadloop.train.road import collect_guided
+
+    torch.manual_seed(1)
+    model = VLAModel(VLAConfig(d_model=32, n_layers=1, n_heads=2, max_text_len=32, raster_size=32, patch=8)).eval()
+    seeds = torch.arange(3)
+    common = dict(init="x", k=4, max_steps=30, track=False, register=False, eval_every=0)
+    own = collect_guided(model, toy["scenarios"], seeds, RoaDConfig(**common))
+    lab = collect_guided(model, toy["scenarios"], seeds, RoaDConfig(**common, text_target="label"))
+    assert torch.equal(own.demos.actions, lab.demos.actions)  # what is driven does not change
+    own_texts, texts = tok.decode_batch(own.demos.text), tok.decode_batch(lab.demos.text)
+    assert own_texts != texts  # a random model's own text is not the label
+    assert all(parse_coc(t) is not None for t in texts)
+    speed = lab.demos.history[:, -1, 4]  # the current speed (m/s)
+    ok = consistency_flags(texts, lab.demos.actions, speed, model.cfg.action_chunk)
+    assert float(ok.float().mean()) >= 0.95
+    with pytest.raises(ConfigError, match="text_target must be one of"):
+        RoaDConfig(init="x", text_target="expert").validate()
+
+
 def test_final_checkpoint_is_registered_as_a_candidate(toy, tmp_path, monkeypatch):
     from roadloop.registry import Registry
 

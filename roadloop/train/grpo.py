@@ -77,6 +77,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -102,6 +103,9 @@ from roadloop.train.run import (  # noqa: F401  (check_init_model, load_pool, sp
     spread,
     start_post_training,
 )
+
+if TYPE_CHECKING:
+    from roadloop.train.road import RoaDConfig
 
 ADV_EPS = 1e-6
 ROLLOUT_METRICS = ("score", "progress", "collision_at_fault", "collision_any", "offroad", "comfort_violation",
@@ -256,8 +260,8 @@ class GroupBatch:
             if self.num_decisions else r
 
 
-def pick_start(scenarios: list[Scenario], cfg: GRPOConfig, iteration: int) -> int | None:
-    """Log-replay steps before the policy engages at ``iteration`` with ``random_start`` (None: each
+def pick_start(scenarios: list[Scenario], cfg: GRPOConfig | RoaDConfig, iteration: int) -> int | None:
+    """Log-replay steps before the policy engages at ``iteration`` (round) with ``random_start`` (None: each
     scenario's own warm-up): uniform over the points from which ``max_steps`` minus the warm-up steps
     still fit in the shortest picked log; a pure function of (seed, iteration, scenarios)."""
     if not cfg.random_start or cfg.max_steps is None:

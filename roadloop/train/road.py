@@ -28,7 +28,11 @@ Departures from the paper:
   2 s ADE horizon as in the reimplementation.
 * The expert is roadloop's privileged PDM-Closed-style planner run on the same observation (the
   paper's expert continuation is the logged human trajectory); the committed candidate's own
-  reasoning text is the text target (no re-labelling).
+  reasoning text is the text target (no re-labelling) unless ``text_target="label"``.
+* Options beyond the paper: ``select="ade_reasoning"`` commits the closest candidate among those
+  whose text passes the grounding and consistency checks; ``text_target="label"`` trains the text
+  on the ground-truth CoC label of the committed plan; ``random_start`` starts the round's 8 s
+  rollouts anywhere in the logs (as GRPO's).
 * All committed decisions are kept, including those after an incident (none is filtered); failed
   rollouts (the policy raised) are dropped.
 * Dropout follows the checkpoint's config while learning (model in train mode); the constant ``lr``
@@ -56,11 +60,13 @@ from roadloop.registry.lineage import code_version
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import Scenario, SimState
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
-from roadloop.train.grpo import decode_bev, evaluate_model, pick_scenarios
+from roadloop.train.grpo import decode_bev, evaluate_model, pick_scenarios, pick_start
 from roadloop.train.release import register_final
 from roadloop.train.run import adamw, begin_run, restore, start_post_training
 
 _SEED_SALT = 0x0A0D_5EED
+SELECT_MODES = ("ade", "ade_reasoning")
+TEXT_TARGETS = ("own", "label")
 
 
 @dataclass
@@ -78,6 +84,9 @@ class RoaDConfig:
     top_p: float = 1.0
     horizon_s: float = 2.0  # s, ADE horizon of the candidate / expert comparison
     max_steps: int | None = 80  # closed-loop steps per rollout incl. warm-up (None: the whole log)
+    random_start: bool = False  # start each round's rollouts at a random point of the logs (as grpo.random_start)
+    select: str = "ade"  # "ade": closest candidate; "ade_reasoning": closest among grounded + consistent ones
+    text_target: str = "own"  # "own": the committed candidate's text; "label": the CoC label of its plan
     replan_every: int = 5  # 2 Hz
     epochs: int = 2  # passes over the demonstrations per round
     batch_size: int = 64
@@ -116,6 +125,10 @@ class RoaDConfig:
             raise ConfigError(f"road.replan_every must be in [1, 64], got {self.replan_every}")
         if self.max_steps is not None and self.max_steps < 2:
             raise ConfigError(f"road.max_steps must be >= 2 or None, got {self.max_steps}")
+        if self.select not in SELECT_MODES:
+            raise ConfigError(f"road.select must be one of {', '.join(SELECT_MODES)}, got '{self.select}'")
+        if self.text_target not in TEXT_TARGETS:
+            raise ConfigError(f"road.text_target must be one of {', '.join(TEXT_TARGETS)}, got '{self.text_target}'")
         if not self.init:
             raise ConfigError("road.init: give the checkpoint to start from (--init DIR, e.g. <il run>/final)")
         if self.model_preset is not None:
@@ -127,15 +140,28 @@ class RoaDConfig:
 # the guided policy
 
 
+def choose_candidate(ade: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the committed candidate: the smallest ADE (B, K) (m) among the candidates with
+    ``ok`` (B, K) bool, or among all K where no candidate of the row is ok."""
+    any_ok = ok.any(1, keepdim=True)
+    return torch.where(ok | ~any_ok, ade, torch.inf).argmin(1)
+
+
 class ClosestOfK(Policy):
     """Samples K candidates per row, commits the one closest (ADE over ``horizon`` steps) to the
-    expert's plan from the same observation, and records (observation, committed tokens)."""
+    expert's plan from the same observation, and records (observation, committed tokens).
+
+    ``select="ade_reasoning"``: the closest among the candidates whose text is grounded in the scene
+    and consistent with the candidate's own plan (``reasoning.checks``); the closest of all where no
+    candidate passes both checks.  ``text_target="label"``: the recorded text is the ground-truth
+    CoC label (``reasoning.labels.coc_labels``) of the committed plan, not the candidate's own text
+    (what is driven, and its log-probability, stay the candidate's)."""
 
     name = "road"
     replan_every = 5
 
     def __init__(self, model: VLAModel, expert: Policy | None = None, k: int = 16, temperature: float = 0.8,
-                 top_p: float = 1.0, horizon: int = 20):
+                 top_p: float = 1.0, horizon: int = 20, select: str = "ade", text_target: str = "own"):
         from roadloop.policies.expert import Expert
         from roadloop.policies.vla.observe import RasterConfig
 
@@ -143,6 +169,12 @@ class ClosestOfK(Policy):
         self.expert = expert or Expert()
         self.k, self.temperature, self.top_p = int(k), float(temperature), float(top_p)
         self.horizon = int(horizon)
+        if select not in SELECT_MODES:
+            raise ConfigError(f"ClosestOfK: select must be one of {', '.join(SELECT_MODES)}, got '{select}'")
+        if text_target not in TEXT_TARGETS:
+            raise ConfigError(f"ClosestOfK: text_target must be one of {', '.join(TEXT_TARGETS)}, got '{text_target}'")
+        self.select, self.text_target = select, text_target
+        self._seeds = torch.zeros(0, dtype=torch.int64)
         self.version = "road"
         self.raster = RasterConfig(size=model.cfg.raster_size, frames=model.cfg.frames)
         self.records: list[dict[str, torch.Tensor]] = []
@@ -150,6 +182,7 @@ class ClosestOfK(Policy):
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         self.records = []
+        self._seeds = seeds.clone()
         self.expert.reset(state, seeds)
         self._gens = [torch.Generator().manual_seed((int(s) * 1_000_003 + j * 7919 + _SEED_SALT) % (2 ** 63))
                       for s in seeds.tolist() for j in range(self.k)]
@@ -180,13 +213,32 @@ class ClosestOfK(Policy):
                                                    ctrl)
         H = min(self.horizon, xy.shape[1])
         ade = torch.linalg.vector_norm(xy[:, :H] - rk(expert_xy[:, :H]), dim=-1).mean(-1).view(B, K)
-        j = ade.argmin(1)
+        texts = tok.decode_batch(text)
+        ok = torch.ones(B, K, dtype=torch.bool)
+        if self.select == "ade_reasoning":
+            from roadloop.reasoning.checks import grounding
+            from roadloop.reasoning.labels import scene_facts
+            from roadloop.train.rewards import consistency_flags
+
+            facts = scene_facts(state)
+            grounded = torch.tensor([grounding(t, state, i // K, facts) for i, t in enumerate(texts)])
+            ok = (grounded & consistency_flags(texts, acts, rk(state.speed[:, 0]), self.model.cfg.action_chunk)
+                  ).view(B, K)
+        j = choose_candidate(ade, ok)
         pick = torch.arange(B) * K + j
+        target = text[pick]
+        if self.text_target == "label":
+            from roadloop.reasoning.labels import coc_labels
+
+            seed = int(self._seeds[0]) if self._seeds.numel() else 0  # wording varies per row and step
+            labels = coc_labels(state, xy[pick], speed[pick], rng_seed=seed * 1_000_003 + obs.step)
+            target = tok.encode_batch([lb.text for lb in labels], self.model.cfg.max_text_len)
         self.records.append({"bev": bev_q, "history": inputs["history"].float(),
-                             "command": inputs["command"], "text": text[pick], "actions": acts[pick],
-                             "ade": ade.gather(1, j.view(B, 1)).squeeze(1), "ade_mean": ade.mean(1)})
+                             "command": inputs["command"], "text": target, "actions": acts[pick],
+                             "ade": ade.gather(1, j.view(B, 1)).squeeze(1), "ade_mean": ade.mean(1),
+                             "reasoning_ok": ok.float().mean(1)})
         return PolicyOutput(plan_xy=xy[pick], plan_yaw=yaw[pick], plan_speed=speed[pick], controls=ctrl[pick],
-                            reasoning=tok.decode_batch(text[pick]), logp=(lt + la).float().cpu()[pick])
+                            reasoning=[texts[i] for i in pick.tolist()], logp=(lt + la).float().cpu()[pick])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,9 +287,11 @@ class GuidedRollouts:
     seconds: float
 
 
-def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: RoaDConfig
-                   ) -> GuidedRollouts:
-    """Drive ``scenarios`` (one seed each) with ``ClosestOfK``; a pure function of (weights, scenarios, seeds)."""
+def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: RoaDConfig,
+                   start: int | None = None) -> GuidedRollouts:
+    """Drive ``scenarios`` (one seed each) with ``ClosestOfK``; a pure function of (weights, scenarios, seeds,
+    cfg, start).  ``start``: log-replay steps before the policy drives (``grpo.pick_start``; None: the
+    scenarios' own warm-up); the policy then drives ``max_steps`` minus the warm-up steps."""
     from roadloop.eval.metrics import compute_metrics
     from roadloop.rollout import RolloutConfig, rollout
     from roadloop.sim.batching import collate
@@ -245,10 +299,13 @@ def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     t0 = time.perf_counter()
     batch = collate(scenarios)
     T = batch.num_steps - 1 if cfg.max_steps is None else min(cfg.max_steps, batch.num_steps - 1)
+    if start is not None:
+        w0 = max(sc.meta.warmup_steps for sc in scenarios)
+        T = min(start + T - w0, batch.num_steps - 1)
     pol = ClosestOfK(model, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                     horizon=max(1, round(cfg.horizon_s / 0.1)))
+                     horizon=max(1, round(cfg.horizon_s / 0.1)), select=cfg.select, text_target=cfg.text_target)
     with torch.no_grad():
-        ro = rollout(pol, batch, seeds, RolloutConfig(replan_every=cfg.replan_every, max_steps=T))
+        ro = rollout(pol, batch, seeds, RolloutConfig(replan_every=cfg.replan_every, max_steps=T, warmup=start))
     met = compute_metrics(ro, batch, ["score", "progress", "collision_at_fault", "offroad", "comfort_violation"])
     if not pol.records:
         raise ConfigError(f"rollouts of {T} steps made no decision (warm-up too long for max_steps={cfg.max_steps})")
@@ -259,6 +316,8 @@ def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     m = {f"road/{k}": float(v[ok].mean()) for k, v in met.items()}
     m["road/ade_committed"] = float(rows("ade").mean()) if len(demos) else math.nan
     m["road/ade_candidates"] = float(rows("ade_mean").mean()) if len(demos) else math.nan
+    if cfg.select == "ade_reasoning":  # share of candidates passing both reasoning checks
+        m["road/reasoning_ok_candidates"] = float(rows("reasoning_ok").mean()) if len(demos) else math.nan
     m["road/failed"] = float(ro.failed.float().mean())
     return GuidedRollouts(demos, m, batch.batch_size * ro.num_steps, time.perf_counter() - t0)
 
@@ -333,7 +392,8 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
         while rnd < cfg.rounds:
             picks = pick_scenarios(len(pool), cfg.scenarios_per_round, cfg.seed, rnd)
             seeds = (cfg.seed * 1_000_003 + rnd) * 65_536 + torch.arange(len(picks), dtype=torch.int64)
-            g = collect_guided(model, [pool[i] for i in picks], seeds, cfg)
+            picked = [pool[i] for i in picks]
+            g = collect_guided(model, picked, seeds, cfg, pick_start(picked, cfg, rnd))
             if cfg.aggregate:
                 atomic_write_bytes(demo_dir / f"round-{rnd:04d}.npz", g.demos.to_bytes())
             data = RoaDDemos.cat(past + [g.demos]) if cfg.aggregate else g.demos
@@ -417,5 +477,5 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
     return RoaDResult(final, rnd, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early)
 
 
-__all__ = ["ClosestOfK", "GuidedRollouts", "RoaDConfig", "RoaDDemos", "RoaDResult", "collect_guided", "demo_loss",
-           "train_road"]
+__all__ = ["SELECT_MODES", "TEXT_TARGETS", "ClosestOfK", "GuidedRollouts", "RoaDConfig", "RoaDDemos", "RoaDResult",
+           "choose_candidate", "collect_guided", "demo_loss", "train_road"]
