@@ -275,6 +275,17 @@ def pick_start(scenarios: list[Scenario], cfg: GRPOConfig | RoaDConfig, iteratio
     return w0 + int(torch.randint(0, hi - w0 + 1, (1,), generator=g))
 
 
+def rollout_steps(scenarios: list[Scenario], num_steps: int, max_steps: int | None, start: int | None) -> int:
+    """Simulated steps of a collection: ``max_steps`` (None: the whole log of ``num_steps``), shifted by
+    ``start`` (log-replay steps, ``pick_start``) so that the policy still drives ``max_steps`` minus the
+    scenarios' warm-up; never past the log."""
+    T = num_steps - 1 if max_steps is None else min(max_steps, num_steps - 1)
+    if start is not None:
+        w0 = max(sc.meta.warmup_steps for sc in scenarios)
+        T = min(start + T - w0, num_steps - 1)
+    return T
+
+
 def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: GRPOConfig,
                    start: int | None = None) -> GroupBatch:
     """Roll each of the S ``scenarios`` out G times (``seeds`` (S, G)) in one batch and score them.
@@ -294,10 +305,7 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
         raise ConfigError(f"collect_groups: {len(scenarios)} scenarios for seeds of shape {tuple(seeds.shape)}")
     t0 = time.perf_counter()
     batch = collate([sc for sc in scenarios for _ in range(G)])
-    T = batch.num_steps - 1 if cfg.max_steps is None else min(cfg.max_steps, batch.num_steps - 1)
-    if start is not None:
-        w0 = max(sc.meta.warmup_steps for sc in scenarios)
-        T = min(start + T - w0, batch.num_steps - 1)
+    T = rollout_steps(scenarios, batch.num_steps, cfg.max_steps, start)
     policy = VLAPolicy(model, temperature=cfg.temperature, top_p=cfg.top_p, version="grpo", record=True)
     with torch.no_grad():
         ro = rollout(policy, batch, seeds.reshape(-1),
@@ -686,6 +694,7 @@ __all__ = [
     "load_pool",
     "pick_scenarios",
     "pick_start",
+    "rollout_steps",
     "ppo_loss",
     "ppo_update",
     "token_advantages",

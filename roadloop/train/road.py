@@ -60,7 +60,7 @@ from roadloop.registry.lineage import code_version
 from roadloop.sim import dynamics
 from roadloop.sim.datatypes import Scenario, SimState
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
-from roadloop.train.grpo import decode_bev, evaluate_model, pick_scenarios, pick_start
+from roadloop.train.grpo import decode_bev, evaluate_model, pick_scenarios, pick_start, rollout_steps
 from roadloop.train.release import register_final
 from roadloop.train.run import adamw, begin_run, restore, start_post_training
 
@@ -213,20 +213,20 @@ class ClosestOfK(Policy):
                                                    ctrl)
         H = min(self.horizon, xy.shape[1])
         ade = torch.linalg.vector_norm(xy[:, :H] - rk(expert_xy[:, :H]), dim=-1).mean(-1).view(B, K)
-        texts = tok.decode_batch(text)
         ok = torch.ones(B, K, dtype=torch.bool)
         if self.select == "ade_reasoning":
             from roadloop.reasoning.checks import grounding
             from roadloop.reasoning.labels import scene_facts
             from roadloop.train.rewards import consistency_flags
 
-            facts = scene_facts(state)
+            texts, facts = tok.decode_batch(text), scene_facts(state)
             grounded = torch.tensor([grounding(t, state, i // K, facts) for i, t in enumerate(texts)])
             ok = (grounded & consistency_flags(texts, acts, rk(state.speed[:, 0]), self.model.cfg.action_chunk)
                   ).view(B, K)
         j = choose_candidate(ade, ok)
         pick = torch.arange(B) * K + j
-        target = text[pick]
+        target = text[pick]  # the committed candidate's text (tokens), what the policy said
+        committed = tok.decode_batch(target)
         if self.text_target == "label":
             from roadloop.reasoning.labels import coc_labels
 
@@ -238,7 +238,7 @@ class ClosestOfK(Policy):
                              "ade": ade.gather(1, j.view(B, 1)).squeeze(1), "ade_mean": ade.mean(1),
                              "reasoning_ok": ok.float().mean(1)})
         return PolicyOutput(plan_xy=xy[pick], plan_yaw=yaw[pick], plan_speed=speed[pick], controls=ctrl[pick],
-                            reasoning=[texts[i] for i in pick.tolist()], logp=(lt + la).float().cpu()[pick])
+                            reasoning=committed, logp=(lt + la).float().cpu()[pick])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,10 +298,7 @@ def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
 
     t0 = time.perf_counter()
     batch = collate(scenarios)
-    T = batch.num_steps - 1 if cfg.max_steps is None else min(cfg.max_steps, batch.num_steps - 1)
-    if start is not None:
-        w0 = max(sc.meta.warmup_steps for sc in scenarios)
-        T = min(start + T - w0, batch.num_steps - 1)
+    T = rollout_steps(scenarios, batch.num_steps, cfg.max_steps, start)
     pol = ClosestOfK(model, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
                      horizon=max(1, round(cfg.horizon_s / 0.1)), select=cfg.select, text_target=cfg.text_target)
     with torch.no_grad():
