@@ -10,6 +10,7 @@ import torch
 
 from roadloop.data import DemoDataset, collate_samples, collect, load_manifest
 from roadloop.errors import RoadloopError
+from roadloop.policies.vla.observe import CHANNELS
 from roadloop.reasoning.meta_action import Lateral, Longitudinal
 from roadloop.sim.dynamics import ActionBounds, unicycle_rollout
 
@@ -29,7 +30,7 @@ def test_collect_writes_shards_and_manifest(fresh):
     assert man.complete and man.n_scenarios == 2 and man.n_samples > 0
     assert len(man.shards) >= 2  # two chunks, several shards of <= 8 samples
     on_disk = json.loads((d / "manifest.json").read_text())
-    assert on_disk["format"] == "roadloop-demos" and on_disk["version"] == 2
+    assert on_disk["format"] == "roadloop-demos" and on_disk["version"] == 3
     assert on_disk["content_hash"] == man.content_hash and on_disk["n_samples"] == man.n_samples
     assert set(on_disk["suites"]) == {"smoke"}
     for s in man.shards:
@@ -41,7 +42,7 @@ def test_dataset_shapes_labels_and_geometry(fresh):
     ds = DemoDataset(d)
     assert len(ds) == man.n_samples
     x = ds[0]
-    assert x["raster"].shape == (4, 10, 64, 64) and x["raster"].dtype == torch.float32
+    assert x["raster"].shape == (4, len(CHANNELS), 64, 64) and x["raster"].dtype == torch.float32
     assert float(x["raster"].min()) >= -1.0 and float(x["raster"].max()) <= 1.0
     assert x["history"].shape == (16, 5) and x["waypoints"].shape == (64, 2) and x["controls"].shape == (64, 2)
     b = collate_samples([ds[i] for i in range(len(ds))])
@@ -121,6 +122,10 @@ def test_tampered_or_corrupt_shard_is_a_clear_error(fresh, tmp_path):
         DemoDataset(tmp_path / "c")
     with pytest.raises(RoadloopError, match="no demonstration manifest"):
         DemoDataset(tmp_path / "nothing")
+    m["version"] = 2  # demonstrations recorded by an older observation format
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RoadloopError, match="v2 manifest, but this code reads v3.*collect the demonstrations again"):
+        DemoDataset(tmp_path / "c")
 
 
 def test_cli_data_collect_and_info(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from roadloop.errors import RoadloopError
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import PRESETS, VLAModel, load_checkpoint, save_checkpoint
+from roadloop.policies.vla.observe import CHANNELS
 from roadloop.policies.vla.policy import VLAPolicy
 from roadloop.reasoning.labels import Component, render_text
 from roadloop.reasoning.meta_action import Lateral, Longitudinal
@@ -21,7 +22,7 @@ TINY = PRESETS["tiny"]
 
 def _obs(B: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"bev": torch.rand(B, 4, 10, 64, 64, generator=g), "history": torch.randn(B, 16, 5, generator=g),
+    return {"bev": torch.rand(B, 4, len(CHANNELS), 64, 64, generator=g), "history": torch.randn(B, 16, 5, generator=g),
             "command": torch.arange(B) % 7}
 
 
@@ -151,6 +152,11 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     with pytest.raises(RoadloopError, match="shape"):
         load_checkpoint(tmp_path / "ck")
     meta["config"]["d_model"] = TINY.d_model
+    meta["config"]["raster_channels"] = 10  # a model of the older 10-channel raster
+    cfg_path.write_text(json.dumps(meta))
+    with pytest.raises(RoadloopError, match="raster_channels is 10 .*train it again"):
+        load_checkpoint(tmp_path / "ck")
+    meta["config"]["raster_channels"] = len(CHANNELS)
     meta["config"]["n_expert"] = 3
     cfg_path.write_text(json.dumps(meta))
     with pytest.raises(RoadloopError, match="n_expert"):

@@ -84,6 +84,30 @@ def test_agent_ahead_painted_above_ego(north):
     assert (img[CH["centreline"]][:40, 31:33] == 1).all() and (img[CH["centreline"]][:, 30] == 0).all()
 
 
+def test_speed_limit_and_speed_channels():
+    """Each lane carries its own limit; each box its own speed (the ego's too), at every frame."""
+    b = ScenarioBuilder(20)
+    slow = b.add_lane(straight((0, 0), (200, 0)), 3.5, 10.0)
+    b.add_lane(straight((0, 3.5), (200, 3.5)), 3.5, 30.0)
+    b.set_route([slow])
+    b.add_agent([(10.0, 0.0)], 0.0, 6.0)  # the ego
+    b.add_agent([(25.0, 0.0)], 0.0, 12.0)  # 15 m ahead
+    s0 = _state(b.build(ScenarioMeta("test/speeds", "test", 0, "test", warmup_steps=0)))
+    s1 = s0.replace(speed=s0.speed * 0.5)
+    img = render_bev([s0, s1], CFG)[0]  # (F, C, H, W): frames 0-2 are s0, frame 3 is s1
+    lim = img[-1, CH["speed_limit"]]
+    r_ego, c_ego = int(EGO_ROW), int(EGO_COL)
+    assert torch.allclose(lim[:40, c_ego], torch.tensor(10.0 / 40.0))  # the ego's lane, straight ahead
+    assert torch.allclose(lim[:40, c_ego - 5], torch.tensor(30.0 / 40.0))  # the left lane (column 0 = left)
+    assert (lim[:, :20] == 0).all()  # off road
+    assert torch.equal(img[0, CH["speed_limit"]], lim)  # a map channel: the same in every frame
+    spd = img[:, CH["speed"]]
+    r_ahead = round(EGO_ROW - 15.0 / CFG.resolution)
+    assert spd[0, r_ego, c_ego] == pytest.approx(6.0 / 40.0) and spd[0, r_ahead, c_ego] == pytest.approx(12.0 / 40.0)
+    assert spd[-1, r_ego, c_ego] == pytest.approx(3.0 / 40.0) and spd[-1, r_ahead, c_ego] == pytest.approx(6.0 / 40.0)
+    assert torch.equal(spd > 0, img[:, CH["vehicles"]] > 0)  # painted exactly where the boxes are
+
+
 def test_red_light_on_stop_line():
     img = render_bev([_state(red_light_scene(stop_x=30.0))], CFG)[0, -1]
     light = img[CH["light"]]
@@ -190,6 +214,8 @@ def _reference_map_channels(state, cfg):
     hc = index.seg_pack[6].index_select(0, res.seg).view(B, -1)
     hs = index.seg_pack[7].index_select(0, res.seg).view(B, -1)
     m = state.static.scenario.map
+    lane = index.seg_lane.index_select(0, res.seg).view(B, -1).clamp_min(0)
+    limit = m.lane_speed_limit.gather(1, lane)
     q = _to_ego(m.crosswalk_xy, ex, eyaw)
     e0, e1 = q, q.roll(-1, dims=-2)
     p = pix.view(1, -1, 1, 1, 2)
@@ -202,6 +228,8 @@ def _reference_map_channels(state, cfg):
         "lane_sin": torch.where(on, hs * c - hc * s, 0.0),
         "centreline": (on & (d2 <= max(0.3, 0.5 * cfg.resolution + 1e-3) ** 2)).float(),
         "crosswalk": in_q.any(-1).float(),
+        "junction": (on & m.lane_is_junction.gather(1, lane)).float(),
+        "speed_limit": torch.where(on, limit / 40.0, 0.0).clamp(0.0, 1.0),
     }
 
 
@@ -218,17 +246,17 @@ def test_map_channels_match_reference():
         xy[:, 0] += 8.0 * torch.randn(xy[:, 0].shape, generator=g)
         yaw[:, 0] += 3.0 * torch.rand(yaw[:, 0].shape, generator=g)
         states.append(st.replace(xy=xy, yaw=yaw))
-    seen = torch.zeros(2)
+    seen = torch.zeros(3)
     for s in states:
         got, ref = _map_channels(s, CFG), _reference_map_channels(s, CFG)
         assert set(got) == set(ref)
         on_g, on_r = got["drivable"] > 0, ref["drivable"] > 0
-        seen += torch.stack((ref["centreline"].sum(), ref["crosswalk"].sum()))
+        seen += torch.stack((ref["centreline"].sum(), ref["crosswalk"].sum(), ref["junction"].sum()))
         assert (on_g == on_r).float().mean() >= 0.999
         both = on_g & on_r
         for ch in ("lane_cos", "lane_sin"):
             assert torch.allclose(got[ch][both], ref[ch][both], atol=1e-5)
             assert (got[ch][~on_g] == 0).all()
-        for ch in ("centreline", "crosswalk"):
+        for ch in ("centreline", "crosswalk", "junction", "speed_limit"):
             assert (got[ch] == ref[ch]).float().mean() >= 0.999
-    assert (seen > 0).all()  # the comparison covered lanes and crosswalks
+    assert (seen > 0).all()  # the comparison covered lanes, crosswalks and intersections

@@ -6,7 +6,7 @@ rate the VLA policy drives at; the expert scores the same at 2 and 10 Hz, LOG). 
 ``Recorder`` policy wraps the expert and, every ``every`` steps from its first decision,
 records what a learned policy sees and what it should output:
 
-* ``raster``   (N, 4, 10, 64, 64) uint8  BEV raster (``render_bev`` of the last 4 states at 10 Hz,
+* ``raster``   (N, 4, 13, 64, 64) uint8  BEV raster (``render_bev`` of the last 4 states at 10 Hz,
   ``Observation.recent``).  Quantisation: channels in [0, 1] are stored as ``round(255 x)``
   (decode ``q / 255``); ``lane_cos`` / ``lane_sin`` in [-1, 1] as ``round(127.5 (x + 1))``
   (decode ``q / 127.5 - 1``).  See ``decode_raster``.
@@ -75,7 +75,7 @@ from roadloop.sim.dynamics import ActionBounds, unicycle_controls_from_poses
 from roadloop.sim.geometry import wrap_angle
 
 FORMAT = "roadloop-demos"
-VERSION = 2  # 2: facts_* arrays, 2 Hz default
+VERSION = 3  # 2: facts_* arrays, 2 Hz default; 3: junction, speed_limit and speed raster channels
 MANIFEST = "manifest.json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FACT_FIELDS = tuple(f.name for f in dataclasses.fields(SceneFacts))
@@ -185,8 +185,11 @@ def load_manifest(out_dir: str | Path) -> Manifest:
         d = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise RoadloopError(f"{p}: unreadable manifest: {e}") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("version") != VERSION:
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise RoadloopError(f"{p}: not a {FORMAT} v{VERSION} manifest")
+    if d.get("version") != VERSION:
+        raise RoadloopError(f"{p}: {FORMAT} v{d.get('version')} manifest, but this code reads v{VERSION} "
+                            f"(the recorded observations changed: collect the demonstrations again)")
     return Manifest(suites=d["suites"], config=d["config"], code_version=d.get("code_version", ""),
                     n_samples=int(d["n_samples"]), n_scenarios=int(d.get("n_scenarios", 0)),
                     n_chunks=int(d.get("n_chunks", 0)), chunks=list(d.get("chunks", [])),

@@ -4,7 +4,7 @@ On construction it reads ``manifest.json``, verifies every shard's sha256 agains
 each shard's ``scenario_id`` column (cheap: NPZ members load lazily).  Samples are then read
 shard by shard on demand (the last ``cache_shards`` shards are kept in memory).
 
-A sample is a dict: ``raster`` (4, 10, 64, 64) float32 (decoded, see ``decode_raster``),
+A sample is a dict: ``raster`` (4, 13, 64, 64) float32 (decoded, see ``decode_raster``),
 ``history`` (16, 5) float32, ``command`` () int64, ``speed`` () float32 m/s, ``waypoints``
 (64, 2) float32 m ego frame, ``waypoints_yaw`` / ``waypoints_speed`` (64,), ``controls``
 (64, 2) float32 (accel m/s^2, curvature 1/m), ``lon`` / ``lat`` () int64, ``step`` () int64 and

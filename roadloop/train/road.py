@@ -32,7 +32,9 @@ Departures from the paper:
 * Options beyond the paper: ``select="ade_reasoning"`` commits the closest candidate among those
   whose text passes the grounding and consistency checks; ``text_target="label"`` trains the text
   on the ground-truth CoC label of the committed plan; ``random_start`` starts the round's 8 s
-  rollouts anywhere in the logs (as GRPO's).
+  rollouts anywhere in the logs (as GRPO's); ``expert_data`` mixes the original expert
+  demonstrations into every learning batch (``expert_share`` of it), a rehearsal against drifting
+  away from what imitation learned (DAgger-style aggregation with the initial dataset).
 * All committed decisions are kept, including those after an incident (none is filtered); failed
   rollouts (the policy raised) are dropped.
 * Dropout follows the checkpoint's config while learning (model in train mode); the constant ``lr``
@@ -95,6 +97,8 @@ class RoaDConfig:
     grad_clip: float = 1.0
     action_weight: float = 1.0
     aggregate: bool = True  # train on every round's demonstrations so far (else this round's only)
+    expert_data: str = ""  # expert demonstrations (``roadloop data collect``) mixed into every batch; "": none
+    expert_share: float = 0.5  # with expert_data: share of each learning batch drawn from it, in [0, 1)
     eval_every: int = 1  # rounds between closed-loop evaluations (0: none)
     eval_suite: str = "val"
     eval_scenarios: int = 40  # N scenarios spread evenly over the eval suite (0: all)
@@ -129,6 +133,8 @@ class RoaDConfig:
             raise ConfigError(f"road.select must be one of {', '.join(SELECT_MODES)}, got '{self.select}'")
         if self.text_target not in TEXT_TARGETS:
             raise ConfigError(f"road.text_target must be one of {', '.join(TEXT_TARGETS)}, got '{self.text_target}'")
+        if not 0 <= self.expert_share < 1:
+            raise ConfigError(f"road.expert_share must be in [0, 1), got {self.expert_share}")
         if not self.init:
             raise ConfigError("road.init: give the checkpoint to start from (--init DIR, e.g. <il run>/final)")
         if self.model_preset is not None:
@@ -279,6 +285,35 @@ class RoaDDemos:
             return RoaDDemos(*(torch.from_numpy(np.array(z[f])) for f in RoaDDemos.FIELDS))
 
 
+def _expert_demos(cfg: RoaDConfig, vcfg: VLAConfig):
+    """The tokenized ``cfg.expert_data`` demonstrations (None without); errors name the directory."""
+    if not cfg.expert_data:
+        return None
+    from roadloop.data.dataset import load_demos
+    from roadloop.train.il import TokenizedDemos
+
+    demos = load_demos(Path(cfg.expert_data).expanduser())
+    if len(demos) == 0:
+        raise RoadloopError(f"road.expert_data {cfg.expert_data}: no demonstrations")
+    F, C, H, W = demos.raster.shape[1:]
+    if (F, C, H, W) != (vcfg.frames, vcfg.raster_channels, vcfg.raster_size, vcfg.raster_size):
+        raise RoadloopError(f"road.expert_data {cfg.expert_data}: rasters are {F} frames x {C} channels x {H} x {W} "
+                            f"but the model reads {vcfg.frames} x {vcfg.raster_channels} x {vcfg.raster_size} x "
+                            f"{vcfg.raster_size}")
+    return TokenizedDemos.build(demos, vcfg)
+
+
+def _with_expert(mb: dict[str, torch.Tensor], expert, share: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Append round(n share / (1 - share)) random expert samples to a batch of n RoaD samples, so that
+    ``share`` of the result is expert data (drawn with ``gen``: a pure function of seed and round)."""
+    n = int(mb["command"].shape[0])
+    m = int(round(n * share / (1.0 - share)))
+    if m == 0:
+        return mb
+    eb = expert.batch(torch.randint(len(expert.demos), (m,), generator=gen))
+    return {k: torch.cat((v, eb[k].to(v.dtype))) for k, v in mb.items()}
+
+
 @dataclass
 class GuidedRollouts:
     demos: RoaDDemos
@@ -358,10 +393,16 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
     model, pool, run_dir, ev_pool, ev_hash = st.model, st.pool, st.run_dir, st.ev_pool, st.ev_hash
     init_dir, init_sha, hashes = st.init_dir, st.init_sha, st.hashes
 
+    expert = _expert_demos(cfg, model.cfg)
+    expert_hash = expert.demos.content_hash if expert is not None else None
+    if st.prev and st.prev.get("expert_data") != expert_hash:
+        raise RoadloopError(f"road.expert_data {cfg.expert_data or '(none)'} differs from the demonstrations this run "
+                            f"started with ({str(st.prev.get('expert_data'))[:12]}); not resuming on other data")
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     rnd, elapsed, state = restore(run_dir, model, opt, resume, "round", cfg.rounds, log)
     code = code_version()
-    tracker, lineage = begin_run(cfg, run_dir, st.prev, st.lineage(cfg))
+    extra_lineage = {"expert_data": expert_hash} if expert is not None else {}
+    tracker, lineage = begin_run(cfg, run_dir, st.prev, {**st.lineage(cfg), **extra_lineage})
     demo_dir = run_dir / "demos"
     past: list[RoaDDemos] = []
     if cfg.aggregate:
@@ -403,7 +444,10 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
             for _ in range(cfg.epochs):
                 perm = torch.randperm(len(data), generator=gen)
                 for i in range(0, len(data), cfg.batch_size):
-                    out = model.loss(data.batch(perm[i:i + cfg.batch_size]), action_weight=cfg.action_weight)
+                    mb = data.batch(perm[i:i + cfg.batch_size])
+                    if expert is not None:
+                        mb = _with_expert(mb, expert, cfg.expert_share, gen)
+                    out = model.loss(mb, action_weight=cfg.action_weight)
                     opt.zero_grad(set_to_none=True)
                     try:
                         check_finite(out["loss"], model)
@@ -421,7 +465,7 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                     opt.step()
                     steps += 1
-                    n_seen += min(cfg.batch_size, len(data) - i)
+                    n_seen += int(mb["command"].shape[0])
                     loss_sum += float(out["loss"].detach())
             model.eval()
             good.snapshot(rnd + 1)

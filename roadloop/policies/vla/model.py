@@ -75,6 +75,10 @@ class VLAConfig:
         for name in ("d_model", "n_layers", "n_heads", "max_text_len", "plan_steps", "action_chunk"):
             if getattr(self, name) < 1:
                 raise RoadloopError(f"VLAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.raster_channels != len(CHANNELS):
+            raise RoadloopError(f"VLAConfig.raster_channels is {self.raster_channels} but the observation code draws "
+                                f"{len(CHANNELS)} channels ({', '.join(CHANNELS)}): a model for an older raster "
+                                f"format; train it again on newly collected demonstrations")
         if self.plan_steps % self.action_chunk:
             raise RoadloopError(f"VLAConfig.action_chunk ({self.action_chunk}) must divide plan_steps "
                                 f"({self.plan_steps})")

@@ -17,7 +17,8 @@ splatted by testing a small separable pixel window around each valid primitive i
 and route channels are drawn once into one frame and copied to the others.
 
 Measured (2-core CPU shared with another job, ``torch.set_num_threads(1)``, see
-``python -m roadloop.policies.vla.observe --bench``; 64x64 px, 10 channels, 4 frames): B=1 (15
+``python -m roadloop.policies.vla.observe --bench``; 64x64 px, 10 channels (before ``junction``,
+``speed_limit`` and ``speed`` were added), 4 frames): B=1 (15
 agents): ~3.5 ms (was ~5 ms); B=64 (31 agents): ~55-65 ms per call (was ~320-450 ms).  At B=64
 about a third is the lane query (~20 ms), a third writing the 42 MB output (~15-20 ms, mostly
 first-touch page faults) and the rest the splats, crosswalks and glue.
@@ -48,9 +49,13 @@ CHANNELS: list[str] = [
     "static",  # 1 inside a static object box
     "light",  # stop lines of lanes with a light: 1.0 red, 0.5 yellow, 0.25 green, 0 unknown / none
     "crosswalk",  # 1 inside a crosswalk quadrilateral
+    "junction",  # 1 where the nearest lane lies inside an intersection (junction lanes)
+    "speed_limit",  # speed limit of the nearest lane / SPEED_SCALE, clipped to 1; 0 off road
+    "speed",  # |speed| / SPEED_SCALE inside every agent box (the ego's included), clipped to 1
 ]
 CH = {name: i for i, name in enumerate(CHANNELS)}
-_MAP_CH = ("drivable", "lane_cos", "lane_sin", "centreline", "route", "crosswalk")  # same in every frame
+# the same in every frame
+_MAP_CH = ("drivable", "lane_cos", "lane_sin", "centreline", "route", "crosswalk", "junction", "speed_limit")
 
 COMMANDS: list[str] = [
     "follow the route",
@@ -62,6 +67,7 @@ COMMANDS: list[str] = [
     "keep left",
 ]
 
+SPEED_SCALE = 40.0  # m/s: speeds and speed limits are drawn as v / SPEED_SCALE (uint8 step 0.16 m/s)
 CENTRELINE_TOL = 0.3  # m (at least half a pixel is used so that lines stay connected)
 ROUTE_TOL = 1.0  # m
 STOP_LINE_TOL = 0.5  # m, half thickness of a painted stop line
@@ -163,17 +169,22 @@ def _splat_segments(img: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: t
     img.scatter_reduce_(0, flat, value.reshape(-1).index_select(0, sel).index_select(0, w).to(img.dtype), "amax")
 
 
-def _splat_boxes(img: torch.Tensor, base: torch.Tensor, centre: torch.Tensor, yaw: torch.Tensor,
-                 half_len: torch.Tensor, half_wid: torch.Tensor, valid: torch.Tensor, cfg: RasterConfig) -> None:
-    """Paint 1 inside oriented boxes (ego frame centre (..., 2), yaw (...), half sizes (...))."""
+def _box_hits(base: torch.Tensor, centre: torch.Tensor, yaw: torch.Tensor, half_len: torch.Tensor,
+              half_wid: torch.Tensor, valid: torch.Tensor, cfg: RasterConfig
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Pixels inside oriented boxes (ego frame centre (..., 2), yaw (...), half sizes (...)).
+
+    Returns their flat buffer index ``base + pixel`` (M,) and the flat index (M,) of the box each
+    hit belongs to (into the ``...`` items), or None when no valid box meets the image.
+    """
     if centre.numel() == 0 or not bool(valid.any()):
-        return
+        return None
     diag = torch.where(valid, torch.sqrt(half_len ** 2 + half_wid ** 2), 0.0).max()
     k = 2 * int(math.ceil(float(diag) / cfg.resolution)) + 3
     rc = to_pixel(centre, cfg)
     sel = _visible(k, rc, valid, cfg)
     if sel.numel() == 0:
-        return
+        return None
     pick = lambda x: x.reshape(-1).index_select(0, sel)
     rows, cols, fwd, left = _window(k, rc.reshape(-1, 2).index_select(0, sel), cfg)
     centre = centre.reshape(-1, 2).index_select(0, sel)
@@ -182,8 +193,8 @@ def _splat_boxes(img: torch.Tensor, base: torch.Tensor, centre: torch.Tensor, ya
     u = (c * dx)[:, :, None] + (s * dy)[:, None, :]
     v = (-s * dx)[:, :, None] + (c * dy)[:, None, :]
     hit = (u.abs_() <= pick(half_len)[:, None, None]) & (v.abs_() <= pick(half_wid)[:, None, None])
-    flat, _ = _window_hits(hit, pick(base), rows, cols, cfg.size)
-    img.index_fill_(0, flat, 1.0)
+    flat, w = _window_hits(hit, pick(base), rows, cols, cfg.size)
+    return flat, sel.index_select(0, w)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +286,7 @@ def _crosswalks(state: SimState, cfg: RasterConfig) -> torch.Tensor:
 
 
 def _map_channels(state: SimState, cfg: RasterConfig) -> dict[str, torch.Tensor]:
-    """drivable, lane_cos, lane_sin, centreline, crosswalk at the current ego pose: each (B, H*W)."""
+    """The map channels (``_MAP_CH`` but route) at the current ego pose: each (B, H*W)."""
     B = state.batch_size
     pix = pixel_centres(cfg)  # (HW, 2)
     ex, eyaw = state.xy[:, 0], state.yaw[:, 0]
@@ -285,6 +296,10 @@ def _map_channels(state: SimState, cfg: RasterConfig) -> dict[str, torch.Tensor]
     index = _lane_index(state)
     on, d2, seg = _nearest_lane(wx, wy, index)  # (B * HW,)
     on, d2 = on.view(B, -1), d2.view(B, -1)
+    lane = index.seg_lane.index_select(0, seg).view(B, -1).clamp_min(0)
+    m = state.static.scenario.map
+    limit = m.lane_speed_limit.gather(1, lane)
+    junction = m.lane_is_junction.gather(1, lane)
     hc = index.seg_pack[6].index_select(0, seg).view(B, -1)
     hs = index.seg_pack[7].index_select(0, seg).view(B, -1)
     rel_c = hc * c + hs * s  # cos(h - yaw_e)
@@ -294,6 +309,8 @@ def _map_channels(state: SimState, cfg: RasterConfig) -> dict[str, torch.Tensor]
         "lane_cos": torch.where(on, rel_c, 0.0),
         "lane_sin": torch.where(on, rel_s, 0.0),
         "centreline": (on & (d2 <= max(CENTRELINE_TOL, 0.5 * cfg.resolution + 1e-3) ** 2)).float(),
+        "junction": (on & junction).float(),
+        "speed_limit": torch.where(on, limit / SPEED_SCALE, 0.0).clamp_(0.0, 1.0),
     }
     out["crosswalk"] = _crosswalks(state, cfg)
     return out
@@ -370,7 +387,14 @@ def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None) -
     grow = 0.5 * cfg.resolution + 1e-3
     hl = (0.5 * ag.length).clamp_min(grow).view(B, 1, A).expand(B, F, A)
     hw = (0.5 * ag.width).clamp_min(grow).view(B, 1, A).expand(B, F, A)
-    _splat_boxes(flat, base, loc, ryaw, hl, hw, present, cfg)
+    hits = _box_hits(base, loc, ryaw, hl, hw, present, cfg)
+    if hits is not None:
+        idx, box = hits
+        flat.index_fill_(0, idx, 1.0)
+        # the same pixels in the speed plane, valued by each box's own speed at that frame
+        speed = torch.stack([s.speed for s in hist], 1).abs().div_(SPEED_SCALE).clamp_(0.0, 1.0)  # (B, F, A)
+        shift = (CH["speed"] - kind_ch).view(B, 1, A).expand(B, F, A).reshape(-1).index_select(0, box) * HW
+        flat.scatter_reduce_(0, idx + shift, speed.reshape(-1).index_select(0, box), "amax")
     return img.view(B, F, C, n, n)
 
 
