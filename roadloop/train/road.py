@@ -63,6 +63,7 @@ from roadloop.sim import dynamics
 from roadloop.sim.datatypes import Scenario, SimState
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
 from roadloop.train.grpo import decode_bev, evaluate_model, pick_scenarios, pick_start, rollout_steps
+from roadloop.train.il import TokenizedDemos
 from roadloop.train.release import register_final
 from roadloop.train.run import adamw, begin_run, restore, start_post_training
 
@@ -285,12 +286,11 @@ class RoaDDemos:
             return RoaDDemos(*(torch.from_numpy(np.array(z[f])) for f in RoaDDemos.FIELDS))
 
 
-def _expert_demos(cfg: RoaDConfig, vcfg: VLAConfig):
+def _expert_demos(cfg: RoaDConfig, vcfg: VLAConfig) -> TokenizedDemos | None:
     """The tokenized ``cfg.expert_data`` demonstrations (None without); errors name the directory."""
     if not cfg.expert_data:
         return None
     from roadloop.data.dataset import load_demos
-    from roadloop.train.il import TokenizedDemos
 
     demos = load_demos(Path(cfg.expert_data).expanduser())
     if len(demos) == 0:
@@ -303,7 +303,8 @@ def _expert_demos(cfg: RoaDConfig, vcfg: VLAConfig):
     return TokenizedDemos.build(demos, vcfg)
 
 
-def _with_expert(mb: dict[str, torch.Tensor], expert, share: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def _with_expert(mb: dict[str, torch.Tensor], expert: TokenizedDemos, share: float, gen: torch.Generator
+                 ) -> dict[str, torch.Tensor]:
     """Append round(n share / (1 - share)) random expert samples to a batch of n RoaD samples, so that
     ``share`` of the result is expert data (drawn with ``gen``: a pure function of seed and round)."""
     n = int(mb["command"].shape[0])
@@ -401,8 +402,8 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     rnd, elapsed, state = restore(run_dir, model, opt, resume, "round", cfg.rounds, log)
     code = code_version()
-    extra_lineage = {"expert_data": expert_hash} if expert is not None else {}
-    tracker, lineage = begin_run(cfg, run_dir, st.prev, {**st.lineage(cfg), **extra_lineage})
+    tracker, lineage = begin_run(cfg, run_dir, st.prev,
+                                 {**st.lineage(cfg), **({"expert_data": expert_hash} if expert_hash else {})})
     demo_dir = run_dir / "demos"
     past: list[RoaDDemos] = []
     if cfg.aggregate:

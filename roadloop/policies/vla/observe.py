@@ -16,12 +16,11 @@ splatted by testing a small separable pixel window around each valid primitive i
 (B * frames * A windows at once) and scattering only the hit pixels into the image.  The map
 and route channels are drawn once into one frame and copied to the others.
 
-Measured (2-core CPU shared with another job, ``torch.set_num_threads(1)``, see
-``python -m roadloop.policies.vla.observe --bench``; 64x64 px, 10 channels (before ``junction``,
-``speed_limit`` and ``speed`` were added), 4 frames): B=1 (15
-agents): ~3.5 ms (was ~5 ms); B=64 (31 agents): ~55-65 ms per call (was ~320-450 ms).  At B=64
-about a third is the lane query (~20 ms), a third writing the 42 MB output (~15-20 ms, mostly
-first-touch page faults) and the rest the splats, crosswalks and glue.
+Measured (2-core CPU, ``torch.set_num_threads(1)``, ``python -m roadloop.policies.vla.observe
+--bench``; 64x64 px, 13 channels, 4 frames): B=1 (15 agents): 2.6-4.0 ms; B=64 (31 agents):
+66-73 ms per call (the 10-channel raster: 2.9-3.2 / 57-77 ms in the same minutes; ~320-450 ms
+before the ragged lane query).  At B=64 about a third is the lane query, a third writing the
+output (mostly first-touch page faults) and the rest the splats, crosswalks and glue.
 """
 
 from __future__ import annotations
