@@ -401,6 +401,84 @@ def test_road_random_start_and_reasoning_selection(toy, tmp_path):
         RoaDConfig(init="x", select="best").validate()
 
 
+def test_road_guide_mixes_own_samples_into_the_driving_and_records_the_closest(toy):
+    from roadloop.train.road import collect_guided
+
+    common = dict(init="x", k=4, max_steps=30, track=False, register=False, eval_every=0)
+    seeds = torch.arange(3)
+    full = collect_guided(toy["model"], toy["scenarios"], seeds, RoaDConfig(**common))
+    own = collect_guided(toy["model"], toy["scenarios"], seeds, RoaDConfig(**common, guide=0.0))
+    half = collect_guided(toy["model"], toy["scenarios"], seeds, RoaDConfig(**common, guide=0.5))
+    assert full.metrics["road/guided"] == 1.0 and own.metrics["road/guided"] == 0.0
+    assert 0.0 < half.metrics["road/guided"] < 1.0
+    n = len(full.demos)
+    assert len(own.demos) == n and n % 3 == 0
+    # the first decision sees the same scene and draws the same candidates: the same closest one is recorded
+    assert torch.equal(own.demos.actions[:3], full.demos.actions[:3])
+    # then the policy's own samples drive elsewhere, and the recorded target is still the closest of K
+    assert not torch.equal(own.demos.bev[3:], full.demos.bev[3:])
+    assert own.metrics["road/ade_committed"] < own.metrics["road/ade_candidates"]
+    again = collect_guided(toy["model"], toy["scenarios"], seeds, RoaDConfig(**common, guide=0.5))
+    assert torch.equal(again.demos.actions, half.demos.actions) and torch.equal(again.demos.bev, half.demos.bev)
+    with pytest.raises(ConfigError, match="guide must be in"):
+        RoaDConfig(init="x", guide=1.5).validate()
+
+
+def test_expert_executed_controls_are_what_the_rollout_drives():
+    import dataclasses
+
+    from roadloop.policies.base import Observation
+    from roadloop.policies.expert import Expert
+    from roadloop.rollout import _controls
+    from roadloop.sim import dynamics
+    from roadloop.sim.batching import collate
+    from roadloop.sim.config import SimConfig
+    from roadloop.sim.state import init_state
+    from roadloop.sim.step import step
+
+    sim = SimConfig()
+    st = init_state(collate([build(straight_road(num_steps=60, ego_speed=10.0)[0])]), sim)
+    st = dataclasses.replace(st, xy=st.xy.clone())  # init_state's positions view the scenario's log
+    st.xy[:, 0, 1] += 2.5  # 2.5 m left of the route's lane: beyond the log plan's reach, the plan is tracked
+    ex = Expert()
+    ex.reset(st, torch.zeros(1, dtype=torch.int64))
+    obs = Observation(st, st.xy[:, :1].expand(1, 16, 2), st.yaw[:, :1].expand(1, 16), st.speed[:, :1].expand(1, 16),
+                      0)
+    out = ex.act(obs)
+    assert out.controls is None and float(out.plan_xy[0, 0, 1] - st.xy[0, 0, 1]) < -2.0  # plan on the lane line
+    ctrl = ex.executed_controls(st, out)
+    s = st
+    for k in range(10):  # step by step, the rollout's tracker applies exactly these controls
+        c = _controls(out, s, k, sim)
+        assert torch.allclose(c, ctrl[:, k], atol=1e-5), k
+        s = step(s, c, sim)
+    xy, _, _ = dynamics.unicycle_rollout(st.xy[:, 0], st.yaw[:, 0], st.speed[:, 0], ctrl)
+    assert float((xy[0, 0] - st.xy[0, 0]).norm()) < 1.2  # starts at the ego (10 m/s x 0.1 s) ...
+    assert abs(float(xy[0, -1, 1] - out.plan_xy[0, -1, 1])) < 0.3  # ... and joins the lane
+
+
+def test_road_record_expert_records_what_data_collect_records(toy, tmp_path):
+    from roadloop.data import collect
+    from roadloop.data.dataset import load_demos
+    from roadloop.policies.vla import tokenizer as tok
+    from roadloop.train.road import collect_guided
+
+    collect([str(toy["suite"])], tmp_path / "demos", every=5, max_steps=30, batch_size=3)
+    demos = load_demos(tmp_path / "demos")
+    cfg = RoaDConfig(init="x", k=1, guide=0.0, record="expert", max_steps=30, track=False, register=False,
+                     eval_every=0)
+    g = collect_guided(toy["model"], toy["scenarios"], torch.arange(3), cfg)
+    first = [int(i) for i in torch.nonzero(demos.step == demos.step.min()).flatten()]
+    first.sort(key=lambda i: demos.scenario_id[i])
+    # the first decision is taken from the logged state: the expert's plan and label are the demonstration's
+    assert torch.equal(g.demos.actions[:3], tok.quantize_controls(demos.controls[first], MICRO.action_chunk))
+    assert torch.equal(g.demos.text[:3], tok.encode_batch([demos.text[i] for i in first], MICRO.max_text_len))
+    assert g.metrics["road/guided"] == 0.0  # the policy's own samples drove every decision
+    for bad in (dict(text_target="label"), dict(select="ade_reasoning"), dict(record="log")):
+        with pytest.raises(ConfigError, match="record"):
+            RoaDConfig(init="x", **{"record": "expert", **bad}).validate()
+
+
 def test_road_label_text_target_records_consistent_ground_truth_text(toy):
     from roadloop.policies.vla import tokenizer as tok
     from roadloop.reasoning.checks import parse_coc

@@ -180,6 +180,17 @@ class Expert(Policy):
             p, th, v = dynamics.unicycle_forward(p, th, v, c[:, 0], c[:, 1], sim.dt, bounds)
         return torch.stack(out, 1)
 
+    def executed_controls(self, state: SimState, out: PolicyOutput) -> torch.Tensor:
+        """(B, 64, 2) controls (accel m/s^2, curvature 1/m) the ego would execute following ``out``, this
+        expert's output for ``state``: its own controls where it gives them (the log plan), otherwise the
+        plan tracker's.  The plans run along the route centreline, so from an ego off that line their
+        first waypoints are not reachable: these controls are what the expert would actually drive."""
+        if out.controls is not None:
+            return out.controls
+        if out.plan_speed is None:
+            raise ValueError("Expert.executed_controls: the output has no plan_speed (not this expert's output)")
+        return self._tracking_controls(state, out.plan_xy, out.plan_speed, torch.arange(state.batch_size))
+
     # --- helpers ------------------------------------------------------------------------
     def _update_stops(self, state: SimState) -> torch.Tensor:
         self._stopped = update_stop_memory(self._stopped, state)

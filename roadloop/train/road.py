@@ -7,7 +7,10 @@ Closed-loop *supervised* fine-tuning.  Each round:
    candidate outputs (CoC text + action tokens) from the same observation, the privileged ``Expert``
    plans from the same state, and the candidate whose plan is closest to the expert's (ADE over
    the first ``horizon_s`` seconds) is committed and executed.  Every committed (observation, text,
-   action tokens) is recorded.
+   action tokens) is recorded.  With ``guide`` < 1, only that share of the decisions (drawn per row and
+   decision) executes the closest candidate; the others execute an ordinary sample (candidate 0), so the
+   rollouts visit the states the policy itself drives into, and the closest candidate is still what is
+   recorded there (the correction).
 2. **Imitation** on those pairs with the ordinary imitation loss (``VLAModel.loss``: text
    cross-entropy + ``action_weight`` x action-token cross-entropy, as ``roadloop.train.il``) for
    ``epochs`` passes, AdamW, gradient clipping.  With ``aggregate`` the demonstrations of every
@@ -35,6 +38,15 @@ Departures from the paper:
   rollouts anywhere in the logs (as GRPO's); ``expert_data`` mixes the original expert
   demonstrations into every learning batch (``expert_share`` of it), a rehearsal against drifting
   away from what imitation learned (DAgger-style aggregation with the initial dataset).
+* ``guide`` < 1 (beyond the paper, DAgger's beta-mixture with the policy's own samples as the expert's
+  stand-in): the executed plan is the closest candidate in only ``guide`` of the decisions; the recorded
+  target is always the closest one.  With ``guide`` = 1 (default) the rollouts stay near the expert's
+  states, which at full scale the imitation policy already drives well (LOG).
+* ``record="expert"`` (beyond the paper: DAgger with the privileged expert as the labeller): the recorded
+  target is what the expert would drive from the visited state (its controls, or its plan tracker's:
+  its plans run along the route centreline and are not reachable from an ego off that line) and the
+  CoC label of that driven plan, not a candidate.  With
+  ``guide`` < 1 the states are the policy's, the labels the expert's.
 * All committed decisions are kept, including those after an incident (none is filtered); failed
   rollouts (the policy raised) are dropped.
 * Dropout follows the checkpoint's config while learning (model in train mode); the constant ``lr``
@@ -70,6 +82,7 @@ from roadloop.train.run import adamw, begin_run, restore, start_post_training
 _SEED_SALT = 0x0A0D_5EED
 SELECT_MODES = ("ade", "ade_reasoning")
 TEXT_TARGETS = ("own", "label")
+RECORD_MODES = ("candidate", "expert")
 
 
 @dataclass
@@ -90,6 +103,8 @@ class RoaDConfig:
     random_start: bool = False  # start each round's rollouts at a random point of the logs (as grpo.random_start)
     select: str = "ade"  # "ade": closest candidate; "ade_reasoning": closest among grounded + consistent ones
     text_target: str = "own"  # "own": the committed candidate's text; "label": the CoC label of its plan
+    guide: float = 1.0  # share of decisions that execute the closest candidate (else an ordinary sample), in [0, 1]
+    record: str = "candidate"  # "candidate": the closest candidate is the target; "expert": the expert's plan + label
     replan_every: int = 5  # 2 Hz
     epochs: int = 2  # passes over the demonstrations per round
     batch_size: int = 64
@@ -134,6 +149,13 @@ class RoaDConfig:
             raise ConfigError(f"road.select must be one of {', '.join(SELECT_MODES)}, got '{self.select}'")
         if self.text_target not in TEXT_TARGETS:
             raise ConfigError(f"road.text_target must be one of {', '.join(TEXT_TARGETS)}, got '{self.text_target}'")
+        if not 0 <= self.guide <= 1:
+            raise ConfigError(f"road.guide must be in [0, 1], got {self.guide}")
+        if self.record not in RECORD_MODES:
+            raise ConfigError(f"road.record must be one of {', '.join(RECORD_MODES)}, got '{self.record}'")
+        if self.record == "expert" and (self.text_target != "own" or self.select != "ade"):
+            raise ConfigError("road.record=expert records the expert's plan and its CoC label: text_target and select "
+                              "do not apply (leave them at 'own' and 'ade')")
         if not 0 <= self.expert_share < 1:
             raise ConfigError(f"road.expert_share must be in [0, 1), got {self.expert_share}")
         if not self.init:
@@ -162,13 +184,18 @@ class ClosestOfK(Policy):
     and consistent with the candidate's own plan (``reasoning.checks``); the closest of all where no
     candidate passes both checks.  ``text_target="label"``: the recorded text is the ground-truth
     CoC label (``reasoning.labels.coc_labels``) of the committed plan, not the candidate's own text
-    (what is driven, and its log-probability, stay the candidate's)."""
+    (what is driven, and its log-probability, stay the candidate's).  ``guide`` < 1: each row executes
+    the closest candidate with that probability per decision and candidate 0 (an ordinary sample)
+    otherwise; the closest one is recorded either way.  ``record="expert"``: the recorded target is what
+    the expert would drive from this state (``Expert.executed_controls``, tokenized) and the CoC label
+    of that plan (DAgger)."""
 
     name = "road"
     replan_every = 5
 
     def __init__(self, model: VLAModel, expert: Policy | None = None, k: int = 16, temperature: float = 0.8,
-                 top_p: float = 1.0, horizon: int = 20, select: str = "ade", text_target: str = "own"):
+                 top_p: float = 1.0, horizon: int = 20, select: str = "ade", text_target: str = "own",
+                 guide: float = 1.0, record: str = "candidate"):
         from roadloop.policies.expert import Expert
         from roadloop.policies.vla.observe import RasterConfig
 
@@ -181,6 +208,13 @@ class ClosestOfK(Policy):
         if text_target not in TEXT_TARGETS:
             raise ConfigError(f"ClosestOfK: text_target must be one of {', '.join(TEXT_TARGETS)}, got '{text_target}'")
         self.select, self.text_target = select, text_target
+        if not 0 <= guide <= 1:
+            raise ConfigError(f"ClosestOfK: guide must be in [0, 1], got {guide}")
+        self.guide = float(guide)
+        if record not in RECORD_MODES:
+            raise ConfigError(f"ClosestOfK: record must be one of {', '.join(RECORD_MODES)}, got '{record}'")
+        self.record = record
+        self._coins: list[torch.Generator] = []
         self._seeds = torch.zeros(0, dtype=torch.int64)
         self.version = "road"
         self.raster = RasterConfig(size=model.cfg.raster_size, frames=model.cfg.frames)
@@ -193,6 +227,8 @@ class ClosestOfK(Policy):
         self.expert.reset(state, seeds)
         self._gens = [torch.Generator().manual_seed((int(s) * 1_000_003 + j * 7919 + _SEED_SALT) % (2 ** 63))
                       for s in seeds.tolist() for j in range(self.k)]
+        self._coins = [torch.Generator().manual_seed((int(s) * 2_654_435_761 + _SEED_SALT + 1) % (2 ** 63))
+                       for s in seeds.tolist()]
 
     @torch.no_grad()
     def act(self, obs: Observation) -> PolicyOutput:
@@ -203,7 +239,8 @@ class ClosestOfK(Policy):
         B, K = state.batch_size, self.k
         if self._gens is None or len(self._gens) != B * K:
             self.reset(state, torch.zeros(B, dtype=torch.int64))
-        expert_xy = self.expert.act(obs).plan_xy  # (B, 64, 2)
+        expert_out = self.expert.act(obs)
+        expert_xy = expert_out.plan_xy  # (B, 64, 2)
         frames = list(obs.recent[-self.raster.frames:]) or [state]
         inputs = observation_tensors(frames, obs, self.raster)
         bev_q = encode_raster(inputs["bev"])  # the model sees the uint8-quantised raster, as VLAPolicy
@@ -232,20 +269,32 @@ class ClosestOfK(Policy):
                   ).view(B, K)
         j = choose_candidate(ade, ok)
         pick = torch.arange(B) * K + j
+        guided = torch.ones(B, dtype=torch.bool)
+        if self.guide < 1:  # one draw per row and decision, from the row's own generator
+            guided = torch.cat([torch.rand(1, generator=g) for g in self._coins]) < self.guide
+        run = torch.where(guided, pick, torch.arange(B) * K)  # executed: the closest, or candidate 0
         target = text[pick]  # the committed candidate's text (tokens), what the policy said
-        committed = tok.decode_batch(target)
-        if self.text_target == "label":
+        said = tok.decode_batch(text[run])
+        actions = acts[pick]
+        plan_xy, plan_sp = xy[pick], speed[pick]
+        expert_target = self.record == "expert"  # DAgger: what the expert would drive from this (policy's) state
+        if expert_target:
+            actions = tok.quantize_controls(self.expert.executed_controls(state, expert_out),
+                                            self.model.cfg.action_chunk)
+            plan_xy, _, plan_sp = dynamics.unicycle_rollout(state.xy[:, 0], state.yaw[:, 0], state.speed[:, 0],
+                                                            tok.dequantize(actions, self.model.cfg.action_chunk))
+        if expert_target or self.text_target == "label":
             from roadloop.reasoning.labels import coc_labels
 
             seed = int(self._seeds[0]) if self._seeds.numel() else 0  # wording varies per row and step
-            labels = coc_labels(state, xy[pick], speed[pick], rng_seed=seed * 1_000_003 + obs.step)
+            labels = coc_labels(state, plan_xy, plan_sp, rng_seed=seed * 1_000_003 + obs.step)
             target = tok.encode_batch([lb.text for lb in labels], self.model.cfg.max_text_len)
         self.records.append({"bev": bev_q, "history": inputs["history"].float(),
-                             "command": inputs["command"], "text": target, "actions": acts[pick],
+                             "command": inputs["command"], "text": target, "actions": actions,
                              "ade": ade.gather(1, j.view(B, 1)).squeeze(1), "ade_mean": ade.mean(1),
-                             "reasoning_ok": ok.float().mean(1)})
-        return PolicyOutput(plan_xy=xy[pick], plan_yaw=yaw[pick], plan_speed=speed[pick], controls=ctrl[pick],
-                            reasoning=committed, logp=(lt + la).float().cpu()[pick])
+                             "reasoning_ok": ok.float().mean(1), "guided": guided.float()})
+        return PolicyOutput(plan_xy=xy[run], plan_yaw=yaw[run], plan_speed=speed[run], controls=ctrl[run],
+                            reasoning=said, logp=(lt + la).float().cpu()[run])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +385,8 @@ def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     batch = collate(scenarios)
     T = rollout_steps(scenarios, batch.num_steps, cfg.max_steps, start)
     pol = ClosestOfK(model, k=cfg.k, temperature=cfg.temperature, top_p=cfg.top_p,
-                     horizon=max(1, round(cfg.horizon_s / 0.1)), select=cfg.select, text_target=cfg.text_target)
+                     horizon=max(1, round(cfg.horizon_s / 0.1)), select=cfg.select, text_target=cfg.text_target,
+                     guide=cfg.guide, record=cfg.record)
     with torch.no_grad():
         ro = rollout(pol, batch, seeds, RolloutConfig(replan_every=cfg.replan_every, max_steps=T, warmup=start))
     met = compute_metrics(ro, batch, ["score", "progress", "collision_at_fault", "offroad", "comfort_violation"])
@@ -351,6 +401,7 @@ def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     m["road/ade_candidates"] = float(rows("ade_mean").mean()) if len(demos) else math.nan
     if cfg.select == "ade_reasoning":  # share of candidates passing both reasoning checks
         m["road/reasoning_ok_candidates"] = float(rows("reasoning_ok").mean()) if len(demos) else math.nan
+    m["road/guided"] = float(rows("guided").mean()) if len(demos) else math.nan
     m["road/failed"] = float(ro.failed.float().mean())
     return GuidedRollouts(demos, m, batch.batch_size * ro.num_steps, time.perf_counter() - t0)
 
@@ -519,5 +570,5 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
     return RoaDResult(final, rnd, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early)
 
 
-__all__ = ["SELECT_MODES", "TEXT_TARGETS", "ClosestOfK", "GuidedRollouts", "RoaDConfig", "RoaDDemos", "RoaDResult",
-           "choose_candidate", "collect_guided", "demo_loss", "train_road"]
+__all__ = ["RECORD_MODES", "SELECT_MODES", "TEXT_TARGETS", "ClosestOfK", "GuidedRollouts", "RoaDConfig", "RoaDDemos",
+           "RoaDResult", "choose_candidate", "collect_guided", "demo_loss", "train_road"]
