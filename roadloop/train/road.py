@@ -45,8 +45,8 @@ Departures from the paper:
 * ``record="expert"`` (beyond the paper: DAgger with the privileged expert as the labeller): the recorded
   target is what the expert would drive from the visited state (its controls, or its plan tracker's:
   its plans run along the route centreline and are not reachable from an ego off that line) and the
-  CoC label of that driven plan, not a candidate.  With
-  ``guide`` < 1 the states are the policy's, the labels the expert's.
+  CoC label of that driven plan, not a candidate.  With ``guide`` < 1 the states are the policy's,
+  the labels the expert's.
 * All committed decisions are kept, including those after an incident (none is filtered); failed
   rollouts (the policy raised) are dropped.
 * Dropout follows the checkpoint's config while learning (model in train mode); the constant ``lr``
@@ -104,7 +104,7 @@ class RoaDConfig:
     select: str = "ade"  # "ade": closest candidate; "ade_reasoning": closest among grounded + consistent ones
     text_target: str = "own"  # "own": the committed candidate's text; "label": the CoC label of its plan
     guide: float = 1.0  # share of decisions that execute the closest candidate (else an ordinary sample), in [0, 1]
-    record: str = "candidate"  # "candidate": the closest candidate is the target; "expert": the expert's plan + label
+    record: str = "candidate"  # "candidate": the closest candidate; "expert": what the expert drives + its label
     replan_every: int = 5  # 2 Hz
     epochs: int = 2  # passes over the demonstrations per round
     batch_size: int = 64
@@ -273,7 +273,7 @@ class ClosestOfK(Policy):
         if self.guide < 1:  # one draw per row and decision, from the row's own generator
             guided = torch.cat([torch.rand(1, generator=g) for g in self._coins]) < self.guide
         run = torch.where(guided, pick, torch.arange(B) * K)  # executed: the closest, or candidate 0
-        target = text[pick]  # the committed candidate's text (tokens), what the policy said
+        target = text[pick]  # the closest candidate's text (tokens), what the policy said there
         said = tok.decode_batch(text[run])
         actions = acts[pick]
         plan_xy, plan_sp = xy[pick], speed[pick]
