@@ -213,16 +213,25 @@ def test_report_in_headless_chromium(report_path: Path, evaluated, tmp_path):
         assert re.search(REASONING, page.inner_text("#reasoning")), "policy reasoning not shown"
         assert "step 1" in page.inner_text("#reasoning-meta")
 
+        frame_now = "parseInt(document.getElementById('frame-label').textContent)"
+        playing = "document.getElementById('btn-play').classList.contains('playing')"
         page.select_option("#speed-select", "4")
         page.click("#btn-play")
-        page.wait_for_function("parseInt(document.getElementById('frame-label').textContent) >= 8",
-                               timeout=5000)
-        page.click("#btn-play")  # pause
-        frame = int(label.inner_text().split("/")[0])
-        page.wait_for_timeout(300)
-        assert int(label.inner_text().split("/")[0]) == frame, "pause did not stop the player"
+        page.wait_for_function(f"{frame_now} >= 8", timeout=5000)
+        page.wait_for_function(f"!{playing}", timeout=10000)  # it stops by itself at the last frame
+        last = int(label.inner_text().split("/")[0])
+        assert last >= 8
         # the failed rollout's policy gave no text after it raised at step 5
         assert "no reasoning" in page.inner_text("#reasoning")
+        # pause: at a quarter of real time the click lands seconds before the end, even on a slow machine
+        page.select_option("#speed-select", "0.25")
+        page.click("#btn-play")  # from the last frame, play starts again at the first
+        page.wait_for_function(f"{frame_now} >= 1 && {frame_now} < {last}", timeout=5000)
+        page.click("#btn-play")  # pause
+        assert not page.evaluate(playing), "the button still shows playing"
+        frame = int(label.inner_text().split("/")[0])
+        page.wait_for_timeout(500)
+        assert int(label.inner_text().split("/")[0]) == frame, "pause did not stop the player"
 
         # another rollout: whole-scene camera, zoom, reasoning again
         page.locator("#rollout-table tr[data-view='1']").click()
