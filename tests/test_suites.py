@@ -89,15 +89,17 @@ def test_generate_unknown_family():
 # --- suites: names and seeds ----------------------------------------------------------------------
 
 def test_named_suites_and_seeds():
-    assert suites.list_suites() == ["smoke", "train", "val"]
+    assert suites.list_suites() == ["smoke", "train", "train-xl", "val"]
     smoke = suite_pairs("smoke")
     assert sorted(f for f, _ in smoke) == sorted(FAMILIES)
     train, val = suite_pairs("train"), suite_pairs("val")
     assert len(train) == 64 * len(FAMILIES) and len(val) == 24 * len(FAMILIES)
     assert min(s for _, s in train) >= 1000 and min(s for _, s in val) >= 900000
     assert not {s for _, s in train} & {s for _, s in val}
+    xl = suite_pairs("train-xl")
+    assert len(xl) == 192 * len(FAMILIES) and set(train) < set(xl) and not {s for _, s in xl} & {s for _, s in val}
     suites.check_disjoint()  # retry seeds too
-    with pytest.raises(UnknownNameError, match="unknown suite 'bogus'; known: smoke, train, val"):
+    with pytest.raises(UnknownNameError, match="unknown suite 'bogus'; known: smoke, train, train-xl, val"):
         load_suite("bogus")
 
 

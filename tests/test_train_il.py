@@ -11,7 +11,7 @@ import torch
 
 from roadloop.data import collect
 from roadloop.data.dataset import load_demos
-from roadloop.errors import RoadloopError
+from roadloop.errors import ConfigError, RoadloopError
 from roadloop.eval.openloop import openloop_metrics, score_outputs
 from roadloop.policies import get_policy
 from roadloop.policies.vla import tokenizer as tok
@@ -88,7 +88,22 @@ def test_interrupted_run_resumes_to_the_same_weights(demos, home, tmp_path):
     assert res.run_id == json.loads((tmp_path / "cut" / "run.json").read_text())["run_id"]
 
 
+def test_bf16_training_and_the_patch_stem(demos, home, tmp_path):
+    """precision=bf16 (autocast) learns and saves fp32 weights; model.stem picks the vision stem."""
+    res = train_il(_cfg(demos, tmp_path / "bf16", epochs=20.0, precision="bf16", model=ModelSpec("tiny", stem="patch")),
+                   log=lambda m: None)
+    losses = [v for _, v in read_metrics(res.run_id, "loss")]
+    assert losses[-1] < 0.6 * losses[0]
+    model, meta = load_checkpoint(res.checkpoint)
+    assert meta["config"]["stem"] == "patch" and all(v.dtype == torch.float32 for v in model.state_dict().values())
+    assert all(math.isfinite(res.metrics[k]) for k in ("min_ade", "decision_acc"))
+
+
 def test_bad_inputs(demos, home, tmp_path):
+    with pytest.raises(ConfigError, match="precision must be fp32 or bf16"):
+        train_il(_cfg(demos, tmp_path / "r0", precision="fp16"), log=lambda m: None)
+    with pytest.raises(ConfigError, match="stem must be one of conv, patch"):
+        train_il(_cfg(demos, tmp_path / "r0", model=ModelSpec("tiny", stem="vit")), log=lambda m: None)
     with pytest.raises(RoadloopError, match="no demonstration manifest"):
         train_il(_cfg(tmp_path / "nowhere", tmp_path / "r1"), log=lambda m: None)
     with pytest.raises(RoadloopError, match="unknown VLA preset"):

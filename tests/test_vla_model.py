@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -10,7 +11,7 @@ import torch
 
 from roadloop.errors import RoadloopError
 from roadloop.policies.vla import tokenizer as tok
-from roadloop.policies.vla.model import PRESETS, VLAModel, load_checkpoint, save_checkpoint
+from roadloop.policies.vla.model import PRESETS, STEMS, VLAConfig, VLAModel, load_checkpoint, save_checkpoint
 from roadloop.policies.vla.observe import CHANNELS
 from roadloop.policies.vla.policy import VLAPolicy
 from roadloop.reasoning.labels import Component, render_text
@@ -18,6 +19,7 @@ from roadloop.reasoning.meta_action import Lateral, Longitudinal
 from roadloop.sim import dynamics
 
 TINY = PRESETS["tiny"]
+STEM_CFGS = {stem: dataclasses.replace(TINY, stem=stem) for stem in STEMS}
 
 
 def _obs(B: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -26,9 +28,9 @@ def _obs(B: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
             "command": torch.arange(B) % 7}
 
 
-def _model(seed: int = 0) -> VLAModel:
+def _model(seed: int = 0, stem: str | None = None) -> VLAModel:
     torch.manual_seed(seed)
-    return VLAModel(TINY).eval()
+    return VLAModel(STEM_CFGS[stem] if stem else TINY).eval()
 
 
 def _label_texts(n: int = 300) -> list[str]:
@@ -76,8 +78,9 @@ def test_action_quantization_round_trip():
     assert torch.equal(tok.quantize_controls(tok.dequantize(bins), feedback=False), bins)  # centres are fixed points
 
 
-def test_forward_shapes_and_log_prob_matches_sample():
-    m = _model()
+@pytest.mark.parametrize("stem", STEMS)
+def test_forward_shapes_and_log_prob_matches_sample(stem):
+    m = _model(stem=stem)
     obs = _obs()
     text, acts, lpt, lpa = m.sample(obs, generator=torch.Generator().manual_seed(1))
     L = TINY.max_text_len
@@ -105,16 +108,30 @@ def test_sampling_deterministic_greedy_and_batch_independent():
     one = m.sample({k: v[1:2] for k, v in obs.items()}, generator=[torch.Generator().manual_seed(11)])
     assert torch.equal(full[0][1:2], one[0]) and torch.equal(full[1][1:2], one[1])
     # temperature 0 = greedy = argmax of the teacher-forced logits at every step
-    text, acts, _, _ = m.sample(obs, temperature=0.0)
+    text, acts, _, _ = m.sample(obs, temperature=0.0, greedy_actions="mode")
     with torch.no_grad():
         out = m({**obs, "text": text, "actions": acts})
     mask = text != tok.PAD_ID
     assert torch.equal(out["text"].argmax(-1)[mask], text[mask])
     assert torch.equal(out["accel"].argmax(-1), acts[..., 0]) and torch.equal(out["curv"].argmax(-1), acts[..., 1])
+    # greedy_actions="mean" (the default): the same text, and each chunk's bin is the one nearest the mean
+    # control of its teacher-forced distribution
+    text2, acts2, _, lpa2 = m.sample(obs, temperature=0.0)
+    assert torch.equal(text2, text) and not torch.equal(acts2, acts)
+    with torch.no_grad():
+        out = m({**obs, "text": text2, "actions": acts2})
+        _, lpa_tf = m.log_prob(obs, text2, acts2)
+    for i, centres in ((0, tok.ACCEL_CENTRES), (1, tok.CURV_CENTRES)):
+        want = tok.nearest_bin(torch.softmax(out["accel" if i == 0 else "curv"], -1) @ centres, centres)
+        assert torch.equal(want, acts2[..., i])
+    torch.testing.assert_close(lpa2, lpa_tf, atol=1e-4, rtol=1e-5)
+    with pytest.raises(RoadloopError, match="greedy_actions"):
+        m.sample(obs, temperature=0.0, greedy_actions="median")
 
 
-def test_training_lowers_loss_and_changes_every_parameter():
-    m = _model().train()
+@pytest.mark.parametrize("stem", STEMS)
+def test_training_lowers_loss_and_changes_every_parameter(stem):
+    m = _model(stem=stem).train()
     obs = _obs(4)
     texts = ["The lane ahead is clear; keep speed.", "A vehicle ahead is stopped about 12 m away, so stop.",
              "Because a red light is about 30 m ahead, slow down.", "Turn left and keep speed."]
@@ -167,6 +184,31 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     (tmp_path / "ck" / "model.safetensors").unlink()
     with pytest.raises(RoadloopError, match="missing model.safetensors"):
         load_checkpoint(tmp_path / "ck")
+
+
+def test_stem_config_checked_and_saved(tmp_path):
+    with pytest.raises(RoadloopError, match="stem must be one of"):
+        VLAModel(VLAConfig(stem="vit"))
+    with pytest.raises(RoadloopError, match="needs patch=8"):
+        VLAConfig(stem="conv", patch=4).validate()
+    m = _model(4, "conv")
+    save_checkpoint(m, tmp_path / "ck")
+    m2, meta = load_checkpoint(tmp_path / "ck")
+    assert meta["config"]["stem"] == "conv" and m2.cfg == m.cfg
+    obs = _obs()
+    assert torch.equal(m.sample(obs, temperature=0.0)[1], m2.sample(obs, temperature=0.0)[1])
+    cfg_path = tmp_path / "ck" / "config.json"
+    meta = json.loads(cfg_path.read_text())
+    meta["config"]["stem"] = "patch"  # the weights hold a convolutional stem
+    cfg_path.write_text(json.dumps(meta))
+    with pytest.raises(RoadloopError, match="tensors missing"):
+        load_checkpoint(tmp_path / "ck")
+    # a checkpoint written before the key existed holds a patch stem
+    save_checkpoint(_model(4, "patch"), tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["config"]["stem"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    assert load_checkpoint(tmp_path / "old")[0].cfg.stem == "patch"
 
 
 def test_checkpoint_corrupt_weights(tmp_path):

@@ -1,6 +1,7 @@
 """Open-loop metrics of a VLA model on held-out demonstrations.
 
-For each demonstration the model decodes one greedy output (the policy's deterministic answer) and
+For each demonstration the model decodes one greedy output (the policy's deterministic answer:
+greedy text, action tokens by ``greedy_actions``, see ``VLAModel.sample``) and
 K sampled outputs (temperature / top-p as configured, one generator per sample and draw, so the
 numbers do not depend on the batch size):
 
@@ -66,7 +67,7 @@ def score_outputs(demos: DemoTensors, idx: torch.Tensor, text_ids: torch.Tensor,
 @torch.no_grad()
 def openloop_metrics(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | None = None, k: int = 6,
                      temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-                     batch_size: int = 64) -> dict[str, float]:
+                     batch_size: int = 64, greedy_actions: str = "mean") -> dict[str, float]:
     """Metrics (module docstring) over the samples ``idx`` (default: all).  Returns floats."""
     was_training = model.training
     model.eval()
@@ -80,7 +81,7 @@ def openloop_metrics(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | No
         bi = idx[start:start + batch_size]
         B = bi.numel()
         obs = model_inputs(demos, bi)
-        text, acts, _, _ = model.sample(obs, temperature=0.0)
+        text, acts, _, _ = model.sample(obs, temperature=0.0, greedy_actions=greedy_actions)
         for key, v in score_outputs(demos, bi, text, acts, chunk).items():
             sums[key] = sums.get(key, 0.0) + float(v.sum())
         if k > 0:

@@ -1,7 +1,9 @@
 """Named scenario suites and their on-disk format (see ``docs/scenario_format.md``).
 
-Suites: ``smoke`` (1 scenario per family, seed 0), ``train`` (64 per family, seeds 1000+) and
-``val`` (24 per family, seeds 900000+; disjoint from ``train``, derived retry seeds included).
+Suites: ``smoke`` (1 scenario per family, seed 0), ``train`` (64 per family, seeds 1000+),
+``train-xl`` (192 per family, seeds 1000+: ``train`` and 128 more per family, for imitation runs
+that need more distinct scenes) and ``val`` (24 per family, seeds 900000+; disjoint from both
+training suites, derived retry seeds included).
 
 ``load_suite(name)`` generates a named suite once and caches it under
 ``$ROADLOOP_CACHE/suites/<name>-<code_hash>`` (default cache ``~/.cache/roadloop``); the code hash
@@ -33,7 +35,8 @@ FORMAT = "roadloop-suite"
 INDEX = "suite.json"
 META_KEY = "meta"
 
-_SEEDS = {"smoke": (0, 1), "train": (1000, 64), "val": (900000, 24)}  # first seed, scenarios per family
+# first seed, scenarios per family
+_SEEDS = {"smoke": (0, 1), "train": (1000, 64), "train-xl": (1000, 192), "val": (900000, 24)}
 
 
 def suite_pairs(name: str) -> list[tuple[str, int]]:
@@ -55,10 +58,11 @@ def _all_build_seeds(name: str) -> set[int]:
 
 
 def check_disjoint() -> None:
-    """Train and val must not share a seed, nor a retry seed."""
-    common = _all_build_seeds("train") & _all_build_seeds("val")
-    if common:
-        raise ConfigError(f"train and val suites share build seeds {sorted(common)[:5]}")
+    """The training suites and val must not share a seed, nor a retry seed."""
+    for name in ("train", "train-xl"):
+        common = _all_build_seeds(name) & _all_build_seeds("val")
+        if common:
+            raise ConfigError(f"{name} and val suites share build seeds {sorted(common)[:5]}")
 
 
 check_disjoint()

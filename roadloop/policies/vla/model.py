@@ -5,7 +5,11 @@ Sequence (one causal transformer, learned absolute positions, pre-LN blocks)::
     [64 BEV patch tokens] [ego history] [command] <bos> t_0 ... t_{L-1} <act> c_0 c_1 ... c_14
      \\______________ prefix P = 66 ______________/     \\_ L text slots _/       \\_ action chunks _/
 
-* BEV: the (frames, C, H, W) raster with the frames stacked as channels, Conv2d with stride = patch.
+* BEV: the (frames, C, H, W) raster with the frames stacked as channels (4 x 13 = 52), turned into
+  8 x 8 tokens by the ``stem``: ``conv`` (default) is three 3x3 stride-2 convolutions (52 -> 48 ->
+  96 -> d_model channels, GELU between; "early convolutions", Xiao et al. 2021), ``patch`` one
+  linear map per 8 x 8 px patch (a Conv2d with stride = kernel).  On the same data and steps the
+  convolutional stem measured lower minADE_6 and higher grounding (docs/LOG.md).
 * Text slots hold the CoC tokens + ``<eos>`` then ``<pad>``; pads are masked out as attention keys,
   so a sequence is equivalent to the same one with its pads removed (sampling skips them).
 * Action tokens: one per 0.4 s chunk (``action_chunk`` = 4 steps, 16 for 6.4 s), holding an accel
@@ -44,6 +48,7 @@ from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.observe import CHANNELS, COMMANDS
 
 FORMAT = "roadloop-vla/1"
+STEMS = ("conv", "patch")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class VLAConfig:
     accel_bins: int = tok.ACCEL_BINS
     curv_bins: int = tok.CURV_BINS
     dropout: float = 0.0
+    # vision tokens: "conv" (three stride-2 3x3 convolutions, GELU between) or "patch" (one linear map per
+    # 8x8 patch, the first models' stem; checkpoints whose config.json predates the key are "patch")
+    stem: str = "conv"
 
     def validate(self) -> VLAConfig:
         if self.d_model % self.n_heads:
@@ -79,6 +87,11 @@ class VLAConfig:
             raise RoadloopError(f"VLAConfig.raster_channels is {self.raster_channels} but the observation code draws "
                                 f"{len(CHANNELS)} channels ({', '.join(CHANNELS)}): a model for an older raster "
                                 f"format; train it again on newly collected demonstrations")
+        if self.stem not in STEMS:
+            raise RoadloopError(f"VLAConfig.stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
+        if self.stem == "conv" and self.patch != 8:
+            raise RoadloopError(f"VLAConfig.stem='conv' downsamples by 8 (three stride-2 convolutions); it needs "
+                                f"patch=8, got patch={self.patch}")
         if self.plan_steps % self.action_chunk:
             raise RoadloopError(f"VLAConfig.action_chunk ({self.action_chunk}) must divide plan_steps "
                                 f"({self.plan_steps})")
@@ -167,7 +180,13 @@ class VLAModel(nn.Module):
         cfg = (cfg or VLAConfig()).validate()
         self.cfg = cfg
         d = cfg.d_model
-        self.patch = nn.Conv2d(cfg.frames * cfg.raster_channels, d, cfg.patch, stride=cfg.patch)
+        cin = cfg.frames * cfg.raster_channels
+        if cfg.stem == "conv":  # early convolutions (Xiao et al. 2021): 64 -> 32 -> 16 -> 8 px, GELU between
+            w = max(32, d // 4)
+            self.conv = nn.Sequential(nn.Conv2d(cin, w, 3, 2, 1), nn.GELU(), nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GELU(),
+                                      nn.Conv2d(2 * w, d, 3, 2, 1))
+        else:
+            self.patch = nn.Conv2d(cin, d, cfg.patch, stride=cfg.patch)
         self.history = nn.Sequential(nn.Linear(cfg.history_steps * cfg.history_features, d), nn.GELU(),
                                      nn.Linear(d, d))
         self.command = nn.Embedding(cfg.n_commands, d)
@@ -215,10 +234,13 @@ class VLAModel(nn.Module):
         bev = obs["bev"].to(self.device, self.pos_emb.dtype)
         B = bev.shape[0]
         C, P, n = cfg.frames * cfg.raster_channels, cfg.patch, cfg.raster_size // cfg.patch
-        # the stride = kernel Conv2d as one matmul over unfolded patches (same weights; ~1.7x faster
-        # forward + backward on CPU than the convolution)
-        x = bev.reshape(B, C, n, P, n, P).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * P * P)
-        vis = F.linear(x, self.patch.weight.reshape(self.patch.out_channels, -1), self.patch.bias)  # (B, Np, d)
+        if cfg.stem == "conv":
+            vis = self.conv(bev.reshape(B, C, cfg.raster_size, cfg.raster_size)).flatten(2).transpose(1, 2)
+        else:
+            # the stride = kernel Conv2d as one matmul over unfolded patches (same weights; ~1.7x faster
+            # forward + backward on CPU than the convolution)
+            x = bev.reshape(B, C, n, P, n, P).permute(0, 2, 4, 1, 3, 5).reshape(B, n * n, C * P * P)
+            vis = F.linear(x, self.patch.weight.reshape(self.patch.out_channels, -1), self.patch.bias)  # (B, Np, d)
         hist = obs["history"].to(self.device, self.pos_emb.dtype) * self.hist_scale
         h = self.history(hist.reshape(B, -1)).unsqueeze(1)
         c = self.command(obs["command"].to(self.device)).unsqueeze(1)
@@ -333,12 +355,16 @@ class VLAModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, obs: dict, temperature: float = 1.0, top_p: float = 0.95,
-               generator: torch.Generator | list[torch.Generator] | None = None
+               generator: torch.Generator | list[torch.Generator] | None = None, greedy_actions: str = "mean"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Autoregressive decoding with a KV cache.
 
         ``generator``: one CPU generator for the batch, or one per row (results then do not depend on
-        the batch composition), or None (global RNG).  temperature <= 0: greedy.
+        the batch composition), or None (global RNG).  temperature <= 0: greedy text, and action
+        tokens by ``greedy_actions``: ``mean`` (default: the bin nearest the mean control of each
+        chunk's distribution, the minimum-squared-error choice; each chunk still conditions on the
+        bins chosen before it) or ``mode`` (the most likely bin).  ``mean`` keeps the plan with the
+        text more often (docs/LOG.md: open-loop consistency +4-5 points).
         Returns text_ids (B, L) (tokens, ``<eos>``, pads), action_tokens (B, N, 2), logp_text (B,),
         logp_action (B,) (log-likelihood under the model, = ``log_prob``).
         """
@@ -370,10 +396,18 @@ class VLAModel(nn.Module):
         h = self._run(x, cache, torch.ones(B, 1, dtype=torch.bool, device=self.device))[:, -1]
         acts = torch.zeros(B, N, 2, dtype=torch.int64, device=self.device)
         lp_act = torch.zeros(B, device=self.device)
+        mean = greedy and greedy_actions == "mean"
+        if greedy_actions not in ("mode", "mean"):
+            raise RoadloopError(f"greedy_actions must be 'mode' or 'mean', got {greedy_actions!r}")
+        ca, ck = tok.ACCEL_CENTRES.to(self.device), tok.CURV_CENTRES.to(self.device)
         for j in range(N):
             la, lk = self.accel_head(h), self.curv_head(h)
-            a = self._pick(la, temperature, top_p, None if greedy else u[:, L + 2 * j])
-            k = self._pick(lk, temperature, top_p, None if greedy else u[:, L + 2 * j + 1])
+            if mean:
+                a = tok.nearest_bin(torch.softmax(la.float(), -1) @ ca, ca)
+                k = tok.nearest_bin(torch.softmax(lk.float(), -1) @ ck, ck)
+            else:
+                a = self._pick(la, temperature, top_p, None if greedy else u[:, L + 2 * j])
+                k = self._pick(lk, temperature, top_p, None if greedy else u[:, L + 2 * j + 1])
             lp_act += (torch.log_softmax(la.float(), -1).gather(-1, a.unsqueeze(-1))
                        + torch.log_softmax(lk.float(), -1).gather(-1, k.unsqueeze(-1))).squeeze(-1)
             acts[:, j, 0], acts[:, j, 1] = a, k
@@ -444,7 +478,7 @@ def load_checkpoint(path_dir: str | Path, device: str | torch.device = "cpu") ->
         raise RoadloopError(f"VLA checkpoint {cpath}: text vocabulary {meta.get('vocab_sha')} differs from this code's "
                             f"{tok.VOCAB_SHA} (tokenizer.VOCAB changed)")
     try:
-        cfg = VLAConfig(**meta["config"])
+        cfg = VLAConfig(**{"stem": "patch", **meta["config"]})  # written before the key existed: a patch stem
         model = VLAModel(cfg)
     except (TypeError, ValueError, RoadloopError) as e:
         raise RoadloopError(f"VLA checkpoint {cpath}: invalid config: {e}") from e

@@ -56,19 +56,21 @@ class DecisionRecord:
 
 class VLAPolicy(Policy):
     """``record=True`` appends a ``DecisionRecord`` to ``self.trace`` at every decision (cleared by
-    ``reset``); ``temperature`` <= 0 decodes greedily."""
+    ``reset``); ``temperature`` <= 0 decodes greedily (action tokens by ``greedy_actions``, see
+    ``VLAModel.sample``)."""
 
     name = "vla"
     replan_every = 5  # 2 Hz: the rate of its demonstrations (roadloop data collect)
     writes_coc = True
 
     def __init__(self, model: VLAModel, temperature: float = 1.0, top_p: float = 0.95, version: str | None = None,
-                 record: bool = False):
+                 record: bool = False, greedy_actions: str = "mean"):
         self.model = model.eval()
         self.record = record
         self.trace: list[DecisionRecord] = []
         self.temperature = float(temperature)
         self.top_p = float(top_p)
+        self.greedy_actions = greedy_actions
         self.version = version or state_hash(model)[:12]
         cfg = model.cfg
         self.raster = RasterConfig(size=cfg.raster_size, frames=cfg.frames)
@@ -93,7 +95,8 @@ class VLAPolicy(Policy):
         inputs = observation_tensors(frames, obs, self.raster)
         bev_q = encode_raster(inputs["bev"])  # the uint8 values the model was trained on (demonstrations)
         inputs["bev"] = decode_raster(bev_q)
-        text, acts, lp_text, lp_act = self.model.sample(inputs, self.temperature, self.top_p, self._gens)
+        text, acts, lp_text, lp_act = self.model.sample(inputs, self.temperature, self.top_p, self._gens,
+                                                             self.greedy_actions)
         if self.record:
             self.trace.append(DecisionRecord(obs.step, bev_q, inputs["history"].float(),
                                              inputs["command"], text.cpu(), acts.cpu(), lp_text.float().cpu(),

@@ -140,7 +140,8 @@ ACCEL_CENTRES = bin_centres(ACCEL_BINS, max(-_BOUNDS.accel_min, _BOUNDS.accel_ma
 CURV_CENTRES = bin_centres(CURV_BINS, _BOUNDS.curvature_max)
 
 
-def _nearest(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+def nearest_bin(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index (int64, shape of x) of the bin centre (sorted (n,)) nearest to each value of x."""
     edges = 0.5 * (centres[1:] + centres[:-1])
     return torch.bucketize(x.contiguous(), edges.to(x.device))
 
@@ -164,14 +165,14 @@ def quantize_controls(controls: torch.Tensor, chunk: int = ACTION_CHUNK, feedbac
     c = chunk_controls(controls.float(), chunk)
     ca, ck = ACCEL_CENTRES.to(c.device), CURV_CENTRES.to(c.device)
     if not feedback:
-        return torch.stack((_nearest(c[..., 0], ca), _nearest(c[..., 1], ck)), -1)
+        return torch.stack((nearest_bin(c[..., 0], ca), nearest_bin(c[..., 1], ck)), -1)
     out = torch.empty(c.shape, dtype=torch.int64, device=c.device)
     err = torch.zeros(c.shape[:-2] + (2,), device=c.device)
     lo = torch.tensor([float(ca[0]), float(ck[0])], device=c.device)
     hi = torch.tensor([float(ca[-1]), float(ck[-1])], device=c.device)
     for t in range(c.shape[-2]):
         want = torch.minimum(torch.maximum(c[..., t, :] + err, lo), hi)
-        ia, ik = _nearest(want[..., 0], ca), _nearest(want[..., 1], ck)
+        ia, ik = nearest_bin(want[..., 0], ca), nearest_bin(want[..., 1], ck)
         out[..., t, 0], out[..., t, 1] = ia, ik
         err = want - torch.stack((ca[ia], ck[ik]), -1)
     return out
@@ -186,4 +187,5 @@ def dequantize(tokens: torch.Tensor, chunk: int = ACTION_CHUNK) -> torch.Tensor:
 
 __all__ = ["ACCEL_BINS", "ACCEL_CENTRES", "ACTION_CHUNK", "ACT_ID", "BOS_ID", "CAP_ID", "CURV_BINS",
            "CURV_CENTRES", "EOS_ID", "PAD_ID", "UNK_ID", "VOCAB", "VOCAB_SHA", "VOCAB_SIZE", "chunk_controls",
-           "decode", "decode_batch", "dequantize", "encode", "encode_batch", "pad_batch", "quantize_controls"]
+           "decode", "decode_batch", "dequantize", "encode", "encode_batch", "nearest_bin", "pad_batch",
+           "quantize_controls"]
