@@ -125,7 +125,7 @@ def test_sampling_deterministic_greedy_and_batch_independent():
         want = tok.nearest_bin(torch.softmax(out["accel" if i == 0 else "curv"], -1) @ centres, centres)
         assert torch.equal(want, acts2[..., i])
     torch.testing.assert_close(lpa2, lpa_tf, atol=1e-4, rtol=1e-5)
-    with pytest.raises(RoadloopError, match="greedy_actions"):
+    with pytest.raises(RoadloopError, match="greedy_actions must be one of mean, mode"):
         m.sample(obs, temperature=0.0, greedy_actions="median")
 
 
@@ -231,3 +231,5 @@ def test_policy_drives_a_rollout():
     assert len(res.reasoning) >= 1 and all(isinstance(t, str) for d in res.reasoning for t in d)
     assert torch.isfinite(res.logp).all()
     assert res.policy.startswith("vla@")
+    with pytest.raises(RoadloopError, match="greedy_actions must be one of"):
+        VLAPolicy(_model(), greedy_actions="argmax")

@@ -13,9 +13,9 @@ restores the last good state (``GoodState``); ``max_bad_steps`` in a row stop th
 model goes to ``<out>/final`` (``save_checkpoint``: safetensors + config.json with the dataset
 hash and the open-loop metrics) and is what ``roadloop eval --policy <out>/final`` drives.
 
-``precision=bf16`` runs the forward pass and the loss under bfloat16 autocast (the weights, the
-gradients' accumulation in the optimizer and the checkpoints stay fp32): faster on CPUs with
-bf16 matrix units and on GPUs; docs/LOG.md has the measurement.
+``precision=bf16`` runs the forward pass and the loss under bfloat16 autocast (weights, optimizer
+state and checkpoints stay fp32): faster on CPUs with bf16 matrix units and on GPUs; docs/LOG.md
+has the measurement.
 
 Time budget: ``time_limit_min`` stops training early (the schedule is NOT shortened, so a run
 that hits it ends at a higher learning rate than planned; the LOG records which runs did).

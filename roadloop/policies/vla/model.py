@@ -49,6 +49,7 @@ from roadloop.policies.vla.observe import CHANNELS, COMMANDS
 
 FORMAT = "roadloop-vla/1"
 STEMS = ("conv", "patch")
+GREEDY_ACTIONS = ("mean", "mode")  # how greedy decoding picks action bins (VLAModel.sample)
 
 
 @dataclass(frozen=True)
@@ -368,6 +369,8 @@ class VLAModel(nn.Module):
         Returns text_ids (B, L) (tokens, ``<eos>``, pads), action_tokens (B, N, 2), logp_text (B,),
         logp_action (B,) (log-likelihood under the model, = ``log_prob``).
         """
+        if greedy_actions not in GREEDY_ACTIONS:
+            raise RoadloopError(f"greedy_actions must be one of {', '.join(GREEDY_ACTIONS)}, got {greedy_actions!r}")
         cfg = self.cfg
         greedy = temperature <= 0
         pre = self._prefix(obs)
@@ -397,8 +400,6 @@ class VLAModel(nn.Module):
         acts = torch.zeros(B, N, 2, dtype=torch.int64, device=self.device)
         lp_act = torch.zeros(B, device=self.device)
         mean = greedy and greedy_actions == "mean"
-        if greedy_actions not in ("mode", "mean"):
-            raise RoadloopError(f"greedy_actions must be 'mode' or 'mean', got {greedy_actions!r}")
         ca, ck = tok.ACCEL_CENTRES.to(self.device), tok.CURV_CENTRES.to(self.device)
         for j in range(N):
             la, lk = self.accel_head(h), self.curv_head(h)
