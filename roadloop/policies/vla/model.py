@@ -52,6 +52,13 @@ STEMS = ("conv", "patch")
 GREEDY_ACTIONS = ("mean", "mode")  # how greedy decoding picks action bins (VLAModel.sample)
 
 
+def check_greedy_actions(value: str) -> str:
+    """``value`` if it is one of ``GREEDY_ACTIONS``, else a ``RoadloopError`` naming them."""
+    if value not in GREEDY_ACTIONS:
+        raise RoadloopError(f"greedy_actions must be one of {', '.join(GREEDY_ACTIONS)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class VLAConfig:
     d_model: int = 192
@@ -369,8 +376,7 @@ class VLAModel(nn.Module):
         Returns text_ids (B, L) (tokens, ``<eos>``, pads), action_tokens (B, N, 2), logp_text (B,),
         logp_action (B,) (log-likelihood under the model, = ``log_prob``).
         """
-        if greedy_actions not in GREEDY_ACTIONS:
-            raise RoadloopError(f"greedy_actions must be one of {', '.join(GREEDY_ACTIONS)}, got {greedy_actions!r}")
+        check_greedy_actions(greedy_actions)
         cfg = self.cfg
         greedy = temperature <= 0
         pre = self._prefix(obs)

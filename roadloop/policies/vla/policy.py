@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from roadloop.errors import RoadloopError
 from roadloop.policies.base import Observation, Policy, PolicyOutput
 from roadloop.policies.vla import tokenizer as tok
-from roadloop.policies.vla.model import GREEDY_ACTIONS, VLAModel, load_checkpoint, state_hash
+from roadloop.policies.vla.model import VLAModel, check_greedy_actions, load_checkpoint, state_hash
 from roadloop.policies.vla.observe import (
     RasterConfig,
     command_index,
@@ -71,9 +70,7 @@ class VLAPolicy(Policy):
         self.trace: list[DecisionRecord] = []
         self.temperature = float(temperature)
         self.top_p = float(top_p)
-        if greedy_actions not in GREEDY_ACTIONS:
-            raise RoadloopError(f"greedy_actions must be one of {', '.join(GREEDY_ACTIONS)}, got {greedy_actions!r}")
-        self.greedy_actions = greedy_actions
+        self.greedy_actions = check_greedy_actions(greedy_actions)
         self.version = version or state_hash(model)[:12]
         cfg = model.cfg
         self.raster = RasterConfig(size=cfg.raster_size, frames=cfg.frames)
