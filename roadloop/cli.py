@@ -415,7 +415,8 @@ app.add_typer(train_app, name="train")
 @friendly
 def train_il_cmd(overrides: list[str] = typer.Argument(None, help="Config overrides key=value, e.g. "
                                                        "model.preset=tiny epochs=2 (see roadloop/train/il.py)."),
-                 data: str = typer.Option(None, "--data", help="Demonstration directory (override 'data')."),
+                 data: str = typer.Option(None, "--data", help="Demonstration directory, or several joined by commas "
+                                          "(override 'data')."),
                  val_data: str = typer.Option(None, "--val-data", help="Held-out demonstrations."),
                  out: str = typer.Option(None, "--out", help="Run directory (override 'out')."),
                  config: list[Path] = typer.Option(None, "--config", help="YAML config file(s) merged in order."),

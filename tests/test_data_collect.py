@@ -128,6 +128,68 @@ def test_tampered_or_corrupt_shard_is_a_clear_error(fresh, tmp_path):
         DemoDataset(tmp_path / "c")
 
 
+def test_streamed_rasters_equal_the_loaded_ones(fresh, monkeypatch):
+    """rasters="stream" reads the same bytes shard by shard; the shard-windowed order is a permutation
+    that visits the shards a window at a time; a collection too large for memory is refused clearly."""
+    from roadloop.data import dataset as ds_mod
+    from roadloop.data.dataset import ShardRasters, load_demos, shard_epoch_order
+
+    d, man = fresh
+    mem, st = load_demos(d), load_demos(d, rasters="stream", cache_shards=2)
+    assert isinstance(st.raster, ShardRasters) and st.raster.shape == mem.raster.shape
+    assert st.text == mem.text and torch.equal(st.controls, mem.controls) and st.content_hash == mem.content_hash
+    idx = torch.tensor([len(mem) - 1, 0, 3, 3, len(mem) // 2, 1])  # any order, repeats
+    assert torch.equal(st.raster[idx], mem.raster[idx]) and torch.equal(st.bev(idx), mem.bev(idx))
+    assert len(st.raster._cache) <= 2
+    with pytest.raises(IndexError, match="must be in"):
+        st.raster[torch.tensor([len(mem)])]
+    shard = st.raster.shard_of(torch.arange(len(st)))
+    assert shard.tolist() == sorted(shard.tolist()) and int(shard.max()) == len(man.shards) - 1
+    order = shard_epoch_order(shard, seed=3, epoch=1, window=1)
+    assert torch.equal(order.sort().values, torch.arange(len(st)))
+    assert torch.equal(order, shard_epoch_order(shard, seed=3, epoch=1, window=1))  # a pure function
+    assert not torch.equal(order, shard_epoch_order(shard, seed=3, epoch=2, window=1))
+    visited = shard[order].tolist()
+    first = list(dict.fromkeys(visited))  # shards in order of first visit
+    windows = [first.index(s) for s in visited]  # window = 1: each shard's samples in one block
+    assert windows == sorted(windows) and len(first) == len(man.shards) >= 2
+    assert int((torch.diff(shard[shard_epoch_order(shard, 3, 1, window=2)]) != 0).sum()) > 1  # a window mixes
+    monkeypatch.setattr(ds_mod, "available_memory", lambda: 1024)
+    with pytest.raises(RoadloopError, match=r"need .* GiB in memory.*data_loading=stream"):
+        load_demos(d)
+    assert len(load_demos(d, rasters="stream")) == len(mem)  # streaming needs no such memory
+
+
+def test_several_collections_load_as_one(fresh, tmp_path):
+    """load_demos("a,b") concatenates collections (its own content hash); shared scenarios are refused."""
+    from roadloop.data.dataset import load_demos
+
+    d, man = fresh
+    other = tmp_path / "other"
+    collect(["smoke"], other, **{**KW, "max_scenarios": 3})  # the same two scenarios and one more
+    with pytest.raises(RoadloopError, match=r"both hold scenario \S+ \(2 shared in all\)"):
+        load_demos(f"{d},{other}")
+    third = tmp_path / "third"
+    collect([str(_one_scenario_suite(tmp_path))], third, **KW)
+    a, b = load_demos(d), load_demos(third)
+    for mode in ("memory", "stream"):
+        both = load_demos(f"{d}, {third}", rasters=mode)
+        assert len(both) == len(a) + len(b) and both.scenario_id == a.scenario_id + b.scenario_id
+        assert torch.equal(both.raster[torch.arange(len(both))], torch.cat((a.raster, b.raster)))
+        assert both.content_hash not in (a.content_hash, b.content_hash)
+        assert both.content_hash == load_demos([d, third]).content_hash
+    with pytest.raises(RoadloopError, match="no demonstration directory"):
+        load_demos(" , ")
+
+
+def _one_scenario_suite(tmp_path):
+    """A saved suite of one scenario that ``smoke``'s first two do not hold."""
+    from roadloop.scenarios.generate import generate
+    from roadloop.scenarios.suites import Suite, save_suite
+
+    return save_suite(Suite.of("extra", [generate("merge", 77)]), tmp_path / "extra_suite")
+
+
 def test_cli_data_collect_and_info(tmp_path):
     from typer.testing import CliRunner
 

@@ -89,7 +89,7 @@ def test_generate_unknown_family():
 # --- suites: names and seeds ----------------------------------------------------------------------
 
 def test_named_suites_and_seeds():
-    assert suites.list_suites() == ["smoke", "train", "train-xl", "val"]
+    assert suites.list_suites() == ["smoke", "train", "train-xl", "train-xl2", "val"]
     smoke = suite_pairs("smoke")
     assert sorted(f for f, _ in smoke) == sorted(FAMILIES)
     train, val = suite_pairs("train"), suite_pairs("val")
@@ -98,8 +98,11 @@ def test_named_suites_and_seeds():
     assert not {s for _, s in train} & {s for _, s in val}
     xl = suite_pairs("train-xl")
     assert len(xl) == 192 * len(FAMILIES) and set(train) < set(xl) and not {s for _, s in xl} & {s for _, s in val}
+    xl2 = suite_pairs("train-xl2")
+    assert len(xl2) == 192 * len(FAMILIES) and not set(xl2) & set(xl) and not {s for _, s in xl2} & {s for _, s in val}
+    assert max(s for _, s in xl) + 1 == min(s for _, s in xl2)
     suites.check_disjoint()  # retry seeds too
-    with pytest.raises(UnknownNameError, match="unknown suite 'bogus'; known: smoke, train, train-xl, val"):
+    with pytest.raises(UnknownNameError, match="unknown suite 'bogus'; known: smoke, train, train-xl, train-xl2, val"):
         load_suite("bogus")
 
 

@@ -88,6 +88,34 @@ def test_interrupted_run_resumes_to_the_same_weights(demos, home, tmp_path):
     assert res.run_id == json.loads((tmp_path / "cut" / "run.json").read_text())["run_id"]
 
 
+def test_streamed_rasters_train_and_resume(demos, home, tmp_path):
+    """data_loading=stream (held-out samples split off the same collection): trains (the loss falls), and
+    a cut run resumes to the weights of the uninterrupted one."""
+    kw = dict(epochs=20.0, data_loading="stream", stream_window=1, val_data=None, val_fraction=0.3)
+    msgs: list[str] = []
+    full = train_il(_cfg(demos, tmp_path / "full", **kw), log=msgs.append)
+    assert any("streaming rasters" in m for m in msgs)
+    losses = [v for _, v in read_metrics(full.run_id, "loss")]
+    assert losses[-1] < 0.7 * losses[0]
+
+    class Stop(Exception):
+        pass
+
+    def boom(step, total, m):
+        if step >= 15:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_il(_cfg(demos, tmp_path / "cut", log_every=1, **kw), on_progress=boom, log=lambda m: None)
+    res = train_il(_cfg(demos, tmp_path / "cut", **kw), resume=True, log=lambda m: None)
+    a, _ = load_checkpoint(full.checkpoint)
+    b, _ = load_checkpoint(res.checkpoint)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    with pytest.raises(ConfigError, match="data_loading must be one of memory, stream"):
+        train_il(_cfg(demos, tmp_path / "r0", data_loading="disk"), log=lambda m: None)
+
+
 def test_bf16_training_and_the_patch_stem(demos, home, tmp_path):
     """precision=bf16 (autocast) learns and saves fp32 weights; model.stem picks the vision stem."""
     res = train_il(_cfg(demos, tmp_path / "bf16", epochs=20.0, precision="bf16", model=ModelSpec("tiny", stem="patch")),

@@ -11,13 +11,18 @@ A sample is a dict: ``raster`` (4, 13, 64, 64) float32 (decoded, see ``decode_ra
 the strings ``text``, ``scenario_id``, ``family``, ``suite``, plus the ``facts_*`` arrays.
 
 ``load_demos(directory)`` reads a whole collection into memory as ``DemoTensors`` (raster kept
-as uint8, ~160 KB a sample; facts padded to the largest agent / stop-line count), which is what
-the trainers and the open-loop metrics use.
+as uint8, 213 KB a sample; facts padded to the largest agent / stop-line count), which is what
+the trainers and the open-loop metrics use.  ``load_demos(directory, rasters="stream")`` keeps
+everything but the rasters in memory (a few KB a sample) and reads the rasters shard by shard
+when a batch asks for them (``ShardRasters``); ``shard_epoch_order`` gives a sample order that
+reads each shard once per epoch.  Loading in memory a collection whose rasters would not fit
+in the memory available is refused with an error that says so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -39,6 +44,10 @@ _AGENT_FACTS = ("kind", "valid", "dist", "x_ego", "y_ego", "y_route", "gap", "ne
 _LINE_FACTS = ("light_gap", "light_state")
 _FACT_PAD = {"valid": False, "near_route": False, "in_corridor": False, "intrudes": False, "crossing": False,
              "dist": 1e9, "gap": 1e9, "light_gap": 1e9}
+
+
+RASTER_MODES = ("memory", "stream")
+MEMORY_SHARE = 0.8  # rasters loaded in memory may take at most this share of the available memory
 
 
 def _open(p: Path) -> np.lib.npyio.NpzFile:
@@ -136,11 +145,108 @@ def collate_samples(samples: list[dict]) -> dict:
     return out
 
 
+def _raster_header(p: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a shard's ``raster`` array, read from its .npy header (nothing decompressed
+    beyond the header)."""
+    try:
+        with zipfile.ZipFile(p) as zf, zf.open("raster.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as e:
+        raise RoadloopError(f"{p}: unreadable raster array: {e}") from None
+    return tuple(shape), dtype
+
+
+class ShardRasters:
+    """The rasters (N, F, C, H, W) uint8 of a collection, read from its shards on demand.
+
+    ``rasters[idx]`` (idx: (B,) int64 sample indices, any order, repeats allowed) returns a
+    (B, F, C, H, W) uint8 tensor, loading each shard it touches once (decompressing a 512-sample
+    shard takes ~0.25 s) and keeping the ``cache_shards`` most recently used ones.  Sample orders
+    that visit a few shards at a time (``shard_epoch_order``) read each shard once per epoch.
+    """
+
+    def __init__(self, paths: list[Path], sizes: list[int], cache_shards: int = 16):
+        if not paths or len(paths) != len(sizes):
+            raise RoadloopError("ShardRasters: need one size per shard and at least one shard")
+        self.paths = list(paths)
+        self.offsets = torch.tensor([0] + list(np.cumsum(sizes)), dtype=torch.int64)
+        first, dtype = _raster_header(self.paths[0])
+        if dtype != np.uint8 or len(first) != 5:
+            raise RoadloopError(f"{self.paths[0]}: raster is {dtype} {first}, expected uint8 (N, F, C, H, W)")
+        self.sample_shape = tuple(first[1:])
+        self.cache_shards = max(1, cache_shards)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.loads = 0  # shards decompressed so far
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self.sample_shape))
+
+    def shard_of(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B,) shard index of each sample index."""
+        return torch.searchsorted(self.offsets[1:], idx, right=True)
+
+    def _load(self, si: int) -> np.ndarray:
+        if si in self._cache:
+            self._cache.move_to_end(si)
+            return self._cache[si]
+        p = self.paths[si]
+        with _open(p) as z:
+            try:
+                arr = z["raster"]
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+                raise RoadloopError(f"{p}: unreadable shard: {err}") from None
+        n = int(self.offsets[si + 1] - self.offsets[si])
+        if arr.shape != (n, *self.sample_shape) or arr.dtype != np.uint8:
+            raise RoadloopError(f"{p}: raster is {arr.dtype} {arr.shape}, expected uint8 {(n, *self.sample_shape)}")
+        self._cache[si] = arr
+        self.loads += 1
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return arr
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        n = len(self)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise IndexError(f"sample indices must be in [0, {n}), got {int(idx.min())} .. {int(idx.max())}")
+        out = torch.empty((idx.numel(), *self.sample_shape), dtype=torch.uint8)
+        shard = self.shard_of(idx)
+        for si in shard.unique().tolist():
+            m = shard == si
+            rows = (idx[m] - self.offsets[si]).numpy()
+            out[m] = torch.from_numpy(self._load(si)[rows])
+        return out
+
+
+def shard_epoch_order(shard: torch.Tensor, seed: int, epoch: int, window: int) -> torch.Tensor:
+    """A permutation of ``range(len(shard))`` that reads the shards ``window`` at a time.
+
+    ``shard`` (N,) is the shard of each sample.  The shards are shuffled, cut into groups of
+    ``window``, and each group's samples are shuffled among themselves, group after group.  A
+    pure function of (seed, epoch), like ``roadloop.train.il.epoch_order``, so a resumed run
+    replays it.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    g = torch.Generator().manual_seed(seed * 7919 + epoch)
+    ids, inv = torch.unique(shard, return_inverse=True)
+    rank = torch.empty(ids.numel(), dtype=torch.int64)
+    rank[torch.randperm(ids.numel(), generator=g)] = torch.arange(ids.numel())
+    group = (rank[inv] // window).double()
+    return torch.argsort(group + torch.rand(shard.numel(), generator=g, dtype=torch.float64))
+
+
 @dataclass
 class DemoTensors:
     """A demonstration collection in memory (N samples); field meanings as in ``roadloop.data.collect``."""
 
-    raster: torch.Tensor  # (N, F, C, H, W) uint8, ``decode_raster`` to use
+    raster: torch.Tensor | ShardRasters  # (N, F, C, H, W) uint8, ``decode_raster`` to use
     history: torch.Tensor  # (N, 16, 5) float32
     command: torch.Tensor  # (N,) int64
     speed: torch.Tensor  # (N,) float32 m/s
@@ -186,13 +292,82 @@ def _pad_cat(parts: list[np.ndarray], pad) -> torch.Tensor:
     return torch.cat(out)
 
 
-def load_demos(directory: str | Path) -> DemoTensors:
-    """Read every shard of a collection (hashes verified) into ``DemoTensors``."""
-    ds = DemoDataset(directory)
-    if len(ds) == 0:
-        raise RoadloopError(f"{ds.dir}: the collection holds no samples")
-    shards = [ds._shard(i) for i in range(len(ds.paths))]
-    ds._cache.clear()
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def load_demos(directory: str | Path | list[str | Path], rasters: str = "memory", cache_shards: int = 16
+               ) -> DemoTensors:
+    """Read one collection, or several (a list, or directories joined by commas), into ``DemoTensors``;
+    every shard's hash is verified.
+
+    Several collections are concatenated in the order given; their content hash is the sha256 of
+    their hashes joined by commas (one collection keeps its own).
+    ``rasters="memory"``: every array in memory (the rasters take 213 KB a sample; refused with a
+    ``RoadloopError`` if they would take more than ``MEMORY_SHARE`` of the available memory).
+    ``rasters="stream"``: every array but the rasters; ``raster`` is a ``ShardRasters`` that keeps
+    ``cache_shards`` shards in memory.
+    """
+    if rasters not in RASTER_MODES:
+        raise ValueError(f"rasters must be one of {RASTER_MODES}, got {rasters!r}")
+    dirs = directory if isinstance(directory, list) else (
+        [directory] if isinstance(directory, Path) else [d.strip() for d in str(directory).split(",") if d.strip()])
+    if not dirs:
+        raise RoadloopError(f"no demonstration directory given ({directory!r})")
+    sets = [DemoDataset(d) for d in dirs]
+    paths: list[Path] = []
+    sizes: list[int] = []
+    shape = None
+    for ds in sets:
+        if len(ds) == 0:
+            raise RoadloopError(f"{ds.dir}: the collection holds no samples")
+        first, _ = _raster_header(ds.paths[0])
+        if shape is not None and tuple(first[1:]) != shape:
+            raise RoadloopError(f"{ds.dir}: rasters are {tuple(first[1:])}, those of {sets[0].dir} {shape}; "
+                                f"collections recorded with different rasters cannot be combined")
+        shape = tuple(first[1:])
+        paths += ds.paths
+        sizes += [int(e["n"]) for e in ds.manifest.shards]
+    seen: dict[str, Path] = {}
+    for ds in sets:
+        ids = set(ds.scenario_ids)
+        dup = sorted(i for i in ids if i in seen)
+        if dup:
+            raise RoadloopError(f"{ds.dir} and {seen[dup[0]]} both hold scenario {dup[0]} ({len(dup)} shared in "
+                                f"all): combine collections of disjoint suites (e.g. train-xl and train-xl2)")
+        seen.update(dict.fromkeys(ids, ds.dir))
+    hashes = [ds.manifest.content_hash for ds in sets]
+    content_hash = hashes[0] if len(sets) == 1 else hashlib.sha256(",".join(hashes).encode()).hexdigest()
+    where = ", ".join(str(ds.dir) for ds in sets)
+    stream = ShardRasters(paths, sizes, cache_shards)
+    if rasters == "memory":
+        need = len(stream) * math.prod(stream.sample_shape)
+        avail = available_memory()
+        if avail is not None and need > MEMORY_SHARE * avail:
+            raise RoadloopError(f"{where}: the rasters of its {len(stream)} samples need {need / 2**30:.1f} GiB in "
+                                f"memory, and {avail / 2**30:.1f} GiB are available; stream them from the shards "
+                                f"instead (load_demos(..., rasters='stream'); roadloop train il data_loading=stream)")
+    shards = []
+    for p in paths:
+        with _open(p) as z:
+            try:
+                shards.append({k: z[k] for k in REQUIRED if k != "raster"})
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+                raise RoadloopError(f"{p}: unreadable shard: {err}") from None
+    raster: torch.Tensor | ShardRasters = stream
+    if rasters == "memory":  # shard by shard into one tensor: the peak is the rasters plus one shard
+        raster = torch.empty(stream.shape, dtype=torch.uint8)
+        for si in range(len(paths)):
+            raster[int(stream.offsets[si]):int(stream.offsets[si + 1])] = torch.from_numpy(stream._load(si))
+            stream._cache.clear()
     cat = lambda k: torch.from_numpy(np.concatenate([d[k] for d in shards]))  # noqa: E731
     strs = lambda k: [str(x) for d in shards for x in d[k]]  # noqa: E731
     facts = {}
@@ -202,12 +377,13 @@ def load_demos(directory: str | Path) -> DemoTensors:
             facts[k] = _pad_cat(parts, _FACT_PAD.get(k, 0))
         else:
             facts[k] = torch.from_numpy(np.concatenate(parts))
-    return DemoTensors(raster=cat("raster"), history=cat("history").float(), command=cat("command").long(),
+    return DemoTensors(raster=raster, history=cat("history").float(), command=cat("command").long(),
                        speed=cat("speed").float(), waypoints=cat("waypoints").float(),
                        waypoints_speed=cat("waypoints_speed").float(), controls=cat("controls").float(),
                        lon=cat("lon").long(), lat=cat("lat").long(), step=cat("step").long(), facts=facts,
                        text=strs("text"), scenario_id=strs("scenario_id"), family=strs("family"),
-                       suite=strs("suite"), content_hash=ds.manifest.content_hash)
+                       suite=strs("suite"), content_hash=content_hash)
 
 
-__all__ = ["DemoDataset", "DemoTensors", "collate_samples", "is_val", "load_demos"]
+__all__ = ["DemoDataset", "DemoTensors", "RASTER_MODES", "ShardRasters", "available_memory", "collate_samples",
+           "is_val", "load_demos", "shard_epoch_order"]

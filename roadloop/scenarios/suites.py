@@ -2,8 +2,9 @@
 
 Suites: ``smoke`` (1 scenario per family, seed 0), ``train`` (64 per family, seeds 1000+),
 ``train-xl`` (192 per family, seeds 1000+: ``train`` and 128 more per family, for imitation runs
-that need more distinct scenes) and ``val`` (24 per family, seeds 900000+; disjoint from both
-training suites, derived retry seeds included).
+that need more distinct scenes), ``train-xl2`` (192 more per family, seeds 1192+, disjoint from
+``train-xl``: collected beside it, twice its scenes) and ``val`` (24 per family, seeds 900000+;
+disjoint from every training suite, derived retry seeds included).
 
 ``load_suite(name)`` generates a named suite once and caches it under
 ``$ROADLOOP_CACHE/suites/<name>-<code_hash>`` (default cache ``~/.cache/roadloop``); the code hash
@@ -36,7 +37,9 @@ INDEX = "suite.json"
 META_KEY = "meta"
 
 # first seed, scenarios per family
-_SEEDS = {"smoke": (0, 1), "train": (1000, 64), "train-xl": (1000, 192), "val": (900000, 24)}
+_SEEDS = {"smoke": (0, 1), "train": (1000, 64), "train-xl": (1000, 192), "train-xl2": (1192, 192),
+          "val": (900000, 24)}
+TRAINING_SUITES = ("train", "train-xl", "train-xl2")
 
 
 def suite_pairs(name: str) -> list[tuple[str, int]]:
@@ -58,11 +61,12 @@ def _all_build_seeds(name: str) -> set[int]:
 
 
 def check_disjoint() -> None:
-    """The training suites and val must not share a seed, nor a retry seed."""
-    for name in ("train", "train-xl"):
-        common = _all_build_seeds(name) & _all_build_seeds("val")
+    """The training suites and val must not share a seed, nor a retry seed; nor may ``train-xl`` and
+    ``train-xl2``, which are collected side by side."""
+    for a, b in [(name, "val") for name in TRAINING_SUITES] + [("train-xl", "train-xl2")]:
+        common = _all_build_seeds(a) & _all_build_seeds(b)
         if common:
-            raise ConfigError(f"{name} and val suites share build seeds {sorted(common)[:5]}")
+            raise ConfigError(f"{a} and {b} suites share build seeds {sorted(common)[:5]}")
 
 
 check_disjoint()

@@ -13,6 +13,13 @@ restores the last good state (``GoodState``); ``max_bad_steps`` in a row stop th
 model goes to ``<out>/final`` (``save_checkpoint``: safetensors + config.json with the dataset
 hash and the open-loop metrics) and is what ``roadloop eval --policy <out>/final`` drives.
 
+``data_loading=stream`` keeps only the rasters of ``2 x stream_window`` shards in memory instead
+of the whole collection's (213 KB a sample), for collections larger than the machine's memory:
+each epoch shuffles the shards, takes them ``stream_window`` at a time and shuffles the samples of
+those shards together (``shard_epoch_order``), so every shard is decompressed once per epoch.
+The sample order differs from ``memory``'s, so the two modes give different (equally valid) runs.
+Loading a collection in memory that would not fit is refused with an error naming this option.
+
 ``precision=bf16`` runs the forward pass and the loss under bfloat16 autocast (weights, optimizer
 state and checkpoints stay fp32): faster on CPUs with bf16 matrix units and on GPUs; docs/LOG.md
 has the measurement.
@@ -32,7 +39,7 @@ from pathlib import Path
 import torch
 
 from roadloop.config import to_dict
-from roadloop.data.dataset import DemoTensors, load_demos
+from roadloop.data.dataset import RASTER_MODES, DemoTensors, load_demos, shard_epoch_order
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.eval.openloop import model_inputs, openloop_metrics
 from roadloop.policies.vla import tokenizer as tok
@@ -50,7 +57,7 @@ class ModelSpec:
 
 @dataclass
 class ILConfig:
-    data: str = "~/.roadloop/data/demos"  # demonstration directory (roadloop data collect)
+    data: str = "~/.roadloop/data/demos"  # demonstration directory (roadloop data collect); several: a,b
     val_data: str | None = None  # held-out demonstrations (e.g. the val suites); None: split of ``data``
     val_fraction: float = 0.1  # share of ``data``'s scenarios held out when val_data is None
     out: str = "~/.roadloop/runs/il"
@@ -64,6 +71,8 @@ class ILConfig:
     grad_clip: float = 1.0
     action_weight: float = 1.0
     precision: str = "fp32"  # "bf16": forward and loss under bfloat16 autocast (weights, optimizer stay fp32)
+    data_loading: str = "memory"  # memory: all rasters in RAM (213 KB a sample); stream: read shard by shard
+    stream_window: int = 8  # stream: shards shuffled together (2 x this many stay in memory)
     time_limit_min: float = 29.0  # stop early (with a checkpoint) past this wall time; <= 0: none
     log_every: int = 25
     ckpt_every: int = 250
@@ -78,7 +87,7 @@ class ILConfig:
     experiment: str = "roadloop-il"
 
     def validate(self) -> ILConfig:
-        for name in ("batch_size", "log_every", "ckpt_every", "eval_samples", "max_bad_steps"):
+        for name in ("batch_size", "log_every", "ckpt_every", "eval_samples", "max_bad_steps", "stream_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"il.{name} must be >= 1, got {getattr(self, name)}")
         if not self.epochs > 0 or not self.lr > 0:
@@ -86,6 +95,8 @@ class ILConfig:
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"il.val_fraction must be in (0, 1), got {self.val_fraction}")
         VLAConfig.preset(self.model.preset)
+        if self.data_loading not in RASTER_MODES:
+            raise ConfigError(f"il.data_loading must be one of {', '.join(RASTER_MODES)}, got {self.data_loading!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"il.precision must be fp32 or bf16, got {self.precision!r}")
         if self.model.stem is not None and self.model.stem not in STEMS:
@@ -142,7 +153,8 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     cfg.validate()
     t_start = time.perf_counter()
     run_dir, prev = open_run_dir(cfg.out, resume)
-    train_all = load_demos(cfg.data)
+    stream = cfg.data_loading == "stream"
+    train_all = load_demos(cfg.data, rasters=cfg.data_loading, cache_shards=2 * cfg.stream_window)
     vcfg = VLAConfig.preset(cfg.model.preset)
     vcfg = VLAConfig(**{**to_dict(vcfg), "dropout": cfg.model.dropout,
                         **({"stem": cfg.model.stem} if cfg.model.stem is not None else {})}).validate()
@@ -151,7 +163,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
                             f"started on ({str(prev.get('dataset'))[:12]}); not resuming on other data")
     data = TokenizedDemos.build(train_all, vcfg)
     if cfg.val_data:
-        val = load_demos(cfg.val_data)
+        val = load_demos(cfg.val_data, rasters=cfg.data_loading, cache_shards=2 * cfg.stream_window)
         train_idx = torch.arange(len(train_all))
         val_idx = torch.arange(len(val))
     else:
@@ -162,6 +174,14 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     g = torch.Generator().manual_seed(cfg.seed)
     ev_idx = val_idx[torch.randperm(val_idx.numel(), generator=g)[:cfg.eval_samples]]
     fin_idx = val_idx[torch.randperm(val_idx.numel(), generator=g)[:cfg.final_eval_samples]]
+    if stream:  # in index order, so each evaluation batch reads one or two shards (the same samples)
+        ev_idx, fin_idx = ev_idx.sort().values, fin_idx.sort().values
+        log(f"streaming rasters from {len(train_all.raster.paths)} shards, {cfg.stream_window} at a time")
+
+    def order_of(epoch: int) -> torch.Tensor:
+        if stream:
+            return shard_epoch_order(train_all.raster.shard_of(train_idx), cfg.seed, epoch, cfg.stream_window)
+        return epoch_order(train_idx.numel(), cfg.seed, epoch)
 
     torch.manual_seed(cfg.seed)
     model = VLAModel(vcfg).to(cfg.device).train()
@@ -182,9 +202,11 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
         seen = 0
         tick = time.perf_counter()
         stopped_early = False
+        order, order_epoch = torch.empty(0, dtype=torch.int64), -1
         while step < total:
             epoch, pos = divmod(step, steps_per_epoch)
-            order = epoch_order(train_idx.numel(), cfg.seed, epoch)
+            if epoch != order_epoch:
+                order, order_epoch = order_of(epoch), epoch
             bi = train_idx[order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(step, total, cfg)
