@@ -1,4 +1,7 @@
-"""Simulator throughput benchmark (``roadloop bench sim``).
+"""Benchmarks behind ``roadloop bench``: the simulator (``sim``), the VLA policy (``vla``) and the
+imitation data loading (``data``, at the end of the file).
+
+Simulator throughput (``roadloop bench sim``).
 
 Scene: a 4-lane, 600 m road with the ego and 31 IDM vehicles (32 agents), a signalised stop
 line, every check on (all-pairs collision with broad phase, off-road through the lane index,
@@ -126,3 +129,57 @@ def run_vla_bench(policy, batch: int, repeats: int = 10, warmup: int = 2) -> VLA
     med = float(np.median(times))
     return VLABenchResult(batch, repeats, 1000 * med, 1000 * float(np.quantile(times, 0.9)), batch / med,
                           float(np.mean(ntok)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Demonstration loading for imitation (``roadloop bench data``)
+
+@dataclass
+class DataBenchResult:
+    mode: str  # "memory" or "stream" (``roadloop.data.dataset.load_demos``)
+    samples: int  # decisions in the collection(s)
+    load_s: float  # load_demos wall time
+    batches: int
+    batch_s_ms: float  # mean wall time to produce one decoded training batch
+    samples_per_s: float
+    shard_loads: int  # shards decompressed while producing the batches (stream)
+    rss_mb: float  # resident memory after the batches (process-wide)
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 64, window: int = 8,
+                   seed: int = 0) -> DataBenchResult:
+    """Produce ``batches`` decoded raster batches in the imitation trainer's sample order
+    (``epoch_order`` for memory, ``shard_epoch_order`` for stream) and time them: the data side
+    of a training step, without the model."""
+    import gc
+
+    from roadloop.data.dataset import load_demos, shard_epoch_order
+    from roadloop.train.il import epoch_order
+
+    gc.collect()
+    t0 = time.perf_counter()
+    demos = load_demos(data, rasters=mode, cache_shards=2 * window)
+    load_s = time.perf_counter() - t0
+    n = len(demos)
+    if mode == "stream":
+        order = shard_epoch_order(demos.raster.shard_of(torch.arange(n)), seed, 0, window)
+    else:
+        order = epoch_order(n, seed, 0)
+    batches = max(1, min(batches, n // batch_size))
+    t0 = time.perf_counter()
+    for i in range(batches):
+        demos.bev(order[i * batch_size:(i + 1) * batch_size])
+    dt = time.perf_counter() - t0
+    loads = demos.raster.loads if mode == "stream" else 0
+    rss = _rss_mb()
+    del demos
+    gc.collect()
+    return DataBenchResult(mode, n, load_s, batches, 1000 * dt / batches, batches * batch_size / dt, loads, rss)

@@ -142,6 +142,37 @@ def _fmt(mean: float, ci=None, pct: bool = False) -> str:
     return f(mean) if ci is None else f"{f(mean)} [{f(ci[0])}, {f(ci[1])}]"
 
 
+@bench_app.command("data")
+@friendly
+def bench_data(data: str = typer.Option(..., "--data", help="Demonstration directory, or several joined by commas."),
+               modes: str = typer.Option("stream,memory", help="Loading modes to time, in order."),
+               batches: int = typer.Option(200, help="Batches of 64 to produce per mode."),
+               window: int = typer.Option(8, help="Shards shuffled together when streaming (il.stream_window)."),
+               json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
+    """Imitation data loading: decoded raster batches/s and memory, rasters in memory vs streamed from shards."""
+    import torch
+
+    from roadloop.bench import run_data_bench
+
+    table = Table(title=f"roadloop bench data: {data}, {torch.get_num_threads()} threads")
+    for c in ("mode", "decisions", "load s", "ms / batch of 64", "samples/s", "shards read", "RSS MB"):
+        table.add_column(c, justify="right")
+    results = []
+    for mode in [m.strip() for m in modes.split(",") if m.strip()]:
+        r = run_data_bench(data, mode, batches=batches, window=window)
+        results.append(r)
+        table.add_row(mode, f"{r.samples:,}", f"{r.load_s:.1f}", f"{r.batch_s_ms:.1f}", f"{r.samples_per_s:,.0f}",
+                      str(r.shard_loads), f"{r.rss_mb:,.0f}")
+    console.print(table)
+    if json_path:
+        from dataclasses import asdict
+
+        from roadloop.io import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps({"data": data, "threads": torch.get_num_threads(),
+                                                 "results": [asdict(r) for r in results]}, indent=2))
+
+
 @app.command("eval")
 @friendly
 def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, expert) or checkpoint path."),

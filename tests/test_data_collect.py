@@ -182,6 +182,22 @@ def test_several_collections_load_as_one(fresh, tmp_path):
         load_demos(" , ")
 
 
+def test_cli_bench_data(fresh, tmp_path):
+    from typer.testing import CliRunner
+
+    from roadloop.cli import app
+
+    d, man = fresh
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(app, ["bench", "data", "--data", str(d), "--batches", "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = {x["mode"]: x for x in json.loads(out.read_text())["results"]}
+    assert set(res) == {"stream", "memory"}
+    assert res["stream"]["samples"] == res["memory"]["samples"] == man.n_samples
+    assert res["stream"]["shard_loads"] >= 1 and res["memory"]["shard_loads"] == 0
+    assert all(x["samples_per_s"] > 0 for x in res.values())
+
+
 def _one_scenario_suite(tmp_path):
     """A saved suite of one scenario that ``smoke``'s first two do not hold."""
     from roadloop.scenarios.generate import generate
