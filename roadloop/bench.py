@@ -154,10 +154,10 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 64, window: int = 8,
+def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 64, window: int = 16,
                    seed: int = 0) -> DataBenchResult:
     """Produce ``batches`` decoded raster batches in the imitation trainer's sample order
-    (``epoch_order`` for memory, ``shard_epoch_order`` for stream) and time them: the data side
+    (``epoch_order`` for memory, family-stratified ``shard_epoch_order`` for stream) and time them: the data side
     of a training step, without the model."""
     import gc
 
@@ -166,11 +166,13 @@ def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 6
 
     gc.collect()
     t0 = time.perf_counter()
-    demos = load_demos(data, rasters=mode, cache_shards=2 * window)
+    demos = load_demos(data, rasters=mode, cache_shards=window + 2)
     load_s = time.perf_counter() - t0
     n = len(demos)
     if mode == "stream":
-        order = shard_epoch_order(demos.raster.shard_of(torch.arange(n)), seed, 0, window)
+        fam = {f: i for i, f in enumerate(sorted(set(demos.family)))}
+        strata = torch.tensor([fam[f] for f in demos.family], dtype=torch.int64)
+        order = shard_epoch_order(demos.raster.shard_of(torch.arange(n)), seed, 0, window, strata)
     else:
         order = epoch_order(n, seed, 0)
     batches = max(1, min(batches, n // batch_size))

@@ -147,7 +147,7 @@ def _fmt(mean: float, ci=None, pct: bool = False) -> str:
 def bench_data(data: str = typer.Option(..., "--data", help="Demonstration directory, or several joined by commas."),
                modes: str = typer.Option("stream,memory", help="Loading modes to time, in order."),
                batches: int = typer.Option(200, help="Batches of 64 to produce per mode."),
-               window: int = typer.Option(8, help="Shards shuffled together when streaming (il.stream_window)."),
+               window: int = typer.Option(16, help="Shards shuffled together when streaming (il.stream_window)."),
                json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
     """Imitation data loading: decoded raster batches/s and memory, rasters in memory vs streamed from shards."""
     import torch

@@ -154,6 +154,13 @@ def test_streamed_rasters_equal_the_loaded_ones(fresh, monkeypatch):
     windows = [first.index(s) for s in visited]  # window = 1: each shard's samples in one block
     assert windows == sorted(windows) and len(first) == len(man.shards) >= 2
     assert int((torch.diff(shard[shard_epoch_order(shard, 3, 1, window=2)]) != 0).sum()) > 1  # a window mixes
+    # strata (one family per shard, as the collector writes): every window of 3 shards holds the 3 families
+    syn_shard = torch.arange(6).repeat_interleave(5)
+    syn_family = (torch.arange(6) % 3).repeat_interleave(5)
+    for epoch in range(5):
+        o = shard_epoch_order(syn_shard, 0, epoch, window=3, strata=syn_family)
+        assert torch.equal(o.sort().values, torch.arange(30))
+        assert all(sorted(set(syn_family[o[w:w + 15]].tolist())) == [0, 1, 2] for w in (0, 15))
     monkeypatch.setattr(ds_mod, "available_memory", lambda: 1024)
     with pytest.raises(RoadloopError, match=r"need .* GiB in memory.*data_loading=stream"):
         load_demos(d)

@@ -224,22 +224,39 @@ class ShardRasters:
         return out
 
 
-def shard_epoch_order(shard: torch.Tensor, seed: int, epoch: int, window: int) -> torch.Tensor:
+def shard_epoch_order(shard: torch.Tensor, seed: int, epoch: int, window: int,
+                      strata: torch.Tensor | None = None) -> torch.Tensor:
     """A permutation of ``range(len(shard))`` that reads the shards ``window`` at a time.
 
     ``shard`` (N,) is the shard of each sample.  The shards are shuffled, cut into groups of
-    ``window``, and each group's samples are shuffled among themselves, group after group.  A
-    pure function of (seed, epoch), like ``roadloop.train.il.epoch_order``, so a resumed run
-    replays it.
+    ``window``, and each group's samples are shuffled among themselves, group after group.  With
+    ``strata`` (N,) int64 (e.g. the family of each sample; a shard counts as its first sample's
+    stratum) the shuffled shards of each stratum are spread evenly over the epoch (stratified,
+    like systematic sampling), so each group holds the strata in about their overall proportions:
+    the collector writes one family per shard, and plain shuffling would let a group miss most
+    families.  A pure function of (seed, epoch), like ``roadloop.train.il.epoch_order``, so a
+    resumed run replays it.
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     ids, inv = torch.unique(shard, return_inverse=True)
-    rank = torch.empty(ids.numel(), dtype=torch.int64)
-    rank[torch.randperm(ids.numel(), generator=g)] = torch.arange(ids.numel())
+    n_shards, n = ids.numel(), shard.numel()
+    if strata is None:
+        s_of = torch.zeros(n_shards, dtype=torch.int64)
+    else:
+        first = torch.full((n_shards,), n, dtype=torch.int64).scatter_reduce(0, inv, torch.arange(n), "amin")
+        s_of = strata[first]
+    key = torch.empty(n_shards, dtype=torch.float64)
+    for st in s_of.unique().tolist():  # a few strata, once per epoch
+        members = (s_of == st).nonzero().flatten()
+        members = members[torch.randperm(members.numel(), generator=g)]
+        offset = torch.rand(1, generator=g, dtype=torch.float64)
+        key[members] = (torch.arange(members.numel(), dtype=torch.float64) + offset) / members.numel()
+    rank = torch.empty(n_shards, dtype=torch.int64)
+    rank[torch.argsort(key, stable=True)] = torch.arange(n_shards)
     group = (rank[inv] // window).double()
-    return torch.argsort(group + torch.rand(shard.numel(), generator=g, dtype=torch.float64))
+    return torch.argsort(group + torch.rand(n, generator=g, dtype=torch.float64))
 
 
 @dataclass

@@ -13,10 +13,11 @@ restores the last good state (``GoodState``); ``max_bad_steps`` in a row stop th
 model goes to ``<out>/final`` (``save_checkpoint``: safetensors + config.json with the dataset
 hash and the open-loop metrics) and is what ``roadloop eval --policy <out>/final`` drives.
 
-``data_loading=stream`` keeps only the rasters of ``2 x stream_window`` shards in memory instead
+``data_loading=stream`` keeps only the rasters of ``stream_window + 2`` shards in memory instead
 of the whole collection's (213 KB a sample), for collections larger than the machine's memory:
-each epoch shuffles the shards, takes them ``stream_window`` at a time and shuffles the samples of
-those shards together (``shard_epoch_order``), so every shard is decompressed once per epoch.
+each epoch shuffles the shards (stratified by family: the collector writes one family per shard),
+takes them ``stream_window`` at a time and shuffles the samples of those shards together
+(``shard_epoch_order``), so every shard is decompressed once per epoch.
 The sample order differs from ``memory``'s, so the two modes give different (equally valid) runs.
 Loading a collection in memory that would not fit is refused with an error naming this option.
 
@@ -72,7 +73,7 @@ class ILConfig:
     action_weight: float = 1.0
     precision: str = "fp32"  # "bf16": forward and loss under bfloat16 autocast (weights, optimizer stay fp32)
     data_loading: str = "memory"  # memory: all rasters in RAM (213 KB a sample); stream: read shard by shard
-    stream_window: int = 8  # stream: shards shuffled together (2 x this many stay in memory)
+    stream_window: int = 16  # stream: shards shuffled together (this many + 2 stay in memory), family-stratified
     time_limit_min: float = 29.0  # stop early (with a checkpoint) past this wall time; <= 0: none
     log_every: int = 25
     ckpt_every: int = 250
@@ -154,7 +155,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     t_start = time.perf_counter()
     run_dir, prev = open_run_dir(cfg.out, resume)
     stream = cfg.data_loading == "stream"
-    train_all = load_demos(cfg.data, rasters=cfg.data_loading, cache_shards=2 * cfg.stream_window)
+    train_all = load_demos(cfg.data, rasters=cfg.data_loading, cache_shards=cfg.stream_window + 2)
     vcfg = VLAConfig.preset(cfg.model.preset)
     vcfg = VLAConfig(**{**to_dict(vcfg), "dropout": cfg.model.dropout,
                         **({"stem": cfg.model.stem} if cfg.model.stem is not None else {})}).validate()
@@ -163,7 +164,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
                             f"started on ({str(prev.get('dataset'))[:12]}); not resuming on other data")
     data = TokenizedDemos.build(train_all, vcfg)
     if cfg.val_data:
-        val = load_demos(cfg.val_data, rasters=cfg.data_loading, cache_shards=2 * cfg.stream_window)
+        val = load_demos(cfg.val_data, rasters=cfg.data_loading, cache_shards=cfg.stream_window + 2)
         train_idx = torch.arange(len(train_all))
         val_idx = torch.arange(len(val))
     else:
@@ -178,9 +179,14 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
         ev_idx, fin_idx = ev_idx.sort().values, fin_idx.sort().values
         log(f"streaming rasters from {len(train_all.raster.paths)} shards, {cfg.stream_window} at a time")
 
+    if stream:
+        fam_ids = {f: i for i, f in enumerate(sorted(set(train_all.family)))}
+        strata = torch.tensor([fam_ids[train_all.family[i]] for i in train_idx.tolist()], dtype=torch.int64)
+        shard_of = train_all.raster.shard_of(train_idx)
+
     def order_of(epoch: int) -> torch.Tensor:
         if stream:
-            return shard_epoch_order(train_all.raster.shard_of(train_idx), cfg.seed, epoch, cfg.stream_window)
+            return shard_epoch_order(shard_of, cfg.seed, epoch, cfg.stream_window, strata)
         return epoch_order(train_idx.numel(), cfg.seed, epoch)
 
     torch.manual_seed(cfg.seed)
