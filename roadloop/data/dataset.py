@@ -369,7 +369,7 @@ def load_demos(directory: str | Path | list[str | Path], rasters: str = "memory"
         need = len(stream) * math.prod(stream.sample_shape)
         avail = available_memory()
         if avail is not None and need > MEMORY_SHARE * avail:
-            raise RoadloopError(f"{where}: the rasters of its {len(stream)} samples need {need / 2**30:.1f} GiB in "
+            raise RoadloopError(f"{where}: the rasters of the {len(stream):,} samples need {need / 2**30:.1f} GiB in "
                                 f"memory, and {avail / 2**30:.1f} GiB are available; stream them from the shards "
                                 f"instead (load_demos(..., rasters='stream'); roadloop train il data_loading=stream)")
     shards = []

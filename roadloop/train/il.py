@@ -175,11 +175,9 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     g = torch.Generator().manual_seed(cfg.seed)
     ev_idx = val_idx[torch.randperm(val_idx.numel(), generator=g)[:cfg.eval_samples]]
     fin_idx = val_idx[torch.randperm(val_idx.numel(), generator=g)[:cfg.final_eval_samples]]
-    if stream:  # in index order, so each evaluation batch reads one or two shards (the same samples)
+    if stream:  # evaluation in index order, so that each batch reads one or two shards (the same samples)
         ev_idx, fin_idx = ev_idx.sort().values, fin_idx.sort().values
         log(f"streaming rasters from {len(train_all.raster.paths)} shards, {cfg.stream_window} at a time")
-
-    if stream:
         fam_ids = {f: i for i, f in enumerate(sorted(set(train_all.family)))}
         strata = torch.tensor([fam_ids[train_all.family[i]] for i in train_idx.tolist()], dtype=torch.int64)
         shard_of = train_all.raster.shard_of(train_idx)
