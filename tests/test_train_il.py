@@ -63,8 +63,8 @@ def test_training_learns_and_is_tracked(demos, home, tmp_path):
     assert run["run_id"] == res.run_id
 
 
-def test_interrupted_run_resumes_to_the_same_weights(demos, home, tmp_path):
-    full = train_il(_cfg(demos, tmp_path / "full", epochs=6.0), log=lambda m: None)
+def _interrupt_at_step_15(demos, out, **kw) -> None:
+    """Start a run in ``out`` and kill it (an exception from the progress callback) at step 15."""
 
     class Stop(Exception):
         pass
@@ -74,17 +74,26 @@ def test_interrupted_run_resumes_to_the_same_weights(demos, home, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train_il(_cfg(demos, tmp_path / "cut", epochs=6.0, log_every=1), on_progress=boom, log=lambda m: None)
+        train_il(_cfg(demos, out, **{**kw, "log_every": 1}), on_progress=boom, log=lambda m: None)
+
+
+def _assert_same_weights(ckpt_a, ckpt_b) -> None:
+    a, _ = load_checkpoint(ckpt_a)
+    b, _ = load_checkpoint(ckpt_b)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k  # bit-identical
+
+
+def test_interrupted_run_resumes_to_the_same_weights(demos, home, tmp_path):
+    full = train_il(_cfg(demos, tmp_path / "full", epochs=6.0), log=lambda m: None)
+    _interrupt_at_step_15(demos, tmp_path / "cut", epochs=6.0)
     assert not (tmp_path / "cut" / "final").exists()
     with pytest.raises(RoadloopError, match="--resume"):
         train_il(_cfg(demos, tmp_path / "cut", epochs=6.0), log=lambda m: None)
     msgs = []
     res = train_il(_cfg(demos, tmp_path / "cut", epochs=6.0), resume=True, log=msgs.append)
     assert any("resumed" in m and "step 10" in m for m in msgs)  # last checkpoint before the interruption
-    a, _ = load_checkpoint(full.checkpoint)
-    b, _ = load_checkpoint(res.checkpoint)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k  # bit-identical to the uninterrupted run
+    _assert_same_weights(full.checkpoint, res.checkpoint)  # as if never interrupted
     assert res.run_id == json.loads((tmp_path / "cut" / "run.json").read_text())["run_id"]
 
 
@@ -97,21 +106,9 @@ def test_streamed_rasters_train_and_resume(demos, home, tmp_path):
     assert any("streaming rasters" in m for m in msgs)
     losses = [v for _, v in read_metrics(full.run_id, "loss")]
     assert losses[-1] < 0.7 * losses[0]
-
-    class Stop(Exception):
-        pass
-
-    def boom(step, total, m):
-        if step >= 15:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_il(_cfg(demos, tmp_path / "cut", log_every=1, **kw), on_progress=boom, log=lambda m: None)
+    _interrupt_at_step_15(demos, tmp_path / "cut", **kw)
     res = train_il(_cfg(demos, tmp_path / "cut", **kw), resume=True, log=lambda m: None)
-    a, _ = load_checkpoint(full.checkpoint)
-    b, _ = load_checkpoint(res.checkpoint)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
+    _assert_same_weights(full.checkpoint, res.checkpoint)
     with pytest.raises(ConfigError, match="data_loading must be one of memory, stream"):
         train_il(_cfg(demos, tmp_path / "r0", data_loading="disk"), log=lambda m: None)
 
