@@ -157,11 +157,11 @@ def _rss_mb() -> float:
 def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 64, window: int = 16,
                    seed: int = 0) -> DataBenchResult:
     """Produce ``batches`` decoded raster batches in the imitation trainer's sample order
-    (``epoch_order`` for memory, family-stratified ``shard_epoch_order`` for stream) and time them: the data side
+    (``epoch_order`` for memory, ``stream_epoch_order`` for stream) and time them: the data side
     of a training step, without the model."""
     import gc
 
-    from roadloop.data.dataset import load_demos, shard_epoch_order
+    from roadloop.data.dataset import load_demos, stream_epoch_order
     from roadloop.train.il import epoch_order
 
     gc.collect()
@@ -170,9 +170,7 @@ def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 6
     load_s = time.perf_counter() - t0
     n = len(demos)
     if mode == "stream":
-        fam = {f: i for i, f in enumerate(sorted(set(demos.family)))}
-        strata = torch.tensor([fam[f] for f in demos.family], dtype=torch.int64)
-        order = shard_epoch_order(demos.raster.shard_of(torch.arange(n)), seed, 0, window, strata)
+        order = stream_epoch_order(demos, torch.arange(n), seed, 0, window)
     else:
         order = epoch_order(n, seed, 0)
     batches = max(1, min(batches, n // batch_size))

@@ -191,10 +191,8 @@ class ShardRasters:
         """(B,) shard index of each sample index."""
         return torch.searchsorted(self.offsets[1:], idx, right=True)
 
-    def _load(self, si: int) -> np.ndarray:
-        if si in self._cache:
-            self._cache.move_to_end(si)
-            return self._cache[si]
+    def read(self, si: int) -> np.ndarray:
+        """Shard ``si``'s rasters (n, F, C, H, W) uint8, decompressed now (not cached) and checked."""
         p = self.paths[si]
         with _open(p) as z:
             try:
@@ -204,8 +202,14 @@ class ShardRasters:
         n = int(self.offsets[si + 1] - self.offsets[si])
         if arr.shape != (n, *self.sample_shape) or arr.dtype != np.uint8:
             raise RoadloopError(f"{p}: raster is {arr.dtype} {arr.shape}, expected uint8 {(n, *self.sample_shape)}")
-        self._cache[si] = arr
         self.loads += 1
+        return arr
+
+    def _load(self, si: int) -> np.ndarray:
+        if si in self._cache:
+            self._cache.move_to_end(si)
+            return self._cache[si]
+        arr = self._cache[si] = self.read(si)
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
         return arr
@@ -257,6 +261,16 @@ def shard_epoch_order(shard: torch.Tensor, seed: int, epoch: int, window: int,
     rank[torch.argsort(key, stable=True)] = torch.arange(n_shards)
     group = (rank[inv] // window).double()
     return torch.argsort(group + torch.rand(n, generator=g, dtype=torch.float64))
+
+
+def stream_epoch_order(demos: DemoTensors, idx: torch.Tensor, seed: int, epoch: int, window: int) -> torch.Tensor:
+    """``shard_epoch_order`` of the samples ``idx`` (B,) of a streamed collection, stratified by family:
+    a permutation of ``range(B)``."""
+    if not isinstance(demos.raster, ShardRasters):
+        raise ValueError("stream_epoch_order needs a collection loaded with rasters='stream'")
+    fam = {f: i for i, f in enumerate(sorted(set(demos.family)))}
+    strata = torch.tensor([fam[demos.family[i]] for i in idx.tolist()], dtype=torch.int64)
+    return shard_epoch_order(demos.raster.shard_of(idx), seed, epoch, window, strata)
 
 
 @dataclass
@@ -383,8 +397,7 @@ def load_demos(directory: str | Path | list[str | Path], rasters: str = "memory"
     if rasters == "memory":  # shard by shard into one tensor: the peak is the rasters plus one shard
         raster = torch.empty(stream.shape, dtype=torch.uint8)
         for si in range(len(paths)):
-            raster[int(stream.offsets[si]):int(stream.offsets[si + 1])] = torch.from_numpy(stream._load(si))
-            stream._cache.clear()
+            raster[int(stream.offsets[si]):int(stream.offsets[si + 1])] = torch.from_numpy(stream.read(si))
     cat = lambda k: torch.from_numpy(np.concatenate([d[k] for d in shards]))  # noqa: E731
     strs = lambda k: [str(x) for d in shards for x in d[k]]  # noqa: E731
     facts = {}
@@ -403,4 +416,4 @@ def load_demos(directory: str | Path | list[str | Path], rasters: str = "memory"
 
 
 __all__ = ["DemoDataset", "DemoTensors", "RASTER_MODES", "ShardRasters", "available_memory", "collate_samples",
-           "is_val", "load_demos", "shard_epoch_order"]
+           "is_val", "load_demos", "shard_epoch_order", "stream_epoch_order"]

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from roadloop.config import to_dict
-from roadloop.data.dataset import RASTER_MODES, DemoTensors, load_demos, shard_epoch_order
+from roadloop.data.dataset import RASTER_MODES, DemoTensors, load_demos, stream_epoch_order
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.eval.openloop import model_inputs, openloop_metrics
 from roadloop.policies.vla import tokenizer as tok
@@ -178,13 +178,10 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     if stream:  # evaluation in index order, so that each batch reads one or two shards (the same samples)
         ev_idx, fin_idx = ev_idx.sort().values, fin_idx.sort().values
         log(f"streaming rasters from {len(train_all.raster.paths)} shards, {cfg.stream_window} at a time")
-        fam_ids = {f: i for i, f in enumerate(sorted(set(train_all.family)))}
-        strata = torch.tensor([fam_ids[train_all.family[i]] for i in train_idx.tolist()], dtype=torch.int64)
-        shard_of = train_all.raster.shard_of(train_idx)
 
     def order_of(epoch: int) -> torch.Tensor:
         if stream:
-            return shard_epoch_order(shard_of, cfg.seed, epoch, cfg.stream_window, strata)
+            return stream_epoch_order(train_all, train_idx, cfg.seed, epoch, cfg.stream_window)
         return epoch_order(train_idx.numel(), cfg.seed, epoch)
 
     torch.manual_seed(cfg.seed)
