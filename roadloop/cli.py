@@ -234,6 +234,72 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
         console.print(f"wrote {path}")
 
 
+_OPENLOOP_COLS = (("min_ade", "minADE_k m", False), ("decision_acc", "decision acc.", True),
+                  ("grounding", "grounding", True), ("consistency", "consistency", True))  # all metrics: --json
+
+
+@app.command("eval-openloop")
+@friendly
+def eval_openloop_cmd(policy: str = typer.Option(..., help="VLA checkpoint directory (e.g. <il run>/final)."),
+                      data: str = typer.Option(..., "--data", help="Held-out demonstrations (roadloop data "
+                                               "collect --suites val,sumo-real-val); several: a,b."),
+                      samples: int = typer.Option(0, help="Score a seeded random subset of this many decisions "
+                                                  "(0: all of them)."),
+                      k: int = typer.Option(6, help="Sampled plans per decision for minADE_k / minFDE_k."),
+                      temperature: float = typer.Option(1.0, help="Sampling temperature of the k plans."),
+                      top_p: float = typer.Option(0.95, help="Nucleus of the k sampled plans."),
+                      seed: int = typer.Option(0, help="Seed of the subset and of the sampled plans."),
+                      batch_size: int = typer.Option(64, help="Decisions decoded together."),
+                      json_path: Path = typer.Option(None, "--json", help="Write the summary JSON here.")) -> None:
+    """Open-loop metrics of a VLA checkpoint on held-out demonstrations, with 95% CIs (bootstrap over
+    scenarios), overall and per family: minADE_6 / minFDE_6, decision accuracy, grounding, consistency."""
+    import torch
+
+    from roadloop.data.dataset import load_demos
+    from roadloop.eval.openloop import openloop_samples, summarize_openloop
+    from roadloop.io import atomic_write_text
+    from roadloop.policies.vla.model import load_checkpoint
+
+    if k < 0 or samples < 0 or batch_size < 1:
+        raise RoadloopError(f"--k and --samples must be >= 0 and --batch-size >= 1, got {k}, {samples}, {batch_size}")
+    if not 0 < top_p <= 1 or not temperature >= 0:
+        raise RoadloopError(f"--top-p must be in (0, 1] and --temperature >= 0, got {top_p}, {temperature}")
+    model, _ = load_checkpoint(policy)
+    demos = load_demos(data, rasters="stream")  # index order reads each shard once: rasters stay small
+    cfg = model.cfg
+    want = (cfg.frames, cfg.raster_channels, cfg.raster_size, cfg.raster_size)
+    got = tuple(demos.raster.shape[1:])
+    if got != want:
+        raise RoadloopError(f"{data}: rasters are {got} (frames, channels, H, W) but the checkpoint {policy} "
+                            f"expects {want}")
+    n = len(demos)
+    idx = torch.arange(n)
+    if 0 < samples < n:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:samples].sort().values
+    with progress() as prog:
+        task = prog.add_task(f"open loop on {idx.numel():,} decisions", total=idx.numel())
+        per = openloop_samples(model, demos, idx, k=k, temperature=temperature, top_p=top_p, seed=seed,
+                               batch_size=batch_size, on_batch=lambda b: prog.advance(task, b))
+    sel = idx.tolist()
+    summ = summarize_openloop(per, [demos.scenario_id[i] for i in sel], [demos.family[i] for i in sel], seed=seed)
+    table = Table(title=f"open loop: {policy} on {data} ({summ['n_samples']:,} decisions, "
+                  f"{summ['n_scenarios']} scenarios; [95% CI], bootstrap over scenarios)")
+    table.add_column("family", no_wrap=True)
+    table.add_column("n", justify="right")
+    for _, title, _ in _OPENLOOP_COLS:
+        table.add_column(title, justify="right")
+    rows = [("all", summ["overall"])] + sorted(summ["per_family"].items())
+    for i, (name, block) in enumerate(rows):
+        cells = [_fmt(block[key]["mean"], block[key]["ci"] if i == 0 else None, pct) for key, _, pct in _OPENLOOP_COLS]
+        table.add_row(name, str(block["ade"]["n"]), *cells, end_section=i == 0)
+    console.print(table)
+    if json_path:
+        doc = {"policy": str(policy), "data": data, "content_hash": demos.content_hash, "k": k,
+               "temperature": temperature, "top_p": top_p, "seed": seed, **summ}
+        atomic_write_text(json_path, json.dumps(doc, indent=2))
+        console.print(f"wrote {json_path}")
+
+
 def _replan_every(replan_hz: float) -> int:
     every = round(10.0 / replan_hz) if replan_hz > 0 else 0
     if every < 1 or abs(10.0 / every - replan_hz) > 1e-6:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,6 +166,22 @@ def test_openloop_scores_of_the_labels_themselves(demos):
     assert 0 <= om["decision_acc"] <= 1 and math.isfinite(om["min_ade"])
 
 
+def test_scenario_clustered_confidence_intervals():
+    """Decisions of one drive are not independent: ten copies of each scenario's value must not
+    narrow the interval the way ten independent draws would."""
+    from roadloop.eval.evaluate import bootstrap_ci
+    from roadloop.eval.openloop import cluster_bootstrap_ci
+
+    per_scenario = np.random.default_rng(0).normal(size=40)
+    x, groups = np.repeat(per_scenario, 10), np.repeat(np.arange(40), 10)
+    lo, hi = cluster_bootstrap_ci(x, groups)
+    glo, ghi = bootstrap_ci(per_scenario)
+    nlo, nhi = bootstrap_ci(x)
+    assert lo < x.mean() < hi and abs((hi - lo) - (ghi - glo)) < 0.15 * (ghi - glo)
+    assert (nhi - nlo) < 0.5 * (hi - lo)  # the naive interval is ~sqrt(10) times too narrow
+    assert cluster_bootstrap_ci(np.array([np.nan, 1.0]), np.array([0, 1])) == (1.0, 1.0)
+
+
 def test_cli_train_then_closed_loop_eval(demos, home, tmp_path):
     from typer.testing import CliRunner
 
@@ -184,6 +201,22 @@ def test_cli_train_then_closed_loop_eval(demos, home, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(rj.read_text())
     assert rep["policy"].startswith("vla@") and rep["overall"]["score"]["n"] == 10
+    # open loop on every held-out decision, with scenario-clustered CIs, equal to the trainer's metric code
+    oj = tmp_path / "openloop.json"
+    r = CliRunner().invoke(app, ["--threads", "1", "eval-openloop", "--policy", str(out / "final"),
+                                 "--data", str(demos), "--k", "2", "--json", str(oj)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(oj.read_text())
+    d = load_demos(demos)
+    assert doc["n_samples"] == len(d) and doc["n_scenarios"] == len(set(d.scenario_id))
+    assert set(doc["per_family"]) == set(d.family) and doc["content_hash"] == d.content_hash
+    model, _ = load_checkpoint(out / "final")
+    om = openloop_metrics(model, d, k=2)
+    for key in ("min_ade", "ade", "decision_acc", "grounding", "consistency"):
+        st = doc["overall"][key]
+        assert st["mean"] == pytest.approx(om[key], rel=1e-5, abs=1e-6) and st["ci"][0] <= st["mean"] <= st["ci"][1]
+    r = CliRunner().invoke(app, ["eval-openloop", "--policy", str(out / "final"), "--data", str(demos), "--top-p", "0"])
+    assert r.exit_code == 2 and "--top-p" in r.output
     r = CliRunner().invoke(app, ["train", "il", "lr=abc", "--data", str(demos), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "lr" in r.output
     r = CliRunner().invoke(app, ["eval", "--policy", str(tmp_path / "nope"), "--suite", "smoke"])

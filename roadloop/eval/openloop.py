@@ -19,7 +19,9 @@ All four text metrics judge free text against ground truth, never against the la
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from roadloop.data.dataset import DemoTensors
@@ -64,26 +66,30 @@ def score_outputs(demos: DemoTensors, idx: torch.Tensor, text_ids: torch.Tensor,
             "text_len": tl}
 
 
+OPENLOOP_KEYS = ("min_ade", "min_fde", "ade", "fde", "decision_acc", "grounding", "consistency", "text_len")
+
+
 @torch.no_grad()
-def openloop_metrics(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | None = None, k: int = 6,
-                     temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
-                     batch_size: int = 64, greedy_actions: str = "mean") -> dict[str, float]:
-    """Metrics (module docstring) over the samples ``idx`` (default: all).  Returns floats."""
+def openloop_samples(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | None = None, k: int = 6,
+                     temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, batch_size: int = 64,
+                     greedy_actions: str = "mean", on_batch: Callable[[int], None] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Per-sample metrics (module docstring) of the samples ``idx`` (default: all), each (n,) float;
+    ``min_ade`` / ``min_fde`` are NaN when ``k`` <= 0.  ``on_batch(n)`` after each batch of n."""
     was_training = model.training
     model.eval()
     idx = torch.arange(len(demos)) if idx is None else idx
     if idx.numel() == 0:
-        raise ValueError("openloop_metrics: no samples")
+        raise ValueError("openloop_samples: no samples")
     chunk = model.cfg.action_chunk
-    sums: dict[str, float] = {"min_ade": 0.0, "min_fde": 0.0}
-    n = 0
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in OPENLOOP_KEYS}
     for start in range(0, idx.numel(), batch_size):
         bi = idx[start:start + batch_size]
         B = bi.numel()
         obs = model_inputs(demos, bi)
         text, acts, _, _ = model.sample(obs, temperature=0.0, greedy_actions=greedy_actions)
         for key, v in score_outputs(demos, bi, text, acts, chunk).items():
-            sums[key] = sums.get(key, 0.0) + float(v.sum())
+            parts[key].append(v.float())
         if k > 0:
             rep = {key: v.repeat_interleave(k, 0) for key, v in obs.items()}
             gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i) * 101 + j)
@@ -91,15 +97,67 @@ def openloop_metrics(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | No
             _, sacts, _, _ = model.sample(rep, temperature=temperature, top_p=top_p, generator=gens)
             s_xy = plans_from_tokens(sacts, demos.speed[bi].repeat_interleave(k), chunk).view(B, k, -1, 2)
             serr = torch.linalg.vector_norm(s_xy - demos.waypoints[bi].unsqueeze(1), dim=-1)  # (B, k, 64)
-            sums["min_ade"] += float(serr.mean(-1).amin(1).sum())
-            sums["min_fde"] += float(serr[..., -1].amin(1).sum())
-        n += B
+            parts["min_ade"].append(serr.mean(-1).amin(1))
+            parts["min_fde"].append(serr[..., -1].amin(1))
+        else:
+            parts["min_ade"].append(torch.full((B,), math.nan))
+            parts["min_fde"].append(torch.full((B,), math.nan))
+        if on_batch is not None:
+            on_batch(B)
     model.train(was_training)
-    out = {key: v / n for key, v in sums.items()}
-    if k <= 0:
-        out["min_ade"] = out["min_fde"] = math.nan
-    out["n"] = float(n)
+    return {key: torch.cat(v) for key, v in parts.items()}
+
+
+def openloop_metrics(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | None = None, k: int = 6,
+                     temperature: float = 1.0, top_p: float = 0.95, seed: int = 0,
+                     batch_size: int = 64, greedy_actions: str = "mean") -> dict[str, float]:
+    """Mean metrics (module docstring) over the samples ``idx`` (default: all), plus ``n``."""
+    per = openloop_samples(model, demos, idx, k=k, temperature=temperature, top_p=top_p, seed=seed,
+                           batch_size=batch_size, greedy_actions=greedy_actions)
+    out = {key: float(v.mean()) for key, v in per.items()}
+    out["n"] = float(per["ade"].numel())
     return out
 
 
-__all__ = ["model_inputs", "openloop_metrics", "plans_from_tokens", "score_outputs"]
+def cluster_bootstrap_ci(x: np.ndarray, groups: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``x`` (n,) resampling whole groups (n,) (e.g. scenarios:
+    the decisions of one drive are not independent draws).  Non-finite values are dropped."""
+    x, groups = np.asarray(x, dtype=np.float64), np.asarray(groups)
+    keep = np.isfinite(x)
+    x, groups = x[keep], groups[keep]
+    if x.size == 0:
+        return (math.nan, math.nan)
+    _, g = np.unique(groups, return_inverse=True)
+    sums, counts = np.bincount(g, weights=x), np.bincount(g).astype(np.float64)
+    G = sums.size
+    pick = np.random.default_rng(seed).integers(0, G, size=(n_boot, G))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    a = (1 - level) / 2
+    return (float(np.quantile(means, a)), float(np.quantile(means, 1 - a)))
+
+
+def summarize_openloop(per_sample: dict[str, torch.Tensor], scenario_id: list[str], family: list[str],
+                       n_boot: int = 2000, seed: int = 0) -> dict:
+    """Means with 95% scenario-clustered bootstrap CIs, overall and per family.
+
+    Returns ``{"overall": {metric: {"mean", "ci", "n"}}, "per_family": {family: {metric: ...}},
+    "n_samples", "n_scenarios"}``; ``scenario_id`` / ``family`` name each sample's scenario / family."""
+    sid, fam = np.asarray(scenario_id), np.asarray(family)
+    vals = {key: v.double().numpy() for key, v in per_sample.items()}
+
+    def block(mask: np.ndarray) -> dict:
+        out = {}
+        for key, v in vals.items():
+            fin = np.isfinite(v) & mask
+            out[key] = {"mean": float(v[fin].mean()) if fin.any() else math.nan,
+                        "ci": cluster_bootstrap_ci(v[mask], sid[mask], n_boot=n_boot, seed=seed), "n": int(fin.sum())}
+        return out
+
+    everything = np.ones(sid.size, dtype=bool)
+    return {"overall": block(everything), "per_family": {f: block(fam == f) for f in sorted(set(family))},
+            "n_samples": int(sid.size), "n_scenarios": int(np.unique(sid).size)}
+
+
+__all__ = ["OPENLOOP_KEYS", "cluster_bootstrap_ci", "model_inputs", "openloop_metrics", "openloop_samples",
+           "plans_from_tokens", "score_outputs", "summarize_openloop"]
