@@ -47,6 +47,19 @@ def _lane_distance(sc, pts: np.ndarray) -> np.ndarray:
     return (np.linalg.norm(ap - t[..., None] * ab, axis=-1) - w / 2).min(1)
 
 
+def test_more_training_scenes_from_other_seeds(real):
+    """sumo-real-train-xl's recipe: other SUMO runs (seeds) give new scenarios with their own ids, and
+    the train-half egos never include a sumo-real-val ego."""
+    more = build_sumo_real("train", per_network=8, seed=(1, 2), networks=["fokr_bs_demo"])
+    ids = [s.meta.scenario_id for s in more]
+    assert len(ids) == len(set(ids)) == 8
+    assert {i.split("/")[0] for i in ids} == {"sumo-fokr_bs_demo-s1", "sumo-fokr_bs_demo-s2"}
+    assert all(dict(s.meta.extra)["split"] == "train" for s in more)
+    val_egos = {dict(s.meta.extra)["vehicle"] for s in real["fokr_bs_demo"] if dict(s.meta.extra)["split"] == "val"}
+    assert val_egos and not val_egos & {dict(s.meta.extra)["vehicle"] for s in more}
+    assert set(sumo_suite.SUMO_SUITES) >= {"sumo-real", "sumo-real-train", "sumo-real-val", "sumo-real-train-xl"}
+
+
 def test_suite_shape(real):
     for name, scs in real.items():
         assert len(scs) == 12, name

@@ -325,7 +325,8 @@ def cut_scenario(rec: Recording, net: RoadNetwork, v: int, t0: int, *, seed: int
               sumo_additional=rec.info.get("additional", ""),
               sumo_extra_args=rec.info.get("extra_args", "[]"), random_trips=rec.info.get("random_trips", ""))
     ex.update(extra or {})
-    meta = ScenarioMeta(scenario_id=f"sumo-{name}/{rec.ids[v]}@{t_abs:.1f}", family=family or f"sumo_{name}",
+    tag = f"sumo-{name}" if not seed else f"sumo-{name}-s{int(seed)}"  # other seeds: same vehicle ids, new traffic
+    meta = ScenarioMeta(scenario_id=f"{tag}/{rec.ids[v]}@{t_abs:.1f}", family=family or f"sumo_{name}",
                         seed=int(seed), source=f"sumo:{name}", warmup_steps=warmup_steps,
                         extra=tuple(sorted((str(k2), str(v2)) for k2, v2 in ex.items())))
     sc = builder.build(meta)

@@ -132,28 +132,45 @@ def build_sumo_suite(net_path: str, trips: list[str] | str | None = None, n: int
     return scs
 
 
-def build_sumo_real(split: str | None = None, per_network: int = 12, seed: int = 0,
+def build_sumo_real(split: str | None = None, per_network: int = 12, seed: int | tuple[int, ...] = 0,
                     networks: list[str] | None = None) -> list[Scenario]:
-    """The ``sumo-real`` suite: ``per_network`` scenarios from each of ``SUMO_REAL_NETWORKS``.
+    """The ``sumo-real`` suites: ``per_network`` scenarios from each of ``SUMO_REAL_NETWORKS`` per seed.
 
     Each network's scenarios are half train, half val (split by ego vehicle id); ``split``
-    selects one half (``per_network // 2`` per network) or both (None).
+    selects one half (``per_network // 2`` per network) or both (None).  Several seeds: one SUMO
+    run per seed (new random trips, or SUMO's own randomness for shipped routes); the ego split
+    by vehicle id holds across seeds.  Scenario ids carry the seed when it is not 0.
     """
     out: list[Scenario] = []
     halves = ["train", "val"] if split is None else [split]
-    for name in networks or list(SUMO_REAL_NETWORKS):
-        spec = SUMO_REAL_NETWORKS[name]
-        for h in halves:
-            out += build_sumo_suite(spec.path(spec.net), [spec.path(r) for r in spec.routes] or None,
-                                    n=per_network // 2, seed=seed, sim_seconds=spec.sim_seconds,
-                                    warmup=spec.warmup, begin=spec.begin,
-                                    additional=[spec.path(a) for a in spec.additional], name=name, split=h)
+    for s in (seed,) if isinstance(seed, int) else tuple(seed):
+        for name in networks or list(SUMO_REAL_NETWORKS):
+            spec = SUMO_REAL_NETWORKS[name]
+            for h in halves:
+                out += build_sumo_suite(spec.path(spec.net), [spec.path(r) for r in spec.routes] or None,
+                                        n=per_network // 2, seed=s, sim_seconds=spec.sim_seconds,
+                                        warmup=spec.warmup, begin=spec.begin,
+                                        additional=[spec.path(a) for a in spec.additional], name=name, split=h)
     return out
 
 
 # --- the named suites (``roadloop eval --suite sumo-real``) ----------------------------------
 
-SUMO_SUITES: dict[str, str | None] = {"sumo-real": None, "sumo-real-train": "train", "sumo-real-val": "val"}
+@dataclass(frozen=True)
+class SumoSuiteSpec:
+    """A named SUMO suite: ``build_sumo_real(split, per_network, seeds)``."""
+
+    split: str | None
+    per_network: int = 12
+    seeds: tuple[int, ...] = (0,)
+
+
+SUMO_SUITES: dict[str, SumoSuiteSpec] = {
+    "sumo-real": SumoSuiteSpec(None), "sumo-real-train": SumoSuiteSpec("train"), "sumo-real-val": SumoSuiteSpec("val"),
+    # more training scenes on the same four networks: train-half egos only (no sumo-real-val ego), from
+    # three other SUMO runs (seeds 1-3: new random trips; the shipped demand of highway / fokr_bs reseeded)
+    "sumo-real-train-xl": SumoSuiteSpec("train", per_network=128, seeds=(1, 2, 3)),
+}
 
 
 def sumo_code_hash() -> str:
@@ -190,6 +207,7 @@ def load_sumo_suite(name: str):
             return load_suite(d)
         except ScenarioError:
             pass  # damaged cache: rebuild
-    suite = Suite.of(name, build_sumo_real(SUMO_SUITES[name]))
+    spec = SUMO_SUITES[name]
+    suite = Suite.of(name, build_sumo_real(spec.split, per_network=spec.per_network, seed=spec.seeds))
     save_suite(suite, d)
     return suite
