@@ -114,7 +114,7 @@ def openloop_metrics(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | No
     """Mean metrics (module docstring) over the samples ``idx`` (default: all), plus ``n``."""
     per = openloop_samples(model, demos, idx, k=k, temperature=temperature, top_p=top_p, seed=seed,
                            batch_size=batch_size, greedy_actions=greedy_actions)
-    out = {key: float(v.mean()) for key, v in per.items()}
+    out = {key: float(v.double().mean()) for key, v in per.items()}
     out["n"] = float(per["ade"].numel())
     return out
 
