@@ -80,7 +80,7 @@ def test_named_sumo_suite_is_built_once_then_cached(grid, tmp_path, monkeypatch)
     monkeypatch.setenv("ROADLOOP_CACHE", str(tmp_path))
     scs = load_suite(grid[1]).scenarios  # the imported grid scenarios stand in for the real ones
     calls = []
-    monkeypatch.setattr(sumo_suite, "build_sumo_real", lambda split=None: calls.append(split) or scs)
+    monkeypatch.setattr(sumo_suite, "build_sumo_real", lambda split=None, **kw: calls.append(split) or scs)
     a = load_suite("sumo-real-train")
     b = load_suite("sumo-real-train")
     assert calls == ["train"] and a.name == "sumo-real-train" and a.content_hash == b.content_hash
