@@ -170,16 +170,15 @@ def test_scenario_clustered_confidence_intervals():
     """Decisions of one drive are not independent: ten copies of each scenario's value must not
     narrow the interval the way ten independent draws would."""
     from roadloop.eval.evaluate import bootstrap_ci
-    from roadloop.eval.openloop import cluster_bootstrap_ci
 
     per_scenario = np.random.default_rng(0).normal(size=40)
     x, groups = np.repeat(per_scenario, 10), np.repeat(np.arange(40), 10)
-    lo, hi = cluster_bootstrap_ci(x, groups)
+    lo, hi = bootstrap_ci(x, groups=groups)
     glo, ghi = bootstrap_ci(per_scenario)
     nlo, nhi = bootstrap_ci(x)
     assert lo < x.mean() < hi and abs((hi - lo) - (ghi - glo)) < 0.15 * (ghi - glo)
     assert (nhi - nlo) < 0.5 * (hi - lo)  # the naive interval is ~sqrt(10) times too narrow
-    assert cluster_bootstrap_ci(np.array([np.nan, 1.0]), np.array([0, 1])) == (1.0, 1.0)
+    assert bootstrap_ci(np.array([np.nan, 1.0]), groups=np.array([0, 1])) == (1.0, 1.0)
 
 
 def test_cli_train_then_closed_loop_eval(demos, home, tmp_path):

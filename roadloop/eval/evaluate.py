@@ -26,16 +26,28 @@ HEADLINE = ["score", "nuplan_score", "collision_at_fault", "collision_any", "off
             "route_completion", "comfort_violation", "progress"]
 
 
-def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``x`` (finite values only); NaN if empty."""
+def bootstrap_ci(x: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                 groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of ``x`` (finite values only); NaN if empty.
+
+    ``groups`` (same length as ``x``): resample whole groups instead of values (a cluster
+    bootstrap, e.g. the decisions of one scenario, which are not independent draws); the mean is
+    then over all values of the drawn groups."""
     x = np.asarray(x, dtype=np.float64)
-    x = x[np.isfinite(x)]
+    keep = np.isfinite(x)
+    x = x[keep]
     if x.size == 0:
         return (math.nan, math.nan)
     if x.size == 1 or np.all(x == x[0]):
         return (float(x[0]), float(x[0]))
     rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
+    if groups is None:
+        means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
+    else:
+        _, g = np.unique(np.asarray(groups)[keep], return_inverse=True)
+        sums, counts = np.bincount(g, weights=x), np.bincount(g).astype(np.float64)
+        pick = rng.integers(0, sums.size, size=(n_boot, sums.size))
+        means = sums[pick].sum(1) / counts[pick].sum(1)
     a = (1 - level) / 2
     return (float(np.quantile(means, a)), float(np.quantile(means, 1 - a)))
 

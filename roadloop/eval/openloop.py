@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from roadloop.data.dataset import DemoTensors
+from roadloop.eval.evaluate import bootstrap_ci
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAModel
 from roadloop.reasoning.checks import consistency, grounding, parse_coc
@@ -119,24 +120,6 @@ def openloop_metrics(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | No
     return out
 
 
-def cluster_bootstrap_ci(x: np.ndarray, groups: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                         level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of ``x`` (n,) resampling whole groups (n,) (e.g. scenarios:
-    the decisions of one drive are not independent draws).  Non-finite values are dropped."""
-    x, groups = np.asarray(x, dtype=np.float64), np.asarray(groups)
-    keep = np.isfinite(x)
-    x, groups = x[keep], groups[keep]
-    if x.size == 0:
-        return (math.nan, math.nan)
-    _, g = np.unique(groups, return_inverse=True)
-    sums, counts = np.bincount(g, weights=x), np.bincount(g).astype(np.float64)
-    G = sums.size
-    pick = np.random.default_rng(seed).integers(0, G, size=(n_boot, G))
-    means = sums[pick].sum(1) / counts[pick].sum(1)
-    a = (1 - level) / 2
-    return (float(np.quantile(means, a)), float(np.quantile(means, 1 - a)))
-
-
 def summarize_openloop(per_sample: dict[str, torch.Tensor], scenario_id: list[str], family: list[str],
                        n_boot: int = 2000, seed: int = 0) -> dict:
     """Means with 95% scenario-clustered bootstrap CIs, overall and per family.
@@ -151,7 +134,7 @@ def summarize_openloop(per_sample: dict[str, torch.Tensor], scenario_id: list[st
         for key, v in vals.items():
             fin = np.isfinite(v) & mask
             out[key] = {"mean": float(v[fin].mean()) if fin.any() else math.nan,
-                        "ci": cluster_bootstrap_ci(v[mask], sid[mask], n_boot=n_boot, seed=seed), "n": int(fin.sum())}
+                        "ci": bootstrap_ci(v[mask], n_boot=n_boot, seed=seed, groups=sid[mask]), "n": int(fin.sum())}
         return out
 
     everything = np.ones(sid.size, dtype=bool)
@@ -159,5 +142,5 @@ def summarize_openloop(per_sample: dict[str, torch.Tensor], scenario_id: list[st
             "n_samples": int(sid.size), "n_scenarios": int(np.unique(sid).size)}
 
 
-__all__ = ["OPENLOOP_KEYS", "cluster_bootstrap_ci", "model_inputs", "openloop_metrics", "openloop_samples",
+__all__ = ["OPENLOOP_KEYS", "model_inputs", "openloop_metrics", "openloop_samples",
            "plans_from_tokens", "score_outputs", "summarize_openloop"]
