@@ -300,6 +300,37 @@ def eval_openloop_cmd(policy: str = typer.Option(..., help="VLA checkpoint direc
         console.print(f"wrote {json_path}")
 
 
+@app.command("compare")
+@friendly
+def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of the reference policy (roadloop eval "
+                                             "--json); several suites: a.json,b.json."),
+                after: str = typer.Argument(..., help="Evaluation JSON(s) of the candidate, same suites and seeds."),
+                json_path: Path = typer.Option(None, "--json", help="Write the rows as JSON here.")) -> None:
+    """Paired comparison of two policies' closed-loop evaluations: per metric, the change over the rollouts
+    both drove (same scenario, same seed) with its 95% interval; a change whose interval holds 0 is noise."""
+    from roadloop.eval.compare import compare_reports, load_reports, rows_to_json
+    from roadloop.io import atomic_write_text
+
+    b, a = load_reports(before), load_reports(after)
+    rows = compare_reports(b, a)
+    names = lambda reps: ", ".join(sorted({r.policy for r in reps}))  # noqa: E731
+    t = Table(title=f"{names(b)} -> {names(a)} ({rows[0].n} paired rollouts; 95% intervals of the paired change)")
+    for c in ("metric", "before", "after", "change", "relative", "verdict"):
+        t.add_column(c, justify="left" if c in ("metric", "verdict") else "right")
+    for r in rows:
+        pct = r.kind == "rate" or r.metric.startswith("reasoning")
+        k, unit = (100.0, " pp") if pct else (1.0, "")
+        style = {"better": "green", "worse": "red"}.get(r.verdict, "")
+        t.add_row(r.metric, _fmt(r.before, pct=pct), _fmt(r.after, pct=pct),
+                  f"{k * r.change:+.{1 if pct else 3}f} ± {k * r.halfwidth:.{1 if pct else 3}f}{unit}",
+                  f"{100 * r.relative:+.0f}%" if math.isfinite(r.relative) else "-",
+                  f"[{style}]{r.verdict}[/]" if style else r.verdict)
+    console.print(t)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(rows_to_json(rows, b, a), indent=2))
+        console.print(f"wrote {json_path}")
+
+
 def _replan_every(replan_hz: float) -> int:
     every = round(10.0 / replan_hz) if replan_hz > 0 else 0
     if every < 1 or abs(10.0 / every - replan_hz) > 1e-6:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from roadloop.eval.compare import MIN_PAIRS, mean_and_halfwidth, paired_diffs
 from roadloop.eval.evaluate import EvalReport, RolloutSummary, Stat
 from roadloop.eval.html import (
     FLAG_BITS,
@@ -242,22 +243,12 @@ def paired_change(b: EvalReport, c: EvalReport, value: Callable[[dict[str, float
                   ) -> tuple[float, float, int] | None:
     """Paired change of a per-rollout ``value`` from ``b`` to ``c``: (mean of value(c) - value(b), 95% half-width
     of that mean (normal approximation), number of pairs), over the (scenario, seed) rollouts that both
-    evaluated without failure and with a finite value; None with fewer than 10 pairs."""
-    before = {(r.scenario_id, r.seed): r.metrics for r in b.rollouts if not r.failed}
-    diffs = []
-    for r in c.rollouts:
-        m = before.get((r.scenario_id, r.seed))
-        if m is None or r.failed:
-            continue
-        d = value(r.metrics) - value(m)
-        if math.isfinite(d):
-            diffs.append(d)
-    n = len(diffs)
-    if n < 10:
+    evaluated without failure and with a finite value (``roadloop.eval.compare``); None with fewer than 10 pairs."""
+    vb, vc = paired_diffs([b], [c], value)
+    if len(vb) < MIN_PAIRS:
         return None
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
-    return mean, 1.96 * sd / math.sqrt(n), n
+    mean, hw = mean_and_halfwidth([x - y for x, y in zip(vc, vb, strict=True)])
+    return mean, hw, len(vb)
 
 
 def demo_verdict(data: DemoReportData) -> tuple[str, str]:

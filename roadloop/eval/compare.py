@@ -1,0 +1,139 @@
+"""Paired comparison of two closed-loop evaluations (``roadloop compare``).
+
+Two policies evaluated on the same scenarios with the same rollout seeds (``roadloop eval --json``) give
+one pair of rollouts per (scenario, seed).  The change of a per-rollout metric is the mean of the
+per-pair differences, with a 95% interval from the normal approximation of that mean (the pairs are
+independent scenarios; pairing removes the scenario-to-scenario spread, which dominates an unpaired
+interval).  A change whose interval holds 0 is "within noise".
+
+The rows (``COMPARE_METRICS``) are the evaluation's per-rollout metrics plus ``incident``: an at-fault
+collision or an off-road excursion, counted once (the GRPO issue's safety target).  Failed rollouts and
+non-finite values (e.g. reasoning metrics of a policy without text) leave their pair out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from roadloop.errors import RoadloopError
+from roadloop.eval.evaluate import EvalReport, report_from_json
+
+# (name, how it reads: "rate" (share, lower is better), "up" (higher is better) or "down" (lower is better))
+COMPARE_METRICS: tuple[tuple[str, str], ...] = (
+    ("score", "up"), ("incident", "rate"), ("collision_at_fault", "rate"), ("offroad", "rate"),
+    ("comfort_violation", "rate"), ("red_light", "rate"), ("progress", "up"), ("dist_to_log", "down"),
+    ("nuplan_score", "up"), ("reasoning_grounding", "up"), ("reasoning_consistency", "up"),
+)
+MIN_PAIRS = 10
+
+
+def _value(name: str) -> Callable[[dict[str, float]], float]:
+    if name == "incident":
+        def incident(m: dict[str, float]) -> float:
+            a, o = m.get("collision_at_fault", math.nan), m.get("offroad", math.nan)
+            if not (math.isfinite(a) and math.isfinite(o)):
+                return math.nan
+            return float(a > 0 or o > 0)
+        return incident
+    return lambda m: float(m.get(name, math.nan))
+
+
+def paired_diffs(before: Iterable[EvalReport], after: Iterable[EvalReport],
+                 value: Callable[[dict[str, float]], float]) -> tuple[list[float], list[float]]:
+    """(values before, values after) of the (scenario, seed) pairs both sides evaluated without failure and
+    with a finite ``value``; in ``after``'s order."""
+    ref: dict[tuple[str, int], dict[str, float]] = {}
+    for rep in before:
+        for r in rep.rollouts:
+            if not r.failed:
+                ref[(r.scenario_id, r.seed)] = r.metrics
+    vb, va = [], []
+    for rep in after:
+        for r in rep.rollouts:
+            m = ref.get((r.scenario_id, r.seed))
+            if m is None or r.failed:
+                continue
+            b, a = value(m), value(r.metrics)
+            if math.isfinite(a) and math.isfinite(b):
+                vb.append(b)
+                va.append(a)
+    return vb, va
+
+
+def mean_and_halfwidth(diffs: Sequence[float]) -> tuple[float, float]:
+    """(mean, 95% half-width of the mean, normal approximation) of ``diffs`` (at least 2 values)."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
+    return mean, 1.96 * sd / math.sqrt(n)
+
+
+@dataclass
+class PairedRow:
+    metric: str
+    kind: str  # rate / up / down
+    n: int  # pairs
+    before: float
+    after: float
+    change: float  # mean of after - before over the pairs
+    halfwidth: float  # 95% half-width of ``change``
+    verdict: str  # better / worse / within noise (the interval holds 0) / unchanged (every pair equal)
+
+    @property
+    def relative(self) -> float:
+        """change / before (NaN when before is 0)."""
+        return self.change / self.before if self.before else math.nan
+
+
+def compare_reports(before: Sequence[EvalReport], after: Sequence[EvalReport],
+                    metrics: Sequence[tuple[str, str]] = COMPARE_METRICS) -> list[PairedRow]:
+    """One ``PairedRow`` per metric with at least ``MIN_PAIRS`` pairs.  Raises ``RoadloopError`` when the two
+    sides share fewer than ``MIN_PAIRS`` (scenario, seed) rollouts."""
+    rows = []
+    for name, kind in metrics:
+        vb, va = paired_diffs(before, after, _value(name))
+        if len(vb) < MIN_PAIRS:
+            continue
+        change, hw = mean_and_halfwidth([a - b for a, b in zip(va, vb, strict=True)])
+        if change == 0 and hw == 0:
+            verdict = "unchanged"
+        elif abs(change) <= hw:
+            verdict = "within noise"
+        else:
+            verdict = "better" if (change > 0) == (kind == "up") else "worse"
+        rows.append(PairedRow(name, kind, len(vb), sum(vb) / len(vb), sum(va) / len(va), change, hw, verdict))
+    if not rows:
+        raise RoadloopError(f"the two evaluations share fewer than {MIN_PAIRS} (scenario, seed) rollouts "
+                            f"without failure: evaluate both policies on the same suites with the same --seed")
+    return rows
+
+
+def load_reports(paths: str | Sequence[str | Path]) -> list[EvalReport]:
+    """``EvalReport``s of ``roadloop eval --json`` files (a comma-separated string or a list of paths)."""
+    items = [p for p in (paths.split(",") if isinstance(paths, str) else paths) if str(p).strip()]
+    if not items:
+        raise RoadloopError("no evaluation JSON given")
+    out = []
+    for p in items:
+        path = Path(str(p).strip()).expanduser()
+        if not path.is_file():
+            raise RoadloopError(f"{path}: no such evaluation JSON (write one with roadloop eval --json)")
+        try:
+            d = json.loads(path.read_text())
+            rep = report_from_json(d)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise RoadloopError(f"{path}: not a roadloop eval --json file ({type(e).__name__}: {e})") from e
+        if not rep.rollouts:
+            raise RoadloopError(f"{path}: holds no per-rollout records, so nothing can be paired")
+        out.append(rep)
+    return out
+
+
+def rows_to_json(rows: Sequence[PairedRow], before: Sequence[EvalReport], after: Sequence[EvalReport]) -> dict:
+    return {"before": [{"policy": r.policy, "suite": r.suite, "seed": r.seed} for r in before],
+            "after": [{"policy": r.policy, "suite": r.suite, "seed": r.seed} for r in after],
+            "rows": [asdict(r) | {"relative": r.relative} for r in rows]}
