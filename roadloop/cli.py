@@ -313,8 +313,8 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
 
     b, a = load_reports(before), load_reports(after)
     rows = compare_reports(b, a)
-    names = lambda reps: ", ".join(sorted({r.policy for r in reps}))  # noqa: E731
-    t = Table(title=f"{names(b)} -> {names(a)} ({rows[0].n} paired rollouts; 95% intervals of the paired change)")
+    names = [", ".join(sorted({r.policy for r in reps})) for reps in (b, a)]
+    t = Table(title=f"{names[0]} -> {names[1]} ({rows[0].n} paired rollouts; 95% intervals of the paired change)")
     for c in ("metric", "before", "after", "change", "relative", "verdict"):
         t.add_column(c, justify="left" if c in ("metric", "verdict") else "right")
     for r in rows:

@@ -53,7 +53,9 @@ Presets:
 * ``default`` is score-aligned: the AlpaSim score x 4 (so falling > 4 m behind the log, which ends
   the score's window, costs what the evaluation charges for it), collision x -4 and off-road x -3
   on top of the score's own 0, comfort x -1, red light x -3, wrong way x -1, grounding x 0.5,
-  consistency x 0.5.
+  consistency x 0.5.  Measured (docs/LOG.md, 2026-11-22): the comfort term also charges emergency
+  braking (nuPlan's -4.05 m/s^2 bound), and at full scale GRPO learned to brake gently and crash into
+  braking leads; ``comfort=0`` avoided it.  Full-scale runs should set ``reward.comfort=0``.
 
 Credit (``credit``): with ``rollout`` (AlpaGym) every decision of a rollout shares its one driving
 advantage.  With ``local`` the collision and off-road terms leave the per-rollout sum and become
