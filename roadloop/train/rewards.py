@@ -52,10 +52,12 @@ Presets:
   is safe and nearly free, since -0.01 x RMSE barely punishes falling behind the log.
 * ``default`` is score-aligned: the AlpaSim score x 4 (so falling > 4 m behind the log, which ends
   the score's window, costs what the evaluation charges for it), collision x -4 and off-road x -3
-  on top of the score's own 0, comfort x -1, red light x -3, wrong way x -1, grounding x 0.5,
-  consistency x 0.5.  Measured (docs/LOG.md, 2026-11-22): the comfort term also charges emergency
-  braking (nuPlan's -4.05 m/s^2 bound), and at full scale GRPO learned to brake gently and crash into
-  braking leads; ``comfort=0`` avoided it.  Full-scale runs should set ``reward.comfort=0``.
+  on top of the score's own 0, red light x -3, wrong way x -1, grounding x 0.5, consistency x 0.5,
+  and no comfort term: nuPlan's comfort bounds include a -4.05 m/s^2 deceleration, so the term charges
+  the emergency braking that avoids a crash.  Measured (docs/LOG.md, 2026-11-22), two training seeds
+  each: with comfort x -1 (this preset until then) GRPO learned to brake gently and crashed into
+  braking leads (at-fault collisions +10 / +11 points); without it, no such rise, and the KL penalty
+  held comfort violations level.  ``reward.comfort=-1`` gives the old preset.
 
 Credit (``credit``): with ``rollout`` (AlpaGym) every decision of a rollout shares its one driving
 advantage.  With ``local`` the collision and off-road terms leave the per-rollout sum and become
@@ -92,7 +94,7 @@ PRESETS: dict[str, dict[str, float]] = {
                         "comfort": 0.0, "red_light": 0.0, "wrong_way": 0.0, "grounding": 0.0, "consistency": 0.0},
     "terms": {"score": 0.0, "progress": 1.0, "collision": -10.0, "offroad": -5.0, "dist_to_log": -0.01, "comfort": -0.5,
               "red_light": -5.0, "wrong_way": -1.0, "grounding": 0.5, "consistency": 0.5},
-    "default": {"score": 4.0, "progress": 0.0, "collision": -4.0, "offroad": -3.0, "dist_to_log": 0.0, "comfort": -1.0,
+    "default": {"score": 4.0, "progress": 0.0, "collision": -4.0, "offroad": -3.0, "dist_to_log": 0.0, "comfort": 0.0,
                 "red_light": -3.0, "wrong_way": -1.0, "grounding": 0.5, "consistency": 0.5},
 }
 
