@@ -309,7 +309,7 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
     """Paired comparison of two policies' closed-loop evaluations: per metric, the change over the rollouts
     both drove (same scenario, same seed) with its 95% interval; a change whose interval holds 0 is noise."""
     from roadloop.eval.compare import compare_reports, load_reports, rows_to_json
-    from roadloop.io import atomic_write_text
+    from roadloop.io import atomic_write_text, json_clean
 
     b, a = load_reports(before), load_reports(after)
     rows = compare_reports(b, a)
@@ -327,7 +327,7 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
                   f"[{style}]{r.verdict}[/]" if style else r.verdict)
     console.print(t)
     if json_path:
-        atomic_write_text(json_path, json.dumps(rows_to_json(rows, b, a), indent=2))
+        atomic_write_text(json_path, json.dumps(json_clean(rows_to_json(rows, b, a)), indent=2))  # NaN -> null
         console.print(f"wrote {json_path}")
 
 

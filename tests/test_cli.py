@@ -48,6 +48,10 @@ def test_scenarios_list():
     assert r.exit_code == 0 and "cut_in" in r.output and "smoke" in r.output
 
 
+def _strict(name: str):
+    raise AssertionError(f"non-standard JSON constant {name}")
+
+
 def test_compare_pairs_two_evaluations(tmp_path):
     """`roadloop compare`: the paired change of every metric, checked against the two JSONs by hand, and
     clear errors for evaluations that cannot be paired and for a file that is not an evaluation."""
@@ -61,7 +65,8 @@ def test_compare_pairs_two_evaluations(tmp_path):
     r = runner.invoke(app, ["compare", str(paths["route-idm", 0]), str(paths["expert", 0]), "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert all(w in r.output for w in ("route-idm@1", "expert@1", "10 paired", "score", "incident"))
-    rows = {row["metric"]: row for row in json.loads(out.read_text())["rows"]}
+    rows = {row["metric"]: row for row in json.loads(out.read_text(), parse_constant=_strict)["rows"]}
+    assert rows["offroad"]["relative"] is None  # 0 -> 0: no relative change, written as null (strict JSON)
     ref = json.loads(paths["route-idm", 0].read_text())["rollouts"]
     before = {(x["scenario_id"], x["seed"]): x["metrics"] for x in ref}
     after = json.loads(paths["expert", 0].read_text())["rollouts"]
