@@ -31,7 +31,9 @@ COMPARE_METRICS: tuple[tuple[str, str], ...] = (
 MIN_PAIRS = 10
 
 
-def _value(name: str) -> Callable[[dict[str, float]], float]:
+def metric_value(name: str) -> Callable[[dict[str, float]], float]:
+    """Reader of one per-rollout value from a rollout's metrics: the metric ``name``, or ``incident`` (1.0
+    with an at-fault collision or an off-road excursion, else 0.0); NaN where the metrics lack it."""
     if name == "incident":
         def incident(m: dict[str, float]) -> float:
             a, o = m.get("collision_at_fault", math.nan), m.get("offroad", math.nan)
@@ -42,25 +44,27 @@ def _value(name: str) -> Callable[[dict[str, float]], float]:
     return lambda m: float(m.get(name, math.nan))
 
 
+def paired_metrics(before: Iterable[EvalReport], after: Iterable[EvalReport]
+                   ) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """(metrics before, metrics after) of every (scenario, seed) rollout both sides evaluated without
+    failure, in ``after``'s order."""
+    ref = {(r.scenario_id, r.seed): r.metrics for rep in before for r in rep.rollouts if not r.failed}
+    return [(ref[k], r.metrics) for rep in after for r in rep.rollouts
+            if not r.failed and (k := (r.scenario_id, r.seed)) in ref]
+
+
 def paired_diffs(before: Iterable[EvalReport], after: Iterable[EvalReport],
-                 value: Callable[[dict[str, float]], float]) -> tuple[list[float], list[float]]:
-    """(values before, values after) of the (scenario, seed) pairs both sides evaluated without failure and
-    with a finite ``value``; in ``after``'s order."""
-    ref: dict[tuple[str, int], dict[str, float]] = {}
-    for rep in before:
-        for r in rep.rollouts:
-            if not r.failed:
-                ref[(r.scenario_id, r.seed)] = r.metrics
+                 value: Callable[[dict[str, float]], float],
+                 pairs: list[tuple[dict[str, float], dict[str, float]]] | None = None
+                 ) -> tuple[list[float], list[float]]:
+    """(values before, values after) of the ``paired_metrics`` pairs (given, or built from the reports)
+    whose ``value`` is finite on both sides."""
     vb, va = [], []
-    for rep in after:
-        for r in rep.rollouts:
-            m = ref.get((r.scenario_id, r.seed))
-            if m is None or r.failed:
-                continue
-            b, a = value(m), value(r.metrics)
-            if math.isfinite(a) and math.isfinite(b):
-                vb.append(b)
-                va.append(a)
+    for mb, ma in paired_metrics(before, after) if pairs is None else pairs:
+        b, a = value(mb), value(ma)
+        if math.isfinite(a) and math.isfinite(b):
+            vb.append(b)
+            va.append(a)
     return vb, va
 
 
@@ -94,8 +98,9 @@ def compare_reports(before: Sequence[EvalReport], after: Sequence[EvalReport],
     """One ``PairedRow`` per metric with at least ``MIN_PAIRS`` pairs.  Raises ``RoadloopError`` when the two
     sides share fewer than ``MIN_PAIRS`` (scenario, seed) rollouts."""
     rows = []
+    pairs = paired_metrics(before, after)
     for name, kind in metrics:
-        vb, va = paired_diffs(before, after, _value(name))
+        vb, va = paired_diffs(before, after, metric_value(name), pairs)
         if len(vb) < MIN_PAIRS:
             continue
         change, hw = mean_and_halfwidth([a - b for a, b in zip(va, vb, strict=True)])

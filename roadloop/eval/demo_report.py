@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from roadloop.eval.compare import MIN_PAIRS, mean_and_halfwidth, paired_diffs
+from roadloop.eval.compare import MIN_PAIRS, mean_and_halfwidth, metric_value, paired_diffs
 from roadloop.eval.evaluate import EvalReport, RolloutSummary, Stat
 from roadloop.eval.html import (
     FLAG_BITS,
@@ -227,16 +227,8 @@ def incident_rate(rep: EvalReport) -> float:
     rows = [r.metrics for r in rep.rollouts if not r.failed]
     if not rows:
         return _mean(rep, "collision_at_fault") + _mean(rep, "offroad")
-    return sum(_incident(m) for m in rows) / len(rows)
-
-
-def _incident(m: dict[str, float]) -> float:
-    """1.0 when a rollout's metrics hold an at-fault collision or an off-road excursion, else 0.0."""
-    return float(_on(m, "collision_at_fault") or _on(m, "offroad"))
-
-
-def _metric(key: str) -> Callable[[dict[str, float]], float]:
-    return lambda m: float(m[key]) if _fin(m.get(key)) else math.nan
+    vals = [v for v in map(metric_value("incident"), rows) if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
 
 
 def paired_change(b: EvalReport, c: EvalReport, value: Callable[[dict[str, float]], float]
@@ -288,12 +280,12 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
                                                                                   if notes else "")))
 
     ib, ic = incident_rate(b), incident_rate(c)
-    judge(INCIDENTS, "rate", ib, ic, _incident, ("cut", "raised"), rel=True)
+    judge(INCIDENTS, "rate", ib, ic, metric_value("incident"), ("cut", "raised"), rel=True)
     cb, cc = _mean(b, "collision_at_fault"), _mean(c, "collision_at_fault")
     if _fin(ib) and _fin(ic) and _fin(cb) and _fin(cc) and (cc > cb) == (ic < ib) \
             and _fmt(cb, "rate") != _fmt(cc, "rate"):  # at-fault collisions moved against the incident share
-        judge("at-fault collisions", "rate", cb, cc, _metric("collision_at_fault"), ("cut", "raised"))
-    judge("the score", "score", _mean(b, "score"), _mean(c, "score"), _metric("score"), ("lowered", "raised"))
+        judge("at-fault collisions", "rate", cb, cc, metric_value("collision_at_fault"), ("cut", "raised"))
+    judge("the score", "score", _mean(b, "score"), _mean(c, "score"), metric_value("score"), ("lowered", "raised"))
     if not parts and not noise:
         return (f"No before/after comparison: {data.candidate} or {data.baseline} has no finite score or "
                 "incident rate.", "none")
