@@ -438,7 +438,9 @@ def release(cfg: DemoConfig, il_ckpt: Path, grpo_ckpt: Path, val_dir: Path, out:
 
 
 def _incident(m: dict) -> bool:
-    return (m.get("collision_at_fault", 0.0) or 0.0) > 0 or (m.get("offroad", 0.0) or 0.0) > 0
+    from roadloop.eval.compare import metric_value
+
+    return metric_value("incident")(m) == 1.0  # NaN (metrics missing) counts as no incident
 
 
 def changed_outcomes(before, after, n: int) -> list[tuple[str, int, str]]:

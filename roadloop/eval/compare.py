@@ -33,15 +33,17 @@ MIN_PAIRS = 10
 
 def metric_value(name: str) -> Callable[[dict[str, float]], float]:
     """Reader of one per-rollout value from a rollout's metrics: the metric ``name``, or ``incident`` (1.0
-    with an at-fault collision or an off-road excursion, else 0.0); NaN where the metrics lack it."""
+    with an at-fault collision or an off-road excursion, else 0.0); NaN where the metrics lack it (or hold None)."""
+    def get(m: dict[str, float], key: str) -> float:
+        v = m.get(key)
+        return math.nan if v is None else float(v)
+
     if name == "incident":
         def incident(m: dict[str, float]) -> float:
-            a, o = m.get("collision_at_fault", math.nan), m.get("offroad", math.nan)
-            if not (math.isfinite(a) and math.isfinite(o)):
-                return math.nan
-            return float(a > 0 or o > 0)
+            a, o = get(m, "collision_at_fault"), get(m, "offroad")
+            return float(a > 0 or o > 0) if math.isfinite(a) and math.isfinite(o) else math.nan
         return incident
-    return lambda m: float(m.get(name, math.nan))
+    return lambda m: get(m, name)
 
 
 def paired_metrics(before: Iterable[EvalReport], after: Iterable[EvalReport]
