@@ -122,7 +122,8 @@ def test_decision_advantages_add_driving_and_reasoning_parts():
                          consistency=z.bool(), drive_reward=torch.tensor([1.0, 0.0]),
                          reason_reward=torch.tensor([[1.0, 0.0], [0.0, 0.0]]), local_reward=torch.zeros(D, 2),
                          terms={}, metrics={},
-                         failed=torch.zeros(2, dtype=torch.bool), env_steps=0, seconds=0.0)
+                         failed=torch.zeros(2, dtype=torch.bool), incident_step=torch.full((2,), -1), env_steps=0,
+                         seconds=0.0)
     cfg = GRPOConfig(init="x", advantage="centered", adv_scale=1.0)
     adv = grpo.decision_advantages(gb, cfg)
     assert adv.shape == (D, S * G, 2)
@@ -194,6 +195,57 @@ def test_local_credit_penalises_the_decisions_before_the_first_incident():
     assert torch.equal(local_incident_reward(ro, RewardConfig(preset="default")), torch.zeros(len(steps), B))
     with pytest.raises(ConfigError, match="reward.credit"):
         RewardConfig(credit="nearby").validate()
+
+
+def test_crop_log_starts_the_scenario_later_in_its_log(toy):
+    from roadloop.errors import ScenarioError
+    from roadloop.sim.batching import crop_log, validate
+
+    sc = toy["scenarios"][0]
+    c = crop_log(sc, 12)
+    validate(c)
+    assert c.num_steps == sc.num_steps - 12 and c.meta.scenario_id == sc.meta.scenario_id
+    assert torch.equal(c.agents.xy[:, 0], sc.agents.xy[:, 12]) and torch.equal(c.agents.valid, sc.agents.valid[:, 12:])
+    assert torch.equal(c.light_states, sc.light_states[:, 12:]) and dict(c.meta.extra)["log_start"] == "12"
+    assert dict(crop_log(c, 3).meta.extra)["log_start"] == "15" and crop_log(sc, 0) is sc
+    with pytest.raises(ScenarioError, match="cannot start at log step 59 of 60"):
+        crop_log(sc, 59)
+
+
+def test_incident_replay_restarts_groups_before_their_incidents(toy, tmp_path):
+    from types import SimpleNamespace
+
+    pool = toy["scenarios"]  # 60-step logs; 30-step rollouts fit in crops starting at steps 0..29
+    cfg = _cfg(toy, "unused", replay_share=0.5, replay_lead_s=2.0, scenarios_per_iter=4, group_size=2)
+    rep = grpo.IncidentReplay(cfg, [[1, 45], [2, 20], [0, 58]])
+    picks, offsets, n_rep = rep.draw(pool, [0, 1, 2, 0], iteration=7)
+    assert n_rep == 2 and len(rep.entries) == 1 and len(picks) == 4 and picks[2:] == [0, 1]
+    entry = {1: 45 - 20 - 10, 2: 0, 0: 58 - 30}  # 2 s (20 steps) + the 10-step warm-up before, clamped to 0..29
+    drawn = [e for e in [[1, 45], [2, 20], [0, 58]] if list(e) not in rep.to_state()]
+    assert offsets[:2] == [entry[i] for i, _ in drawn] and offsets[2:] == [0, 0]  # fresh ones from step 0
+    again = grpo.IncidentReplay(cfg, [[1, 45], [2, 20], [0, 58]])
+    assert again.draw(pool, [0, 1, 2, 0], iteration=7) == (picks, offsets, n_rep)  # a pure function
+    # a group queues its earliest incident as a log step; groups without one queue nothing
+    gb = SimpleNamespace(group_size=2, incident_step=torch.tensor([-1, 17, 25, 12, -1, -1, -1, -1]))
+    assert rep.add(gb, picks, offsets) == 2
+    assert rep.entries[-2:] == [(picks[0], offsets[0] + 17), (picks[1], offsets[1] + 12)]
+    with pytest.raises(ConfigError, match="replay_share"):
+        _cfg(toy, "unused", replay_share=1.0).validate()
+    with pytest.raises(ConfigError, match="needs max_steps"):
+        _cfg(toy, "unused", replay_share=0.5, max_steps=None).validate()
+    # in training: the random policy leaves the road in most rollouts, so the queue fills and later
+    # iterations replay; the queue is part of the checkpoint, so a resumed run draws the same scenarios
+    kw = dict(replay_share=0.5, scenarios_per_iter=2, group_size=2, ckpt_every=2)
+    full = train_grpo(_cfg(toy, tmp_path / "full", iterations=4, **kw), log=lambda m: None)
+    assert full.history[0]["replay/replayed"] == 0 and sum(h["replay/replayed"] for h in full.history) >= 2
+    assert all(h["replay/queue"] <= 64 for h in full.history)
+    train_grpo(_cfg(toy, tmp_path / "part", iterations=2, **kw), log=lambda m: None)
+    resumed = train_grpo(_cfg(toy, tmp_path / "part", iterations=4, **kw), resume=True, log=lambda m: None)
+    assert [h["replay/replayed"] for h in resumed.history] == [h["replay/replayed"] for h in full.history[2:]]
+    a, _ = load_checkpoint(resumed.checkpoint)
+    b, _ = load_checkpoint(full.checkpoint)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
 
 
 # ---------------------------------------------------------------------------------------------

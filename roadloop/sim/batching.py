@@ -70,6 +70,28 @@ def unbatch(batch: Scenario, i: int) -> Scenario:
     return Scenario(light_states=batch.light_states[i], light_xy=batch.light_xy[i], meta=batch.meta[i], **kw)
 
 
+def crop_log(scenario: Scenario, start: int) -> Scenario:
+    """The single ``scenario`` from log step ``start`` on: every agent track and light state cut to steps
+    ``start..T-1`` (the map and route unchanged), so a rollout of it begins where the log is at ``start``
+    (agents as logged there, then the usual warm-up).  ``meta.extra`` records ``log_start``."""
+    if scenario.batched:
+        raise ScenarioError(f"crop_log expects a single scenario; got a batch ({scenario.ids[:3]}...)")
+    T = scenario.num_steps
+    if not 0 <= start < T - 1:
+        raise ScenarioError(f"scenario '{scenario.meta.scenario_id}': cannot start at log step {start} of {T}")
+    if not bool(scenario.agents.valid[0, start]):
+        raise ScenarioError(f"scenario '{scenario.meta.scenario_id}': ego has no logged state at step {start}")
+    if start == 0:
+        return scenario
+    a = scenario.agents
+    agents = a.replace(xy=a.xy[:, start:], yaw=a.yaw[:, start:], speed=a.speed[:, start:], valid=a.valid[:, start:])
+    extra = dict(scenario.meta.extra)
+    extra["log_start"] = str(start + int(extra.get("log_start", 0)))
+    meta = dataclasses.replace(scenario.meta, extra=tuple(sorted(extra.items())))
+    return Scenario(map=scenario.map, agents=agents, route=scenario.route,
+                    light_states=scenario.light_states[:, start:], light_xy=scenario.light_xy, meta=meta)
+
+
 # --- validation -------------------------------------------------------------------------
 
 _EXPECTED_DIMS = {  # field -> number of dims of a single scenario
@@ -140,4 +162,4 @@ def validate(s: Scenario) -> None:
         raise ScenarioError(f"scenario '{sid}': the ego route is empty")
 
 
-__all__ = ["collate", "unbatch", "validate", "pad_value", "Map", "Agents", "Route"]
+__all__ = ["collate", "crop_log", "unbatch", "validate", "pad_value", "Map", "Agents", "Route"]

@@ -57,8 +57,9 @@ Departures from the papers / AlpaGym:
   XY-RMSE to the log is over the AlpaSim-kept window.  A failed rollout gets the worst reward.
 * ``reward.credit=local`` (optional) moves the collision / off-road penalties onto the decisions of
   the few seconds before the incident; ``random_start`` (optional) starts rollouts at a random point
-  of the logs after a log replay.  Neither is in AlpaGym (one reward per rollout, rollouts from the
-  scenario start).
+  of the logs after a log replay; ``replay_share`` (optional, ``IncidentReplay``) restarts a share of
+  each iteration's groups a few seconds before incidents of earlier collections.  None is in AlpaGym
+  (one reward per rollout, rollouts from the scenario start).
 * The learner trains on at most ``max_decisions`` decisions per iteration (uniform subset).
 * ``drive_tokens = executed`` (optional): the driving advantage trains the text and the executed action
   tokens only, not the 28 tokens of the plan's undriven tail (AlpaGym, and the default ``all``, give
@@ -85,6 +86,7 @@ from roadloop.config import to_dict
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.registry.lineage import code_version
+from roadloop.sim.batching import crop_log
 from roadloop.sim.datatypes import Scenario
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
 from roadloop.train.release import register_final
@@ -130,6 +132,10 @@ class GRPOConfig:
     minibatch_size: int = 64  # decisions per gradient step
     random_start: bool = False  # start each iteration's rollouts at a random point of the logs (log replay up
     # to it): short, low-noise rollouts that still cover the whole scenario (LOG)
+    replay_share: float = 0.0  # share of each iteration's scenarios restarted shortly before an incident (at-fault
+    # collision / off-road) of an earlier collection (incident replay, ``IncidentReplay``; LOG); 0: off
+    replay_lead_s: float = 3.0  # the policy takes over this long before the replayed incident
+    replay_size: int = 64  # incidents kept (the most recent)
     max_decisions: int = 512  # decisions the learner trains on per iteration, drawn uniformly (0: all)
     drive_tokens: str = "all"  # action tokens the driving advantage trains: all (AlpaGym: every token) or
     # executed (the chunks driven before the next decision, the plan's tail gets the reasoning part only; LOG)
@@ -168,7 +174,7 @@ class GRPOConfig:
         for name in ("scenarios_per_iter", "ppo_epochs", "minibatch_size", "ckpt_every", "max_bad_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("iterations", "eval_every", "max_scenarios", "eval_scenarios", "max_decisions"):
+        for name in ("iterations", "eval_every", "max_scenarios", "eval_scenarios", "max_decisions", "replay_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.replan_every <= 64:
@@ -182,6 +188,14 @@ class GRPOConfig:
                 raise ConfigError(f"grpo.{name} must be > 0, got {v}")
         if not self.clip_eps < 1:
             raise ConfigError(f"grpo.clip_eps must be < 1, got {self.clip_eps}")
+        if not 0 <= self.replay_share < 1:
+            raise ConfigError(f"grpo.replay_share must be in [0, 1) (some scenarios stay fresh), "
+                              f"got {self.replay_share}")
+        if self.replay_share > 0 and (self.max_steps is None or self.replay_size < 1
+                                      or not (0 <= self.replay_lead_s and math.isfinite(self.replay_lead_s))):
+            raise ConfigError("grpo.replay_share > 0 needs max_steps (rollout length), replay_size >= 1 and a "
+                              f"finite replay_lead_s >= 0; got max_steps={self.max_steps}, replay_size="
+                              f"{self.replay_size}, replay_lead_s={self.replay_lead_s}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"grpo.top_p must be in (0, 1], got {self.top_p}")
         if self.kl_coef < 0 or self.weight_decay < 0 or self.dual_clip < 0:
@@ -242,6 +256,8 @@ class GroupBatch:
     terms: dict[str, torch.Tensor]  # weighted driving reward terms {term: (B,)}
     metrics: dict[str, torch.Tensor]  # closed-loop metrics {name: (B,)} (NaN: failed rollout)
     failed: torch.Tensor  # (B,) bool
+    incident_step: torch.Tensor  # (B,) int64 rollout state index of the first at-fault collision or off-road
+    # in the scored steps, -1 none (log step: + the scenario's ``log_start``)
     env_steps: int  # scenario-steps simulated (B x T)
     seconds: float
 
@@ -284,6 +300,73 @@ def rollout_steps(scenarios: list[Scenario], num_steps: int, max_steps: int | No
         w0 = max(sc.meta.warmup_steps for sc in scenarios)
         T = min(start + T - w0, num_steps - 1)
     return T
+
+
+def first_incident(ro) -> torch.Tensor:
+    """(B,) int64 state index of each rollout's first at-fault collision or off-road in its scored steps
+    (step t leads to state t + 1), -1 for none or a failed rollout."""
+    hit = (ro.checks.collision_at_fault | ro.checks.offroad) & ro.scored.view(-1, 1)  # (T, B)
+    first = hit.to(torch.int8).argmax(0) + 1
+    return torch.where(hit.any(0) & ~ro.failed, first, torch.full_like(first, -1))
+
+
+class IncidentReplay:
+    """Incident replay (``replay_share``): a queue of (pool index, log step) of recent incidents, from
+    which a share of each iteration's scenarios is drawn and restarted ``replay_lead_s`` before the
+    incident (``crop_log``: the log from there, then the usual warm-up), so that the groups meet the
+    rare safety events the policy still fails instead of the uneventful stretches of most logs.
+
+    A drawn entry leaves the queue; its group adds it back (at its new first incident) only if the
+    policy still fails there.  One entry per group: the earliest incident of its G rollouts.  The
+    state is plain lists, saved in the trainer checkpoint, so a resumed run draws what it would have.
+    The scenarios not replayed start at a random point of their log (``random_start``) or at 0."""
+
+    def __init__(self, cfg: GRPOConfig, entries: list | None = None):
+        self.cfg = cfg
+        self.entries: list[tuple[int, int]] = [(int(i), int(t)) for i, t in (entries or [])]
+
+    def to_state(self) -> list[list[int]]:
+        return [[i, t] for i, t in self.entries]
+
+    def draw(self, pool: list[Scenario], fresh: list[int], iteration: int) -> tuple[list[int], list[int], int]:
+        """(pool indices, crop offsets (log steps), number replayed) of ``iteration``'s S scenarios: up to
+        ``round(replay_share x S)`` drawn (and removed) from the queue, the rest the first of ``fresh``;
+        a pure function of (queue, fresh, seed, iteration)."""
+        cfg = self.cfg
+        S = len(fresh)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration + 55_555)
+        n_rep = min(round(cfg.replay_share * S), len(self.entries))
+        take = sorted(torch.randperm(len(self.entries), generator=g)[:n_rep].tolist())
+        drawn = [self.entries[k] for k in take]
+        self.entries = [e for k, e in enumerate(self.entries) if k not in set(take)]
+        picks = [i for i, _ in drawn] + fresh[:S - n_rep]
+        lead = round(cfg.replay_lead_s / 0.1)
+        offsets = []
+        for k, i in enumerate(picks):
+            sc = pool[i]
+            last = int(sc.agents.valid[0].nonzero().max())  # the ego's last logged step
+            hi = max(last - int(cfg.max_steps), 0)  # the whole rollout fits in the cropped log
+            if k < n_rep:
+                want = drawn[k][1] - lead - sc.meta.warmup_steps
+            elif cfg.random_start:
+                want = int(torch.randint(0, hi + 1, (1,), generator=g))
+            else:
+                want = 0
+            offsets.append(min(max(want, 0), hi))
+        return picks, offsets, n_rep
+
+    def add(self, gb: GroupBatch, picks: list[int], offsets: list[int]) -> int:
+        """Queue the earliest incident (as a log step) of each group of ``gb`` that has one; returns how many."""
+        S, G = len(picks), gb.group_size
+        inc = gb.incident_step.view(S, G)
+        n = 0
+        for s in range(S):
+            hit = inc[s][inc[s] >= 0]
+            if hit.numel():
+                self.entries.append((picks[s], offsets[s] + int(hit.min())))
+                n += 1
+        self.entries = self.entries[-self.cfg.replay_size:]
+        return n
 
 
 def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: GRPOConfig,
@@ -332,7 +415,8 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
         logp=torch.stack([r.logp_text + r.logp_action for r in tr]),
         grounding=gr, consistency=co, drive_reward=drive, reason_reward=reasoning_reward(gr, co, cfg.reward),
         local_reward=local_incident_reward(ro, cfg.reward),
-        terms=terms, metrics=metrics, failed=ro.failed.clone(), env_steps=B * ro.num_steps,
+        terms=terms, metrics=metrics, failed=ro.failed.clone(), incident_step=first_incident(ro),
+        env_steps=B * ro.num_steps,
         seconds=time.perf_counter() - t0)
 
 
@@ -595,6 +679,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
                 tracker.log_metrics(last_eval, 0)
                 log("iteration 0: " + _fmt(last_eval))
+        replay = IncidentReplay(cfg, (state or {}).get("extra", {}).get("replay", [])) if cfg.replay_share > 0 else None
         good = GoodState(model, opt)
         good.snapshot(it)
         bad_run = 0
@@ -603,8 +688,14 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         while it < cfg.iterations:
             picks = pick_scenarios(len(pool), cfg.scenarios_per_iter, cfg.seed, it)
             seeds = group_seeds(len(picks), cfg.group_size, cfg.seed, it)
-            picked = [pool[i] for i in picks]
-            gb = collect_groups(model, picked, seeds, cfg, pick_start(picked, cfg, it))
+            if replay is None:
+                picked = [pool[i] for i in picks]
+                gb = collect_groups(model, picked, seeds, cfg, pick_start(picked, cfg, it))
+            else:
+                picks, offsets, n_rep = replay.draw(pool, picks, it)
+                cropped = [crop_log(pool[i], o) for i, o in zip(picks, offsets, strict=True)]
+                gb = collect_groups(model, cropped, seeds, cfg)
+                n_new = replay.add(gb, picks, offsets)
             adv = decision_advantages(gb, cfg)
             tl = time.perf_counter()
             try:
@@ -634,19 +725,22 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
             m["perf/env_steps_per_s"] = gb.env_steps / max(gb.seconds, 1e-9)
             m["perf/learner_samples_per_s"] = st.get("samples", 0.0) / max(dt_learn, 1e-9)
             m["perf/collect_s"], m["perf/learn_s"] = gb.seconds, dt_learn
+            if replay is not None:
+                m.update({"replay/replayed": float(n_rep), "replay/new_incidents": float(n_new),
+                          "replay/queue": float(len(replay.entries))})
             tracker.log_metrics(m, it)
             history.append({"iteration": float(it), **m})
             if on_progress:
                 on_progress(it, cfg.iterations, m)
             if it % cfg.ckpt_every == 0 or it == cfg.iterations:
-                save_train_state(run_dir, it, model, opt, extra={"elapsed": time.perf_counter() - t0}, keep=2)
+                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay), keep=2)
             if ev_pool and it % cfg.eval_every == 0:
                 last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
                 tracker.log_metrics(last_eval, it)
                 log(f"iteration {it}: " + _fmt(last_eval))
             if cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min and it < cfg.iterations:
                 log(f"time limit {cfg.time_limit_min} min reached at iteration {it}/{cfg.iterations}: stopping")
-                save_train_state(run_dir, it, model, opt, extra={"elapsed": time.perf_counter() - t0}, keep=2)
+                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay), keep=2)
                 stopped_early = True
                 break
         train_s = time.perf_counter() - t0
@@ -671,6 +765,13 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
     return GRPOResult(final, it, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early)
 
 
+def _ckpt_extra(t0: float, replay: IncidentReplay | None) -> dict:
+    extra: dict = {"elapsed": time.perf_counter() - t0}
+    if replay is not None:
+        extra["replay"] = replay.to_state()
+    return extra
+
+
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in m.items())
 
@@ -679,6 +780,7 @@ __all__ = [
     "GRPOConfig",
     "GRPOResult",
     "GroupBatch",
+    "IncidentReplay",
     "check_init_model",
     "collect_groups",
     "decision_advantages",
@@ -686,6 +788,7 @@ __all__ = [
     "decode_bev",
     "evaluate_model",
     "executed_action_tokens",
+    "first_incident",
     "fixed_logps",
     "flat_token_logps",
     "group_advantages",
