@@ -357,7 +357,8 @@ def _mean_reward(model, toy, cfg) -> float:
 
 def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
     cfg = _cfg(toy, tmp_path / "run", scenarios_per_iter=3, group_size=8, iterations=16, max_steps=40, lr=1e-2,
-               ppo_epochs=4, minibatch_size=32, kl_coef=0.0, advantage="centered", adv_scale=2.0, ckpt_every=16)
+               ppo_epochs=4, minibatch_size=32, kl_coef=0.0, advantage="centered", adv_scale=2.0, ckpt_every=16,
+               probe_batches=2, eval_every=0)
     before = _mean_reward(toy["model"], toy, cfg)
     res = train_grpo(cfg, log=lambda m: None)
     model, meta = load_checkpoint(res.checkpoint)
@@ -365,6 +366,10 @@ def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
     # reward in [-5.04, 1]: the random policy leaves the road in ~90-95% of the rollouts (-4.0 to -4.5);
     # over 5 model x 2 training seeds the gain was 1.2 to 3.2 (median 2.2) on these 96 evaluation rollouts
     assert after > before + 0.5, (before, after)
+    # the trainer's own probe (a fixed sample of its training rollouts, at the start and the end) agrees
+    assert sorted(res.probe) == [0, 16] and res.probe[0]["probe/reward"] == pytest.approx(
+        grpo.probe_reward(toy["model"], toy["scenarios"], cfg)["probe/reward"])
+    assert res.probe[16]["probe/reward"] > res.probe[0]["probe/reward"] + 0.5, res.probe
     assert meta["extra"]["trainer"] == "grpo" and meta["extra"]["init_weights_sha256"]
     assert meta["extra"]["suites"] == {str(toy["suite"]): Suite.of("toy", toy["scenarios"]).content_hash}
     h = res.history

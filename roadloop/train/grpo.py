@@ -33,6 +33,10 @@ One iteration:
    sampling weights before the first epoch (``DecisionRecord`` holds per-sequence sums only), so the
    first ratio is exactly 1.
 
+Measuring: closed-loop evaluation on ``eval_suite`` every ``eval_every`` iterations, and with
+``probe_batches`` the training reward on a fixed sample of the training distribution
+(``probe_reward``), which pairs across checkpoints where the per-iteration curves do not.
+
 Resilience as in ``roadloop.train.il``: ``config.yaml`` + ``run.json`` (tracker run id, init
 checkpoint and suite hashes) in the run directory, trainer checkpoints (weights, optimizer, RNG,
 iteration) every ``ckpt_every`` iterations, ``resume=True`` loses at most the iterations since the
@@ -154,6 +158,8 @@ class GRPOConfig:
     adv_clip: float = 5.0
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval_every: int = 10  # iterations between closed-loop evaluations (0: none)
+    probe_batches: int = 0  # fixed collections (S x G rollouts each, ``probe_reward``) on which the training reward
+    # is measured at the start, at every evaluation and at the end: does GRPO raise its own objective? (0: none; LOG)
     eval_suite: str = "val"
     eval_scenarios: int = 40  # N scenarios spread evenly over the eval suite (every family; 0: all)
     eval_temperature: float = 1.0  # as ``roadloop eval`` drives a checkpoint
@@ -174,7 +180,8 @@ class GRPOConfig:
         for name in ("scenarios_per_iter", "ppo_epochs", "minibatch_size", "ckpt_every", "max_bad_iters"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("iterations", "eval_every", "max_scenarios", "eval_scenarios", "max_decisions", "replay_size"):
+        for name in ("iterations", "eval_every", "max_scenarios", "eval_scenarios", "max_decisions", "replay_size",
+                     "probe_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"grpo.{name} must be >= 0, got {getattr(self, name)}")
         if not 1 <= self.replan_every <= 64:
@@ -619,6 +626,7 @@ class GRPOResult:
     eval: dict[str, float]  # last closed-loop evaluation (empty if none)
     run_id: str | None
     stopped_early: bool
+    probe: dict[int, dict[str, float]] = field(default_factory=dict)  # iteration -> ``probe_reward`` (this process)
 
 
 def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
@@ -632,6 +640,31 @@ def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
     for k in ROLLOUT_METRICS:
         m[f"rollout/{k}"] = mean(gb.metrics[k])
     return m
+
+
+PROBE_SEED = 123  # one probe sample for every training seed, so that runs compare
+
+
+def probe_reward(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig) -> dict[str, float]:
+    """Mean training reward (``GroupBatch.total_reward``) and headline metrics of ``model`` on
+    ``cfg.probe_batches`` fixed collections of the training distribution: the scenarios, starts
+    (``random_start``; no incident replay) and rollout seeds of iterations 0.. of a run with seed
+    ``PROBE_SEED``, the same for every checkpoint and training seed, so two probes pair rollout by
+    rollout.  The training curves draw new scenarios every iteration; this tells whether the policy
+    got better at what it is trained on."""
+    import dataclasses
+
+    pcfg = dataclasses.replace(cfg, seed=PROBE_SEED)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("reward", "score", "progress", "collision_at_fault",
+                                                            "offroad")}
+    for k in range(cfg.probe_batches):
+        picked = [pool[i] for i in pick_scenarios(len(pool), cfg.scenarios_per_iter, PROBE_SEED, k)]
+        gb = collect_groups(model, picked, group_seeds(len(picked), cfg.group_size, PROBE_SEED, k), pcfg,
+                            pick_start(picked, pcfg, k))
+        parts["reward"].append(gb.total_reward())
+        for m in ("score", "progress", "collision_at_fault", "offroad"):
+            parts[m].append(gb.metrics[m].float())
+    return {f"probe/{k}": float(torch.cat(v).nanmean()) for k, v in parts.items()}
 
 
 def evaluate_model(model: VLAModel, scenarios: list[Scenario], cfg, suite_name: str = "",
@@ -668,6 +701,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
     tracker, lineage = begin_run(cfg, run_dir, st.prev, st.lineage(cfg))
     history: list[dict[str, float]] = []
     last_eval: dict[str, float] = {}
+    probes: dict[int, dict[str, float]] = {}
     env_steps = learn_samples = 0
     collect_s = learn_s = 0.0
     with tracker:
@@ -679,6 +713,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
                 tracker.log_metrics(last_eval, 0)
                 log("iteration 0: " + _fmt(last_eval))
+            _probe(model, pool, cfg, 0, probes, tracker, log)
         replay = IncidentReplay(cfg, (state or {}).get("extra", {}).get("replay", [])) if cfg.replay_share > 0 else None
         good = GoodState(model, opt)
         good.snapshot(it)
@@ -738,6 +773,8 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
                 tracker.log_metrics(last_eval, it)
                 log(f"iteration {it}: " + _fmt(last_eval))
+            if cfg.eval_every and it % cfg.eval_every == 0 and it < cfg.iterations:
+                _probe(model, pool, cfg, it, probes, tracker, log)
             if cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min and it < cfg.iterations:
                 log(f"time limit {cfg.time_limit_min} min reached at iteration {it}/{cfg.iterations}: stopping")
                 save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay), keep=2)
@@ -747,6 +784,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         if ev_pool and (not last_eval or it % cfg.eval_every != 0):
             last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
             tracker.log_metrics(last_eval, it)
+        _probe(model, pool, cfg, it, probes, tracker, log)
         env_sps = env_steps / max(collect_s, 1e-9)
         learn_sps = learn_samples / max(learn_s, 1e-9)
         final = save_checkpoint(model.eval(), run_dir / "final",
@@ -762,7 +800,15 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
             tracker.set_tags({"registered": registered or "no"})
     log(f"GRPO: {it} iterations in {train_s / 60:.1f} min ({env_sps:.0f} env steps/s, {learn_sps:.0f} learner "
         f"samples/s) -> {final} (total {(time.perf_counter() - t_start) / 60:.1f} min)")
-    return GRPOResult(final, it, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early)
+    return GRPOResult(final, it, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early,
+                      probes)
+
+
+def _probe(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig, it: int, probes: dict, tracker, log) -> None:
+    if cfg.probe_batches and it not in probes:
+        probes[it] = probe_reward(model, pool, cfg)
+        tracker.log_metrics(probes[it], it)
+        log(f"iteration {it}: probe " + _fmt(probes[it]))
 
 
 def _ckpt_extra(t0: float, replay: IncidentReplay | None) -> dict:
@@ -797,6 +843,7 @@ __all__ = [
     "load_pool",
     "pick_scenarios",
     "pick_start",
+    "probe_reward",
     "rollout_steps",
     "ppo_loss",
     "ppo_update",
