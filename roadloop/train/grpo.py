@@ -80,7 +80,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,6 +98,7 @@ from roadloop.train.rewards import (
     RewardConfig,
     consistency_flags,
     driving_reward,
+    first_scored_state,
     local_incident_reward,
     reasoning_reward,
 )
@@ -312,9 +313,8 @@ def rollout_steps(scenarios: list[Scenario], num_steps: int, max_steps: int | No
 def first_incident(ro) -> torch.Tensor:
     """(B,) int64 state index of each rollout's first at-fault collision or off-road in its scored steps
     (step t leads to state t + 1), -1 for none or a failed rollout."""
-    hit = (ro.checks.collision_at_fault | ro.checks.offroad) & ro.scored.view(-1, 1)  # (T, B)
-    first = hit.to(torch.int8).argmax(0) + 1
-    return torch.where(hit.any(0) & ~ro.failed, first, torch.full_like(first, -1))
+    first = first_scored_state(ro.checks.collision_at_fault | ro.checks.offroad, ro.scored)
+    return torch.where(ro.failed, torch.full_like(first, -1), first)
 
 
 class IncidentReplay:
@@ -343,9 +343,9 @@ class IncidentReplay:
         S = len(fresh)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration + 55_555)
         n_rep = min(round(cfg.replay_share * S), len(self.entries))
-        take = sorted(torch.randperm(len(self.entries), generator=g)[:n_rep].tolist())
-        drawn = [self.entries[k] for k in take]
-        self.entries = [e for k, e in enumerate(self.entries) if k not in set(take)]
+        take = set(torch.randperm(len(self.entries), generator=g)[:n_rep].tolist())
+        drawn = [e for k, e in enumerate(self.entries) if k in take]  # in queue order
+        self.entries = [e for k, e in enumerate(self.entries) if k not in take]
         picks = [i for i, _ in drawn] + fresh[:S - n_rep]
         lead = round(cfg.replay_lead_s / 0.1)
         offsets = []
@@ -652,9 +652,7 @@ def probe_reward(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig) -> dict
     ``PROBE_SEED``, the same for every checkpoint and training seed, so two probes pair rollout by
     rollout.  The training curves draw new scenarios every iteration; this tells whether the policy
     got better at what it is trained on."""
-    import dataclasses
-
-    pcfg = dataclasses.replace(cfg, seed=PROBE_SEED)
+    pcfg = replace(cfg, seed=PROBE_SEED)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("reward", "score", "progress", "collision_at_fault",
                                                             "offroad")}
     for k in range(cfg.probe_batches):

@@ -176,6 +176,14 @@ def driving_reward(ro: Rollout, scenarios: Scenario, cfg: RewardConfig,
     return total, terms
 
 
+def first_scored_state(flag: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """(B,) int64 index of the state a step flagged in ``flag`` (T, B) leads to (step t -> state t + 1),
+    the first among the ``scored`` (T,) steps; -1 where no scored step is flagged."""
+    hit = flag & scored.view(-1, 1)
+    first = hit.to(torch.int8).argmax(0) + 1
+    return torch.where(hit.any(0), first, torch.full_like(first, -1))
+
+
 def local_incident_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
     """(D, B) per-decision incident reward of ``credit = local``: a decision taken at most
     ``credit_window_s`` before the rollout's first at-fault collision (first off-road) in the scored steps
@@ -186,12 +194,10 @@ def local_incident_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
         return out
     w = cfg.weights()
     win = cfg.credit_window_s / 0.1
-    scored = ro.scored.view(-1, 1)
     t_dec = ro.decision_steps.view(D, 1).float()
     for key, flag in (("collision", ro.checks.collision_at_fault), ("offroad", ro.checks.offroad)):
-        hit = flag & scored  # (T, B): step t leads to state t + 1
-        any_ = hit.any(0)
-        first = hit.to(torch.int8).argmax(0).float() + 1.0  # the state index of the incident
+        first = first_scored_state(flag, ro.scored)
+        any_, first = first >= 0, first.float()
         near = (t_dec < first.view(1, B)) & (t_dec >= first.view(1, B) - win) & any_.view(1, B)
         out += w[key] * near.float()
     return torch.where(ro.failed.view(1, B), torch.zeros_like(out), out)
@@ -217,4 +223,4 @@ def reasoning_reward(grounded: torch.Tensor, consistent: torch.Tensor, cfg: Rewa
 
 
 __all__ = ["DRIVING_TERMS", "LOCAL_TERMS", "PRESETS", "REASONING_TERMS", "RewardConfig", "driving_reward",
-           "local_incident_reward", "consistency_flags", "reasoning_reward", "xy_rmse_to_log"]
+           "first_scored_state", "local_incident_reward", "consistency_flags", "reasoning_reward", "xy_rmse_to_log"]
