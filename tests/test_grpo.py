@@ -197,6 +197,48 @@ def test_local_credit_penalises_the_decisions_before_the_first_incident():
         RewardConfig(credit="nearby").validate()
 
 
+def test_log_gap_charges_each_decision_the_gap_to_the_log_its_window_opens():
+    from types import SimpleNamespace
+
+    from roadloop.train.grpo import decision_advantages
+    from roadloop.train.rewards import log_gap_reward
+
+    T, B = 40, 3
+    t = torch.arange(T, dtype=torch.float32).view(T, 1)  # checks at step t describe state t + 1
+    dist = torch.cat((0.2 * (t + 1),  # rollout 0: falls 0.2 m/step behind its log (capped at 4 m)
+                      torch.full((T, 1), 1.5),  # rollout 1: keeps a constant 1.5 m gap
+                      torch.where(t < 20, torch.full_like(t, float("nan")), 3.0 - 0.05 * (t - 19))), 1)  # 2: no
+    # log until state 20, then closes the gap
+    ro = SimpleNamespace(decision_steps=torch.arange(0, T, 5), batch_size=B, num_steps=T,
+                         checks=SimpleNamespace(dist_to_log=dist), failed=torch.tensor([False, False, False]))
+    cfg = RewardConfig(log_gap=-2.0, log_gap_window_s=1.0)
+    r = log_gap_reward(ro, cfg)
+    g = lambda s, b: min(float(dist[max(s, 1) - 1, b]), 4.0)  # noqa: E731  gap at state s
+    for d, s in enumerate(ro.decision_steps.tolist()):
+        s1 = min(s + 10, T)
+        assert r[d, 0].item() == pytest.approx(-2.0 * (g(s1, 0) - g(s, 0)))  # 0 once both ends are past 4 m
+        assert r[d, 1].item() == 0.0
+        want = 0.0 if s < 21 else -2.0 * (g(s1, 2) - g(s, 2))  # NaN (no log) at either end: 0
+        assert r[d, 2].item() == pytest.approx(want)
+    assert r[0, 0].item() == pytest.approx(-3.6) and r[-1, 0].item() == 0.0 and r[-1, 2].item() > 0
+    ro.failed = torch.tensor([True, False, False])
+    assert torch.equal(log_gap_reward(ro, cfg)[:, 0], torch.zeros(len(r)))
+    assert torch.equal(log_gap_reward(ro, RewardConfig()), torch.zeros_like(r))
+    for bad in (0.5, float("nan")):
+        with pytest.raises(ConfigError, match="reward.log_gap must be <= 0"):
+            RewardConfig(log_gap=bad).validate()
+    with pytest.raises(ConfigError, match="log_gap_window_s"):
+        RewardConfig(log_gap=-1.0, log_gap_window_s=0.0).validate()
+    # in the advantages: per decision, normalised over its group's decisions, with rollout credit too
+    D, S, G = 4, 1, 2
+    gb = SimpleNamespace(scenario_ids=["a"], group_size=G, num_decisions=D, drive_reward=torch.zeros(S * G),
+                         local_reward=torch.tensor([[-1.0, 1.0]] * D), reason_reward=torch.zeros(D, S * G))
+    base = dict(init="x", advantage="centered", adv_scale=2.0, reward=RewardConfig(grounding=0.0, consistency=0.0))
+    assert torch.equal(decision_advantages(gb, GRPOConfig(**base))[..., 0], torch.zeros(D, 2))
+    base["reward"] = RewardConfig(grounding=0.0, consistency=0.0, log_gap=-1.0)
+    assert torch.equal(decision_advantages(gb, GRPOConfig(**base))[..., 0], torch.tensor([[-0.5, 0.5]] * D))
+
+
 def test_crop_log_starts_the_scenario_later_in_its_log(toy):
     from roadloop.errors import ScenarioError
     from roadloop.sim.batching import crop_log, validate
@@ -378,6 +420,25 @@ def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
                                                     "rollout/grounding", "rollout/consistency", "loss/kl",
                                                     "loss/clip_frac", "perf/env_steps_per_s",
                                                     "perf/learner_samples_per_s"))
+
+
+def test_grpo_null_control_does_not_learn(toy, tmp_path):
+    """The same run as the learning test with each iteration's advantages permuted across its rollouts
+    (``shuffle_advantages``): the updates keep their sizes but lose their signal, and the weak policy
+    does not improve, so the learning test's gain comes from the advantages."""
+    adv = torch.arange(24.0).view(2, 6, 2)
+    sh = grpo.shuffled(adv, 0, 3)
+    assert torch.equal(sh, grpo.shuffled(adv, 0, 3)) and not torch.equal(sh, adv)
+    assert torch.equal(sh[0, :, 0].sort().values, adv[0, :, 0]) and torch.equal(sh[1] - sh[0], adv[1] - adv[0])
+    cfg = _cfg(toy, tmp_path / "null", scenarios_per_iter=3, group_size=8, iterations=16, max_steps=40, lr=1e-2,
+               ppo_epochs=4, minibatch_size=32, kl_coef=0.0, advantage="centered", adv_scale=2.0, ckpt_every=16,
+               eval_every=0, shuffle_advantages=True)
+    before = _mean_reward(toy["model"], toy, cfg)
+    res = train_grpo(cfg, log=lambda m: None)
+    after = _mean_reward(load_checkpoint(res.checkpoint)[0], toy, cfg)
+    # 3 training seeds: real advantages gained +2.3 to +3.0 here, shuffled ones -0.6 to -0.0
+    assert after < before + 0.5, (before, after)
+    assert res.history[-1]["loss/kl"] > 0.01  # the policy did move
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ One iteration:
    ``rollout`` with a recording ``VLAPolicy`` at 2 Hz (``replan_every`` = 5).  Each rollout gets a
    driving reward, each decision a reasoning reward (``roadloop.train.rewards``).
 2. **Advantages** (``decision_advantages``): a decision's advantage has a driving part, its rollout's
-   group-normalised driving advantage (plus, with ``reward.credit = local``, its own group-normalised
-   incident reward), and a reasoning part, its own group-normalised reasoning reward::
+   group-normalised driving advantage (plus its own group-normalised per-decision driving reward:
+   the incident reward of ``reward.credit = local`` and the log gap of ``reward.log_gap``), and a
+   reasoning part, its own group-normalised reasoning reward::
 
-       A_drive[d, b] = norm_g(R_drive)[b] (+ norm_g(r_incident)[d, b]),   A_reason[d, b] = norm_g(r_reason)[d, b]
+       A_drive[d, b] = norm_g(R_drive)[b] (+ norm_g(r_local)[d, b]),   A_reason[d, b] = norm_g(r_reason)[d, b]
 
    ``norm_g`` normalises within the group of the G rollouts of one scenario: ``std`` (Cosmos-RL's
    default) (r - mean) / (std + 1e-6); ``centered`` (r - mean) / ``adv_scale``, which keeps the size
@@ -36,6 +37,9 @@ One iteration:
 Measuring: closed-loop evaluation on ``eval_suite`` every ``eval_every`` iterations, and with
 ``probe_batches`` the training reward on a fixed sample of the training distribution
 (``probe_reward``), which pairs across checkpoints where the per-iteration curves do not.
+``shuffle_advantages`` is the null control: each iteration's advantages permuted across its rollouts,
+the same optimiser and update sizes without the signal, so a run can be compared with what drift alone
+does to the policy.
 
 Resilience as in ``roadloop.train.il``: ``config.yaml`` + ``run.json`` (tracker run id, init
 checkpoint and suite hashes) in the run directory, trainer checkpoints (weights, optimizer, RNG,
@@ -62,8 +66,9 @@ Departures from the papers / AlpaGym:
 * ``reward.credit=local`` (optional) moves the collision / off-road penalties onto the decisions of
   the few seconds before the incident; ``random_start`` (optional) starts rollouts at a random point
   of the logs after a log replay; ``replay_share`` (optional, ``IncidentReplay``) restarts a share of
-  each iteration's groups a few seconds before incidents of earlier collections.  None is in AlpaGym
-  (one reward per rollout, rollouts from the scenario start).
+  each iteration's groups a few seconds before incidents of earlier collections; ``reward.log_gap``
+  (optional) gives each decision the growth of the ego's distance to its log over the next seconds.
+  None is in AlpaGym (one reward per rollout, rollouts from the scenario start).
 * The learner trains on at most ``max_decisions`` decisions per iteration (uniform subset).
 * ``drive_tokens = executed`` (optional): the driving advantage trains the text and the executed action
   tokens only, not the 28 tokens of the plan's undriven tail (AlpaGym, and the default ``all``, give
@@ -100,6 +105,7 @@ from roadloop.train.rewards import (
     driving_reward,
     first_scored_state,
     local_incident_reward,
+    log_gap_reward,
     reasoning_reward,
 )
 from roadloop.train.run import (  # noqa: F401  (check_init_model, load_pool, spread: public here too)
@@ -159,6 +165,8 @@ class GRPOConfig:
     adv_clip: float = 5.0
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval_every: int = 10  # iterations between closed-loop evaluations (0: none)
+    shuffle_advantages: bool = False  # null control: permute each iteration's advantages across its rollouts,
+    # so that the same optimiser takes updates of the same sizes with no signal (what drift alone does; LOG)
     probe_batches: int = 0  # fixed collections (S x G rollouts each, ``probe_reward``) on which the training reward
     # is measured at the start, at every evaluation and at the end: does GRPO raise its own objective? (0: none; LOG)
     eval_suite: str = "val"
@@ -260,7 +268,8 @@ class GroupBatch:
     consistency: torch.Tensor  # (D, B) bool
     drive_reward: torch.Tensor  # (B,) reward units
     reason_reward: torch.Tensor  # (D, B)
-    local_reward: torch.Tensor  # (D, B) incident rewards of ``reward.credit = local`` (zeros otherwise)
+    local_reward: torch.Tensor  # (D, B) per-decision driving rewards: incidents of ``reward.credit = local``
+    # and the log gap (``reward.log_gap``); zeros without either
     terms: dict[str, torch.Tensor]  # weighted driving reward terms {term: (B,)}
     metrics: dict[str, torch.Tensor]  # closed-loop metrics {name: (B,)} (NaN: failed rollout)
     failed: torch.Tensor  # (B,) bool
@@ -421,7 +430,7 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
         actions=torch.stack([r.actions for r in tr]),
         logp=torch.stack([r.logp_text + r.logp_action for r in tr]),
         grounding=gr, consistency=co, drive_reward=drive, reason_reward=reasoning_reward(gr, co, cfg.reward),
-        local_reward=local_incident_reward(ro, cfg.reward),
+        local_reward=local_incident_reward(ro, cfg.reward) + log_gap_reward(ro, cfg.reward),
         terms=terms, metrics=metrics, failed=ro.failed.clone(), incident_step=first_incident(ro),
         env_steps=B * ro.num_steps,
         seconds=time.perf_counter() - t0)
@@ -454,8 +463,9 @@ def group_advantages(r: torch.Tensor, mode: str, scale: float = 1.0, clip: float
 
 def decision_advantages(gb: GroupBatch, cfg: GRPOConfig) -> torch.Tensor:
     """(D, B, 2) advantage parts of every decision (module docstring, step 2): ``[..., 0]`` driving (the
-    rollout's group-normalised driving advantage, plus the group-normalised local incident rewards with
-    ``reward.credit = local``), ``[..., 1]`` reasoning (group-normalised grounding + consistency reward).
+    rollout's group-normalised driving advantage, plus the group-normalised per-decision driving rewards
+    ``local_reward`` with ``reward.credit = local`` or ``reward.log_gap``), ``[..., 1]`` reasoning
+    (group-normalised grounding + consistency reward).
     ``sum(-1)`` is the decision's total advantage.
 
     A failed rollout (the policy raised or returned NaN) keeps its worst-case driving reward and takes
@@ -470,11 +480,18 @@ def decision_advantages(gb: GroupBatch, cfg: GRPOConfig) -> torch.Tensor:
         a = group_advantages(rr, cfg.advantage, cfg.adv_scale, cfg.adv_clip)
         return a.view(S, G, D).permute(2, 0, 1).reshape(D, S * G)
 
-    if D and cfg.reward.credit == "local":
+    if D and cfg.reward.per_decision_driving:
         drive += per_decision(gb.local_reward)
     if D and cfg.reward.uses_reasoning:
         reason = per_decision(gb.reason_reward)
     return torch.stack((drive, reason), -1).contiguous()
+
+
+def shuffled(adv: torch.Tensor, seed: int, iteration: int) -> torch.Tensor:
+    """``adv`` (D, B, 2) with its rollouts permuted (a function of seed and iteration): the null control of
+    ``shuffle_advantages``, each decision keeps its rollout's advantages' sizes but not their meaning."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration + 99_991)
+    return adv[:, torch.randperm(adv.shape[1], generator=g)]
 
 
 def executed_action_tokens(cfg: GRPOConfig, model_cfg: VLAConfig) -> int:
@@ -730,6 +747,8 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 gb = collect_groups(model, cropped, seeds, cfg)
                 n_new = replay.add(gb, picks, offsets)
             adv = decision_advantages(gb, cfg)
+            if cfg.shuffle_advantages:
+                adv = shuffled(adv, cfg.seed, it)
             tl = time.perf_counter()
             try:
                 st = ppo_update(model, ref, opt, gb, adv, cfg, it)
@@ -844,6 +863,7 @@ __all__ = [
     "probe_reward",
     "rollout_steps",
     "ppo_loss",
+    "shuffled",
     "ppo_update",
     "token_advantages",
     "train_grpo",

@@ -65,6 +65,16 @@ per-decision rewards of the decisions taken within ``credit_window_s`` before th
 at-fault collision / off-road (``local_incident_reward``), group-normalised with the reasoning
 rewards: the decisions that led into the incident carry it, not the ones 15 s earlier.
 
+Log gap (``log_gap``, off by default): a per-decision term, ``log_gap`` x the growth of the ego's
+distance to its logged position (capped at the score's 4 m) from the decision to ``log_gap_window_s``
+later (``log_gap_reward``).  The AlpaSim score counts progress only until the ego is 4 m from its log,
+and most of the score the imitation policy loses is lost that way, by rollouts without any incident
+(LOG, 2026-11-22); the per-rollout score tells all ~14 decisions of a rollout that it happened, this
+term tells each decision how much its own plan (and the next few) opened or closed the gap.  It is
+potential-based shaping (Ng et al. 1999, potential -``log_gap`` x gap): summed over a rollout's
+decisions it is close to ``log_gap`` x the gap's growth over the rollout.  Group-normalised per
+decision, with the local incident rewards.
+
 A rollout the policy failed (it raised or returned NaN; its metrics are NaN) gets the worst driving
 reward the weights allow (every negative indicator term on, progress 0).
 """
@@ -72,6 +82,7 @@ reward the weights allow (every negative indicator term on, progress 0).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +127,9 @@ class RewardConfig:
     consistency: float | None = None  # x text decision == plan meta-actions {0, 1}, per decision
     credit: str = "rollout"  # rollout: incidents weigh on the whole rollout; local: on the decisions before them
     credit_window_s: float = 3.0  # local credit: decisions up to this long before an incident carry its penalty
+    log_gap: float = 0.0  # x growth (m) of the ego's distance to its log over each decision's next
+    # ``log_gap_window_s``, capped at the score's 4 m: a per-decision shaping of the score's window (0: off)
+    log_gap_window_s: float = 2.0
 
     @staticmethod
     def of(preset: str, **weights: float) -> RewardConfig:
@@ -133,16 +147,26 @@ class RewardConfig:
             raise ConfigError(f"reward.credit must be 'rollout' or 'local', got '{self.credit}'")
         if not self.credit_window_s > 0:
             raise ConfigError(f"reward.credit_window_s must be > 0, got {self.credit_window_s}")
+        if not (math.isfinite(self.log_gap) and self.log_gap <= 0):
+            raise ConfigError(f"reward.log_gap must be <= 0 (a penalty per metre the ego falls away from its "
+                              f"log), got {self.log_gap}")
+        if not (math.isfinite(self.log_gap_window_s) and self.log_gap_window_s > 0):
+            raise ConfigError(f"reward.log_gap_window_s must be > 0, got {self.log_gap_window_s}")
         w = self.weights()
         bad = [k for k, v in w.items() if v != v or abs(v) == float("inf")]
         if bad:
             raise ConfigError(f"reward weight(s) {bad} must be finite")
-        if all(v == 0.0 for v in w.values()):
+        if all(v == 0.0 for v in w.values()) and self.log_gap == 0.0:
             over = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                     if f.name != "preset" and getattr(self, f.name) is not None}
             raise ConfigError(f"every reward weight is zero (preset '{self.preset}', overrides {over}): "
                               "nothing to learn from")
         return self
+
+    @property
+    def per_decision_driving(self) -> bool:
+        """Whether some driving reward is per decision (``local_reward``): local credit or the log gap."""
+        return self.credit == "local" or self.log_gap != 0.0
 
     @property
     def uses_reasoning(self) -> bool:
@@ -203,6 +227,30 @@ def local_incident_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
     return torch.where(ro.failed.view(1, B), torch.zeros_like(out), out)
 
 
+def log_gap_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
+    """(D, B) per-decision log-gap reward: ``log_gap`` x (g(t_d + W) - g(t_d)), g the ego's distance to its
+    logged position capped at the score's 4 m (``DIST_TO_LOG_TRUNCATE``; farther, the score's window has
+    closed), at the decision's state and ``log_gap_window_s`` (W) later (at most the last state).
+    Potential-based shaping (Ng et al. 1999) of the score's window: summed over a rollout's decisions
+    it is about ``log_gap`` x the gap's growth over the rollout, and each decision gets the part that its
+    own plan and the next few make.  0 where the log is not valid (no logged ego), and for failed rollouts.
+    All zeros when ``log_gap`` is 0."""
+    from roadloop.eval.metrics import DIST_TO_LOG_TRUNCATE
+
+    D, B = ro.decision_steps.numel(), ro.batch_size
+    out = torch.zeros(D, B)
+    if cfg.log_gap == 0.0 or D == 0:
+        return out
+    T = ro.num_steps
+    d = ro.checks.dist_to_log  # (T, B) m at state t + 1
+    g = torch.cat((d[:1], d)).clamp(max=DIST_TO_LOG_TRUNCATE)  # (T + 1, B) at state t (state 0: as state 1)
+    t0 = ro.decision_steps.clamp(0, T)
+    t1 = (t0 + round(cfg.log_gap_window_s / 0.1)).clamp(max=T)
+    delta = g[t1] - g[t0]
+    out = cfg.log_gap * torch.nan_to_num(delta, nan=0.0)
+    return torch.where(ro.failed.view(1, B), torch.zeros_like(out), out)
+
+
 def consistency_flags(texts: list[str], actions: torch.Tensor, speed: torch.Tensor, chunk: int) -> torch.Tensor:
     """(B,) bool consistency of one decision's sampled texts with the sampled plans (action bins (B, N, 2)).
     (Grounding needs the scene: the rollout engine checks it, ``Rollout.grounded``.)"""
@@ -223,4 +271,5 @@ def reasoning_reward(grounded: torch.Tensor, consistent: torch.Tensor, cfg: Rewa
 
 
 __all__ = ["DRIVING_TERMS", "LOCAL_TERMS", "PRESETS", "REASONING_TERMS", "RewardConfig", "driving_reward",
-           "first_scored_state", "local_incident_reward", "consistency_flags", "reasoning_reward", "xy_rmse_to_log"]
+           "first_scored_state", "local_incident_reward", "log_gap_reward", "consistency_flags", "reasoning_reward",
+           "xy_rmse_to_log"]
