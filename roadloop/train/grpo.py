@@ -96,7 +96,7 @@ from roadloop.errors import ConfigError, RoadloopError
 from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.registry.lineage import code_version
 from roadloop.sim.batching import crop_log
-from roadloop.sim.datatypes import Scenario
+from roadloop.sim.datatypes import DT, Scenario
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
 from roadloop.train.release import register_final
 from roadloop.train.rewards import (
@@ -319,6 +319,14 @@ def rollout_steps(scenarios: list[Scenario], num_steps: int, max_steps: int | No
     return T
 
 
+def collect_iteration(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig, iteration: int) -> GroupBatch:
+    """The collection of ``iteration`` of a run with ``cfg.seed`` (no incident replay): its scenarios
+    (``pick_scenarios``), rollout seeds (``group_seeds``) and start (``pick_start``)."""
+    picked = [pool[i] for i in pick_scenarios(len(pool), cfg.scenarios_per_iter, cfg.seed, iteration)]
+    return collect_groups(model, picked, group_seeds(len(picked), cfg.group_size, cfg.seed, iteration), cfg,
+                          pick_start(picked, cfg, iteration))
+
+
 def first_incident(ro) -> torch.Tensor:
     """(B,) int64 state index of each rollout's first at-fault collision or off-road in its scored steps
     (step t leads to state t + 1), -1 for none or a failed rollout."""
@@ -356,7 +364,7 @@ class IncidentReplay:
         drawn = [e for k, e in enumerate(self.entries) if k in take]  # in queue order
         self.entries = [e for k, e in enumerate(self.entries) if k not in take]
         picks = [i for i, _ in drawn] + fresh[:S - n_rep]
-        lead = round(cfg.replay_lead_s / 0.1)
+        lead = round(cfg.replay_lead_s / DT)
         offsets = []
         for k, i in enumerate(picks):
             sc = pool[i]
@@ -673,9 +681,7 @@ def probe_reward(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig) -> dict
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("reward", "score", "progress", "collision_at_fault",
                                                             "offroad")}
     for k in range(cfg.probe_batches):
-        picked = [pool[i] for i in pick_scenarios(len(pool), cfg.scenarios_per_iter, PROBE_SEED, k)]
-        gb = collect_groups(model, picked, group_seeds(len(picked), cfg.group_size, PROBE_SEED, k), pcfg,
-                            pick_start(picked, pcfg, k))
+        gb = collect_iteration(model, pool, pcfg, k)
         parts["reward"].append(gb.total_reward())
         for m in ("score", "progress", "collision_at_fault", "offroad"):
             parts[m].append(gb.metrics[m].float())
@@ -736,15 +742,13 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         t0 = time.perf_counter() - elapsed
         stopped_early = False
         while it < cfg.iterations:
-            picks = pick_scenarios(len(pool), cfg.scenarios_per_iter, cfg.seed, it)
-            seeds = group_seeds(len(picks), cfg.group_size, cfg.seed, it)
             if replay is None:
-                picked = [pool[i] for i in picks]
-                gb = collect_groups(model, picked, seeds, cfg, pick_start(picked, cfg, it))
+                gb = collect_iteration(model, pool, cfg, it)
             else:
-                picks, offsets, n_rep = replay.draw(pool, picks, it)
+                fresh = pick_scenarios(len(pool), cfg.scenarios_per_iter, cfg.seed, it)
+                picks, offsets, n_rep = replay.draw(pool, fresh, it)
                 cropped = [crop_log(pool[i], o) for i, o in zip(picks, offsets, strict=True)]
-                gb = collect_groups(model, cropped, seeds, cfg)
+                gb = collect_groups(model, cropped, group_seeds(len(picks), cfg.group_size, cfg.seed, it), cfg)
                 n_new = replay.add(gb, picks, offsets)
             adv = decision_advantages(gb, cfg)
             if cfg.shuffle_advantages:
@@ -846,6 +850,7 @@ __all__ = [
     "IncidentReplay",
     "check_init_model",
     "collect_groups",
+    "collect_iteration",
     "decision_advantages",
     "decision_batch",
     "decode_bev",

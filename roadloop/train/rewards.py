@@ -90,7 +90,7 @@ import torch
 from roadloop.errors import ConfigError
 from roadloop.eval.metrics import EpisodeView, compute_metrics
 from roadloop.rollout import Rollout
-from roadloop.sim.datatypes import Scenario
+from roadloop.sim.datatypes import DT, Scenario
 
 DRIVING_TERMS = ("score", "progress", "collision", "offroad", "dist_to_log", "comfort", "red_light", "wrong_way")
 REASONING_TERMS = ("grounding", "consistency")
@@ -217,7 +217,7 @@ def local_incident_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
     if cfg.credit != "local" or D == 0:
         return out
     w = cfg.weights()
-    win = cfg.credit_window_s / 0.1
+    win = cfg.credit_window_s / DT
     t_dec = ro.decision_steps.view(D, 1).float()
     for key, flag in (("collision", ro.checks.collision_at_fault), ("offroad", ro.checks.offroad)):
         first = first_scored_state(flag, ro.scored)
@@ -245,7 +245,7 @@ def log_gap_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
     d = ro.checks.dist_to_log  # (T, B) m at state t + 1
     g = torch.cat((d[:1], d)).clamp(max=DIST_TO_LOG_TRUNCATE)  # (T + 1, B) at state t (state 0: as state 1)
     t0 = ro.decision_steps.clamp(0, T)
-    t1 = (t0 + round(cfg.log_gap_window_s / 0.1)).clamp(max=T)
+    t1 = (t0 + round(cfg.log_gap_window_s / DT)).clamp(max=T)
     delta = g[t1] - g[t0]
     out = cfg.log_gap * torch.nan_to_num(delta, nan=0.0)
     return torch.where(ro.failed.view(1, B), torch.zeros_like(out), out)
