@@ -330,9 +330,9 @@ def test_nonfinite_iteration_restores_last_good_state(toy, tmp_path, monkeypatch
     real = grpo.ppo_update
     calls = []
 
-    def flaky(model, ref, opt, gb, adv, cfg, iteration):
+    def flaky(model, ref, opt, gb, adv, cfg, iteration, lower_layers=0):
         calls.append(iteration)
-        out = real(model, ref, opt, gb, adv, cfg, iteration)
+        out = real(model, ref, opt, gb, adv, cfg, iteration, lower_layers)
         if iteration == 1:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
@@ -439,6 +439,47 @@ def test_grpo_null_control_does_not_learn(toy, tmp_path):
     # 3 training seeds: real advantages gained +2.3 to +3.0 here, shuffled ones -0.6 to -0.0
     assert after < before + 0.5, (before, after)
     assert res.history[-1]["loss/kl"] > 0.01  # the policy did move
+
+
+def test_trainable_top_k_updates_only_the_top_blocks_and_the_heads(toy, tmp_path):
+    """``trainable=top:K``: GRPO moves the last K blocks, the final norm and the output heads and leaves
+    every other weight bit-identical to the init (here K = 0: the heads on frozen features)."""
+    with pytest.raises(ConfigError, match="trainable must be 'all' or 'top:K'"):
+        GRPOConfig(init="x", trainable="bottom:1").validate()
+    with pytest.raises(ConfigError, match="the model has 1 blocks"):
+        train_grpo(_cfg(toy, tmp_path / "bad", trainable="top:2"))
+    res = train_grpo(_cfg(toy, tmp_path / "run", trainable="top:0", lr=1e-2, iterations=2, ckpt_every=1),
+                     log=lambda m: None)
+    after = dict(load_checkpoint(res.checkpoint)[0].named_parameters())
+    heads = ("ln_f.", "text_head.", "accel_head.", "curv_head.")
+    moved = {n for n, p in toy["model"].named_parameters() if not torch.equal(p, after[n])}
+    assert moved and all(n.startswith(heads) for n in moved), moved
+    assert {n for n in after if n.startswith(("accel_head.", "curv_head."))} <= moved
+    # the frozen blocks' hidden states computed once per iteration give the same update as a full pass
+    # per minibatch (MICRO has 1 block, so top:0 caches it)
+    cfg = _cfg(toy, "unused", trainable="top:0", lr=1e-2, minibatch_size=8)
+    gb = collect_groups(toy["model"], toy["scenarios"][:2], group_seeds(2, 2, 0, 0), cfg)
+    adv = grpo.decision_advantages(gb, cfg)
+    ref = copy.deepcopy(toy["model"]).requires_grad_(False)
+    updated = []
+    for cached in (False, True):
+        m = copy.deepcopy(toy["model"])
+        opt = torch.optim.AdamW(m.trainable_parameters("top:0"), lr=1e-2)
+        lower = grpo.frozen_lower_layers(m, ref, cfg) if cached else 0
+        assert lower == (1 if cached else 0)
+        st = grpo.ppo_update(m, ref, opt, gb, adv, cfg, iteration=0, lower_layers=lower)
+        assert st["first_ratio_dev"] < 1e-6 and st["steps"] > 1
+        updated.append(m.state_dict())
+    assert all(torch.equal(updated[0][k], updated[1][k]) for k in updated[0])
+    moved = copy.deepcopy(toy["model"])
+    with torch.no_grad():
+        moved.blocks[0].mlp[0].bias.add_(0.1)
+    moved.trainable_parameters("top:0")
+    assert grpo.frozen_lower_layers(moved, ref, cfg) == 0  # a frozen part that differs from the reference
+    # resuming restores the optimizer over the same subset and goes on
+    res2 = train_grpo(_cfg(toy, tmp_path / "run", trainable="top:0", lr=1e-2, iterations=3, ckpt_every=1),
+                      resume=True, log=lambda m: None)
+    assert res2.iterations == 3
 
 
 # ---------------------------------------------------------------------------------------------

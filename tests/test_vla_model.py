@@ -95,6 +95,32 @@ def test_forward_shapes_and_log_prob_matches_sample(stem):
     torch.testing.assert_close(la2, lpa, atol=1e-4, rtol=1e-5)
 
 
+def test_lower_states_give_the_full_pass_and_trainable_subsets():
+    """``forward`` from ``lower_states`` after any number of blocks equals a full pass bit for bit, and
+    ``trainable_parameters('top:K')`` freezes everything below the top K blocks and the heads."""
+    m = _model()
+    obs = _obs()
+    text, acts, _, _ = m.sample(obs, generator=torch.Generator().manual_seed(1))
+    batch = {**obs, "text": text, "actions": acts}
+    with torch.no_grad():
+        full = m(batch)
+        for k in range(TINY.n_layers + 1):
+            part = m({"text": text, "actions": acts, "lower": m.lower_states(batch, k)})
+            assert all(torch.equal(full[key], part[key]) for key in full), k
+    with pytest.raises(RoadloopError, match="layers must be in"):
+        m.lower_states(batch, TINY.n_layers + 1)
+    top = m.trainable_parameters("top:1")
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in top) == sum(p.numel() for n, p in m.named_parameters() if n in names)
+    last = f"blocks.{TINY.n_layers - 1}."
+    assert names == {n for n, _ in m.named_parameters() if n.startswith((last, "ln_f.", "text_head.", "accel_head.",
+                                                                          "curv_head."))}
+    assert len(m.trainable_parameters("all")) == len(list(m.parameters()))
+    assert all(p.requires_grad for p in m.parameters())
+    with pytest.raises(RoadloopError, match="trainable must be 'all' or 'top:K'"):
+        m.trainable_parameters("top")
+
+
 def test_sampling_deterministic_greedy_and_batch_independent():
     m = _model()
     obs = _obs()

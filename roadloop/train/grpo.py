@@ -74,6 +74,8 @@ Departures from the papers / AlpaGym:
   tokens only, not the 28 tokens of the plan's undriven tail (AlpaGym, and the default ``all``, give
   every token the sequence's advantage).  One demo-scale run (LOG) was worse, which is not conclusive
   at that scale's run-to-run noise.
+* ``trainable = top:K`` (optional) trains only the last K transformer blocks and the output heads
+  (``VLAModel.trainable_parameters``); Alpamayo-R1's RL updates the whole model.
 * One process; no rollout / learner overlap (the collection is already batched).
 * Dropout is off (model in eval mode) while learning, so the recomputed ratios are exact.
 * No entropy bonus, no learning-rate schedule (constant ``lr``), Cosmos-RL's advantage clip +-5.
@@ -83,6 +85,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -155,6 +158,8 @@ class GRPOConfig:
     logratio_clamp: float = 5.0
     kl_coef: float = 0.01  # x k3 KL to the init model
     lr: float = 1e-4
+    trainable: str = "all"  # parameters GRPO trains: all, or top:K (the last K blocks and the output heads,
+    # ``VLAModel.trainable_parameters``): fewer directions for the updates' noise, a cheaper backward pass (LOG)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0  # sampling (ratios use the untempered model: see departures)
@@ -220,6 +225,9 @@ class GRPOConfig:
             raise ConfigError(f"grpo.dual_clip must be > 1 (or 0: off), got {self.dual_clip}")
         if self.drive_tokens not in ("executed", "all"):
             raise ConfigError(f"grpo.drive_tokens must be 'executed' or 'all', got '{self.drive_tokens}'")
+        if not re.fullmatch(r"all|top:\d+", self.trainable):
+            raise ConfigError(f"grpo.trainable must be 'all' or 'top:K' (the last K transformer blocks and the "
+                              f"output heads), got {self.trainable!r}")
         if self.advantage not in ("std", "centered"):
             raise ConfigError(f"grpo.advantage must be 'std' or 'centered', got '{self.advantage}'")
         if not self.init:
@@ -576,25 +584,42 @@ def ppo_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, mask: tor
 
 
 @torch.no_grad()
-def fixed_logps(model: VLAModel, ref: VLAModel | None, gb: GroupBatch, idx: torch.Tensor, chunk: int = 256
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fixed_logps(model: VLAModel, ref: VLAModel | None, gb: GroupBatch, idx: torch.Tensor, chunk: int = 256,
+                lower_layers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token (old, ref, mask) of the decisions ``idx`` under the sampling weights and the reference
-    (``ref=None``, i.e. no KL term: ref = old, no second forward pass)."""
-    olds, refs, masks = [], [], []
+    (``ref=None``, i.e. no KL term: ref = old, no second forward pass), and with ``lower_layers`` > 0 the
+    hidden states (n, S, d) after that many blocks (``VLAModel.lower_states``), else None."""
+    olds, refs, masks, hidden = [], [], [], []
     for i in range(0, idx.numel(), chunk):
         batch = decision_batch(gb, idx[i:i + chunk])
+        if lower_layers > 0:
+            batch = {"text": batch["text"], "actions": batch["actions"],
+                     "lower": model.lower_states(batch, lower_layers)}
+            hidden.append(batch["lower"]["hidden"])
         o, mk = flat_token_logps(model, batch)
         r = o if ref is None else flat_token_logps(ref, batch)[0]
         olds.append(o)
         refs.append(r)
         masks.append(mk)
-    return torch.cat(olds), torch.cat(refs), torch.cat(masks)
+    return torch.cat(olds), torch.cat(refs), torch.cat(masks), (torch.cat(hidden) if hidden else None)
+
+
+def frozen_lower_layers(model: VLAModel, ref: VLAModel, cfg: GRPOConfig) -> int:
+    """How many of the lowest blocks (with the embeddings and the vision stem) ``cfg.trainable`` leaves
+    frozen and the reference shares bit for bit: their hidden states are then computed once per
+    iteration (``fixed_logps``) instead of once per minibatch (0: none)."""
+    if cfg.trainable == "all":
+        return 0
+    n = model.cfg.n_layers - int(cfg.trainable.split(":")[1])
+    theirs = dict(ref.named_parameters())
+    same = all(torch.equal(p, theirs[k]) for k, p in model.named_parameters() if not p.requires_grad)
+    return n if same else 0
 
 
 def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: GroupBatch, adv: torch.Tensor,
-               cfg: GRPOConfig, iteration: int) -> dict[str, float]:
+               cfg: GRPOConfig, iteration: int, lower_layers: int = 0) -> dict[str, float]:
     """PPO epochs on one GroupBatch with decision advantage parts ``adv`` (D, B, 2) (``decision_advantages``)
-    (module docstring, step 3).  Raises ``NonFiniteError``."""
+    (module docstring, step 3); ``lower_layers`` from ``frozen_lower_layers``.  Raises ``NonFiniteError``."""
     n = gb.num_decisions * gb.batch_size
     out = {"samples": 0.0}
     if n == 0:
@@ -603,19 +628,29 @@ def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: G
     idx = torch.arange(n)
     if 0 < cfg.max_decisions < n:  # a uniform subset (a function of seed and iteration)
         idx = torch.randperm(n, generator=g)[:cfg.max_decisions].sort().values
-    old, refl, mask = fixed_logps(model, ref if cfg.kl_coef > 0 else None, gb, idx)
+    old, refl, mask, hidden = fixed_logps(model, ref if cfg.kl_coef > 0 else None, gb, idx,
+                                          lower_layers=lower_layers)
     rec = gb.logp.reshape(-1)[idx].to(old.device)
     out["old_logp_mismatch"] = float(((old * mask).sum(1) - rec).abs().max())
     L = gb.text.shape[-1]
     n_exec = executed_action_tokens(cfg, model.cfg) if cfg.drive_tokens == "executed" else None
     adv_tok = token_advantages(adv.reshape(-1, 2)[idx], L, old.shape[1] - L, n_exec).to(old.device)
+
+    def minibatch(p: torch.Tensor) -> dict:
+        if hidden is None:
+            return decision_batch(gb, idx[p])
+        B = gb.batch_size
+        d, b = idx[p] // B, idx[p] % B
+        return {"text": gb.text[d, b], "actions": gb.actions[d, b],
+                "lower": {"hidden": hidden[p.to(hidden.device)], "layers": lower_layers}}
+
     sums: dict[str, float] = {}
     steps = 0
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(idx.numel(), generator=g)
         for j in range(0, idx.numel(), cfg.minibatch_size):
             p = perm[j:j + cfg.minibatch_size]
-            logp, mk = flat_token_logps(model, decision_batch(gb, idx[p]))
+            logp, mk = flat_token_logps(model, minibatch(p))
             loss, st = ppo_loss(logp, old[p.to(old.device)], refl[p.to(old.device)], mk,
                                 adv_tok[p.to(old.device)], cfg)
             if epoch == 0 and j == 0:
@@ -716,7 +751,11 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
 
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.eval()  # no dropout while learning: exact ratios (module docstring)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    try:
+        params = model.trainable_parameters(cfg.trainable)
+    except RoadloopError as err:
+        raise ConfigError(f"grpo.trainable: {err}") from None
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     it, elapsed, state = restore(run_dir, model, opt, resume, "iteration", cfg.iterations, log)
     code = code_version()
     tracker, lineage = begin_run(cfg, run_dir, st.prev, st.lineage(cfg))
@@ -738,6 +777,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         replay = IncidentReplay(cfg, (state or {}).get("extra", {}).get("replay", [])) if cfg.replay_share > 0 else None
         good = GoodState(model, opt)
         good.snapshot(it)
+        lower = frozen_lower_layers(model, ref, cfg)
         bad_run = 0
         t0 = time.perf_counter() - elapsed
         stopped_early = False
@@ -755,7 +795,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 adv = shuffled(adv, cfg.seed, it)
             tl = time.perf_counter()
             try:
-                st = ppo_update(model, ref, opt, gb, adv, cfg, it)
+                st = ppo_update(model, ref, opt, gb, adv, cfg, it, lower)
             except NonFiniteError as e:
                 bad_run += 1
                 good.restore()
@@ -859,6 +899,7 @@ __all__ = [
     "first_incident",
     "fixed_logps",
     "flat_token_logps",
+    "frozen_lower_layers",
     "group_advantages",
     "group_seeds",
     "iteration_metrics",

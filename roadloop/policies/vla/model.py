@@ -26,7 +26,9 @@ tokens under the model's own distribution (temperature 1, no top-p), i.e. exactl
 
 Batches (dicts of tensors): ``bev`` (B, F, C, H, W) float, ``history`` (B, 16, 5) float,
 ``command`` (B,) int64, and for teacher forcing ``text`` (B, L) int64 (tokens, ``<eos>``, ``<pad>``)
-and ``actions`` (B, 16, 2) int64 bins (accel, curvature per chunk).
+and ``actions`` (B, 16, 2) int64 bins (accel, curvature per chunk).  Fine-tuning the top blocks only
+(``trainable_parameters('top:K')``): ``lower_states`` runs the embeddings and the lower blocks once,
+and a teacher-forcing batch ``{"text", "actions", "lower"}`` starts from those hidden states.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +225,31 @@ class VLAModel(nn.Module):
             nn.init.normal_(b.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
             nn.init.normal_(b.mlp[2].weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
+    # ------------------------------------------------------------------ fine-tuning subsets
+    def trainable_parameters(self, spec: str = "all") -> list[nn.Parameter]:
+        """The parameters a fine-tuning run trains, by ``spec``; the others get ``requires_grad=False``.
+
+        ``all``: every parameter.  ``top:K`` (0 <= K <= n_layers): the last K transformer blocks, the
+        final layer norm and the three output heads (text, acceleration, curvature); the vision stem, the
+        embeddings and the lower blocks stay as they are.  Backpropagation then stops at the lowest
+        trainable block, so a learning step costs the forward pass plus the top blocks' backward pass."""
+        if spec == "all":
+            keep = list(self.parameters())
+        else:
+            m = re.fullmatch(r"top:(\d+)", spec)
+            if m is None:
+                raise RoadloopError(f"trainable must be 'all' or 'top:K' (K transformer blocks from the top), "
+                                    f"got {spec!r}")
+            k = int(m.group(1))
+            if k > self.cfg.n_layers:
+                raise RoadloopError(f"trainable={spec!r}: the model has {self.cfg.n_layers} blocks")
+            mods = [*self.blocks[self.cfg.n_layers - k:], self.ln_f, self.text_head, self.accel_head, self.curv_head]
+            keep = [p for mod in mods for p in mod.parameters()]
+        ids = {id(p) for p in keep}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in ids)
+        return keep
+
     # ------------------------------------------------------------------ positions
     @property
     def device(self) -> torch.device:
@@ -284,7 +312,11 @@ class VLAModel(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Teacher forcing.  Returns logits: ``text`` (B, L, V) predicting ``batch['text']``,
-        ``accel`` (B, N, NA) and ``curv`` (B, N, NK) predicting ``batch['actions']`` (N = n_action)."""
+        ``accel`` (B, N, NA) and ``curv`` (B, N, NK) predicting ``batch['actions']`` (N = n_action).
+
+        With ``batch['lower']`` (from ``lower_states`` of the same batch) the sequence starts from those
+        hidden states and runs the blocks above them only; the logits are identical to a full pass as
+        long as the embeddings and the lower blocks have not changed since."""
         cfg = self.cfg
         text = batch["text"].to(self.device)
         actions = batch["actions"].to(self.device)
@@ -294,19 +326,56 @@ class VLAModel(nn.Module):
         if tuple(actions.shape) != (B, cfg.n_action, 2):
             raise RoadloopError(f"actions must have shape (B, {cfg.n_action}, 2) (one (accel, curvature) bin pair "
                                 f"per {cfg.action_chunk}-step chunk), got {tuple(actions.shape)}")
+        P1 = cfg.prefix_len + 1
+        lower = batch.get("lower")
+        if lower is None:
+            x, first = self._teacher_tokens(batch, text, actions), 0
+        else:
+            x, first = lower["hidden"].to(self.device), int(lower["layers"])
+        valid = torch.ones(B, x.shape[1], dtype=torch.bool, device=self.device)
+        valid[:, P1:P1 + L] = text != tok.PAD_ID
+        h = self.ln_f(self._teacher_blocks(x, valid, first, cfg.n_layers))
+        ht = h[:, P1 - 1:P1 - 1 + L]
+        ha = h[:, self._p_act:self._p_act + cfg.n_action]
+        return {"text": self._text_logits(ht), "accel": self.accel_head(ha), "curv": self.curv_head(ha)}
+
+    def _teacher_tokens(self, batch: dict, text: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(B, S, d) input embeddings of the teacher-forcing sequence: prefix, text, <act>, actions but the last."""
+        B, L = text.shape
         pre = self._prefix(batch)
         P1 = pre.shape[1]
         te = self.text_emb(text) + self.pos_emb[P1:P1 + L]
         act = self.text_emb(torch.full((B, 1), tok.ACT_ID, device=self.device)) + self.pos_emb[self._p_act]
         ae = self._action_emb(actions[:, :-1], 0)
-        x = torch.cat((pre, te, act, ae), 1)
-        valid = torch.ones(B, x.shape[1], dtype=torch.bool, device=self.device)
-        valid[:, P1:P1 + L] = text != tok.PAD_ID
-        cache = _Cache(cfg, B, x.shape[1], self.device, x.dtype)
-        h = self._run(x, cache, valid)
-        ht = h[:, P1 - 1:P1 - 1 + L]
-        ha = h[:, self._p_act:self._p_act + cfg.n_action]
-        return {"text": self._text_logits(ht), "accel": self.accel_head(ha), "curv": self.curv_head(ha)}
+        return torch.cat((pre, te, act, ae), 1)
+
+    def _teacher_blocks(self, x: torch.Tensor, valid: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Blocks ``first`` .. ``last`` - 1 over a whole teacher-forcing sequence x (B, S, d), causal mask
+        with key validity (B, S) (no final norm)."""
+        B, S, _ = x.shape
+        cache = _Cache(self.cfg, B, S, self.device, x.dtype)
+        cache.valid[:] = valid
+        pos = torch.arange(S, device=x.device)
+        mask = (pos[None, :] <= pos[:, None])[None, None] & valid[:, None, None, :]
+        for i in range(first, last):
+            x = self.blocks[i].forward(x, i, cache, mask)
+        return x
+
+    @torch.no_grad()
+    def lower_states(self, batch: dict, layers: int) -> dict[str, torch.Tensor | int]:
+        """Hidden states (B, S, d) after the first ``layers`` blocks of the teacher-forcing sequence, as
+        ``batch['lower']`` for ``forward`` / ``token_logps``: when only the blocks above them train
+        (``trainable_parameters('top:K')``, layers = n_layers - K), they are computed once per batch."""
+        cfg = self.cfg
+        if not 0 <= layers <= cfg.n_layers:
+            raise RoadloopError(f"lower_states: layers must be in [0, {cfg.n_layers}], got {layers}")
+        text = batch["text"].to(self.device)
+        actions = batch["actions"].to(self.device)
+        x = self._teacher_tokens(batch, text, actions)
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=self.device)
+        P1 = cfg.prefix_len + 1
+        valid[:, P1:P1 + text.shape[1]] = text != tok.PAD_ID
+        return {"hidden": self._teacher_blocks(x, valid, 0, layers), "layers": layers}
 
     def token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token log-probs: text (B, L) (0 at pads), accel + curv (B, N, 2); text mask (B, L)."""
