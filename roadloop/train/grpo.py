@@ -159,7 +159,8 @@ class GRPOConfig:
     kl_coef: float = 0.01  # x k3 KL to the init model
     lr: float = 1e-4
     trainable: str = "all"  # parameters GRPO trains: all, or top:K (the last K blocks and the output heads,
-    # ``VLAModel.trainable_parameters``): fewer directions for the updates' noise, a cheaper backward pass (LOG)
+    # ``VLAModel.trainable_parameters``; the frozen blocks run once per iteration): top:1 learns 3x faster and
+    # measured as well as all at the same KL to the init (LOG)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0  # sampling (ratios use the untempered model: see departures)
