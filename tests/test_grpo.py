@@ -465,7 +465,7 @@ def test_trainable_top_k_updates_only_the_top_blocks_and_the_heads(toy, tmp_path
     for cached in (False, True):
         m = copy.deepcopy(toy["model"])
         opt = torch.optim.AdamW(m.trainable_parameters("top:0"), lr=1e-2)
-        lower = grpo.frozen_lower_layers(m, ref, cfg) if cached else 0
+        lower = grpo.frozen_lower_layers(m, ref) if cached else 0
         assert lower == (1 if cached else 0)
         st = grpo.ppo_update(m, ref, opt, gb, adv, cfg, iteration=0, lower_layers=lower)
         assert st["first_ratio_dev"] < 1e-6 and st["steps"] > 1
@@ -475,7 +475,7 @@ def test_trainable_top_k_updates_only_the_top_blocks_and_the_heads(toy, tmp_path
     with torch.no_grad():
         moved.blocks[0].mlp[0].bias.add_(0.1)
     moved.trainable_parameters("top:0")
-    assert grpo.frozen_lower_layers(moved, ref, cfg) == 0  # a frozen part that differs from the reference
+    assert grpo.frozen_lower_layers(moved, ref) == 0  # a frozen part that differs from the reference
     # resuming restores the optimizer over the same subset and goes on
     res2 = train_grpo(_cfg(toy, tmp_path / "run", trainable="top:0", lr=1e-2, iterations=3, ckpt_every=1),
                       resume=True, log=lambda m: None)

@@ -115,7 +115,9 @@ def test_lower_states_give_the_full_pass_and_trainable_subsets():
     last = f"blocks.{TINY.n_layers - 1}."
     assert names == {n for n, _ in m.named_parameters() if n.startswith((last, "ln_f.", "text_head.", "accel_head.",
                                                                           "curv_head."))}
-    assert len(m.trainable_parameters("all")) == len(list(m.parameters()))
+    assert m.frozen_blocks() == TINY.n_layers - 1
+    assert m.trainable_parameters("top:0") and m.frozen_blocks() == TINY.n_layers
+    assert len(m.trainable_parameters("all")) == len(list(m.parameters())) and m.frozen_blocks() == 0
     assert all(p.requires_grad for p in m.parameters())
     with pytest.raises(RoadloopError, match="trainable must be 'all' or 'top:K'"):
         m.trainable_parameters("top")

@@ -96,7 +96,7 @@ import torch
 
 from roadloop.config import to_dict
 from roadloop.errors import ConfigError, RoadloopError
-from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
+from roadloop.policies.vla.model import TRAINABLE, VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.registry.lineage import code_version
 from roadloop.sim.batching import crop_log
 from roadloop.sim.datatypes import DT, Scenario
@@ -226,7 +226,7 @@ class GRPOConfig:
             raise ConfigError(f"grpo.dual_clip must be > 1 (or 0: off), got {self.dual_clip}")
         if self.drive_tokens not in ("executed", "all"):
             raise ConfigError(f"grpo.drive_tokens must be 'executed' or 'all', got '{self.drive_tokens}'")
-        if not re.fullmatch(r"all|top:\d+", self.trainable):
+        if not re.fullmatch(TRAINABLE, self.trainable):
             raise ConfigError(f"grpo.trainable must be 'all' or 'top:K' (the last K transformer blocks and the "
                               f"output heads), got {self.trainable!r}")
         if self.advantage not in ("std", "centered"):
@@ -605,16 +605,13 @@ def fixed_logps(model: VLAModel, ref: VLAModel | None, gb: GroupBatch, idx: torc
     return torch.cat(olds), torch.cat(refs), torch.cat(masks), (torch.cat(hidden) if hidden else None)
 
 
-def frozen_lower_layers(model: VLAModel, ref: VLAModel, cfg: GRPOConfig) -> int:
-    """How many of the lowest blocks (with the embeddings and the vision stem) ``cfg.trainable`` leaves
-    frozen and the reference shares bit for bit: their hidden states are then computed once per
-    iteration (``fixed_logps``) instead of once per minibatch (0: none)."""
-    if cfg.trainable == "all":
-        return 0
-    n = model.cfg.n_layers - int(cfg.trainable.split(":")[1])
+def frozen_lower_layers(model: VLAModel, ref: VLAModel) -> int:
+    """How many of the lowest blocks (with the embeddings and the vision stem) are frozen in ``model``
+    (``VLAModel.frozen_blocks``) and shared bit for bit with the reference: their hidden states are then
+    computed once per iteration (``fixed_logps``) instead of once per minibatch (0: none)."""
     theirs = dict(ref.named_parameters())
     same = all(torch.equal(p, theirs[k]) for k, p in model.named_parameters() if not p.requires_grad)
-    return n if same else 0
+    return model.frozen_blocks() if same else 0
 
 
 def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: GroupBatch, adv: torch.Tensor,
@@ -778,7 +775,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         replay = IncidentReplay(cfg, (state or {}).get("extra", {}).get("replay", [])) if cfg.replay_share > 0 else None
         good = GoodState(model, opt)
         good.snapshot(it)
-        lower = frozen_lower_layers(model, ref, cfg)
+        lower = frozen_lower_layers(model, ref)
         bad_run = 0
         t0 = time.perf_counter() - elapsed
         stopped_early = False

@@ -52,6 +52,7 @@ from roadloop.policies.vla.observe import CHANNELS, COMMANDS
 
 FORMAT = "roadloop-vla/1"
 STEMS = ("conv", "patch")
+TRAINABLE = r"all|top:(\d+)"  # ``VLAModel.trainable_parameters`` specs
 GREEDY_ACTIONS = ("mean", "mode")  # how greedy decoding picks action bins (VLAModel.sample)
 
 
@@ -233,13 +234,12 @@ class VLAModel(nn.Module):
         final layer norm and the three output heads (text, acceleration, curvature); the vision stem, the
         embeddings and the lower blocks stay as they are.  Backpropagation then stops at the lowest
         trainable block, so a learning step costs the forward pass plus the top blocks' backward pass."""
+        m = re.fullmatch(TRAINABLE, spec)
+        if m is None:
+            raise RoadloopError(f"trainable must be 'all' or 'top:K' (K transformer blocks from the top), got {spec!r}")
         if spec == "all":
             keep = list(self.parameters())
         else:
-            m = re.fullmatch(r"top:(\d+)", spec)
-            if m is None:
-                raise RoadloopError(f"trainable must be 'all' or 'top:K' (K transformer blocks from the top), "
-                                    f"got {spec!r}")
             k = int(m.group(1))
             if k > self.cfg.n_layers:
                 raise RoadloopError(f"trainable={spec!r}: the model has {self.cfg.n_layers} blocks")
@@ -249,6 +249,18 @@ class VLAModel(nn.Module):
         for p in self.parameters():
             p.requires_grad_(id(p) in ids)
         return keep
+
+    def frozen_blocks(self) -> int:
+        """How many of the lowest blocks are frozen together with everything below them (vision stem,
+        embeddings, positions): the hidden states after them do not change while training, so
+        ``lower_states`` may be computed once per batch (``requires_grad`` as set by
+        ``trainable_parameters``)."""
+        below = [p for n, p in self.named_parameters() if not n.startswith(("blocks.", "ln_f.", "text_head.",
+                                                                            "accel_head.", "curv_head."))]
+        if any(p.requires_grad for p in below):
+            return 0
+        return next((i for i, b in enumerate(self.blocks) if any(p.requires_grad for p in b.parameters())),
+                    self.cfg.n_layers)
 
     # ------------------------------------------------------------------ positions
     @property
@@ -332,9 +344,7 @@ class VLAModel(nn.Module):
             x, first = self._teacher_tokens(batch, text, actions), 0
         else:
             x, first = lower["hidden"].to(self.device), int(lower["layers"])
-        valid = torch.ones(B, x.shape[1], dtype=torch.bool, device=self.device)
-        valid[:, P1:P1 + L] = text != tok.PAD_ID
-        h = self.ln_f(self._teacher_blocks(x, valid, first, cfg.n_layers))
+        h = self.ln_f(self._teacher_blocks(x, text, first, cfg.n_layers))
         ht = h[:, P1 - 1:P1 - 1 + L]
         ha = h[:, self._p_act:self._p_act + cfg.n_action]
         return {"text": self._text_logits(ht), "accel": self.accel_head(ha), "curv": self.curv_head(ha)}
@@ -349,10 +359,13 @@ class VLAModel(nn.Module):
         ae = self._action_emb(actions[:, :-1], 0)
         return torch.cat((pre, te, act, ae), 1)
 
-    def _teacher_blocks(self, x: torch.Tensor, valid: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Blocks ``first`` .. ``last`` - 1 over a whole teacher-forcing sequence x (B, S, d), causal mask
-        with key validity (B, S) (no final norm)."""
+    def _teacher_blocks(self, x: torch.Tensor, text: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Blocks ``first`` .. ``last`` - 1 over a whole teacher-forcing sequence x (B, S, d) whose text
+        slots hold ``text`` (B, L) (pads are invalid keys); causal mask, no final norm."""
         B, S, _ = x.shape
+        P1 = self.cfg.prefix_len + 1
+        valid = torch.ones(B, S, dtype=torch.bool, device=self.device)
+        valid[:, P1:P1 + text.shape[1]] = text != tok.PAD_ID
         cache = _Cache(self.cfg, B, S, self.device, x.dtype)
         cache.valid[:] = valid
         pos = torch.arange(S, device=x.device)
@@ -372,10 +385,7 @@ class VLAModel(nn.Module):
         text = batch["text"].to(self.device)
         actions = batch["actions"].to(self.device)
         x = self._teacher_tokens(batch, text, actions)
-        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=self.device)
-        P1 = cfg.prefix_len + 1
-        valid[:, P1:P1 + text.shape[1]] = text != tok.PAD_ID
-        return {"hidden": self._teacher_blocks(x, valid, 0, layers), "layers": layers}
+        return {"hidden": self._teacher_blocks(x, text, 0, layers), "layers": layers}
 
     def token_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-token log-probs: text (B, L) (0 at pads), accel + curv (B, N, 2); text mask (B, L)."""
@@ -584,4 +594,5 @@ def _cfg_hint(cfg: VLAConfig) -> str:
     return f"(d_model={cfg.d_model}, n_layers={cfg.n_layers}, n_heads={cfg.n_heads})"
 
 
-__all__ = ["PRESETS", "VLAConfig", "VLAModel", "load_checkpoint", "param_count", "save_checkpoint", "state_hash"]
+__all__ = ["PRESETS", "TRAINABLE", "VLAConfig", "VLAModel", "load_checkpoint", "param_count", "save_checkpoint",
+           "state_hash"]
