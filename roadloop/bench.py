@@ -1,5 +1,5 @@
-"""Benchmarks behind ``roadloop bench``: the simulator (``sim``), the VLA policy (``vla``) and the
-imitation data loading (``data``, at the end of the file).
+"""Benchmarks behind ``roadloop bench``: the simulator (``sim``), the VLA policy (``vla``), the
+imitation data loading (``data``) and the GRPO learner (``grpo``, at the end of the file).
 
 Simulator throughput (``roadloop bench sim``).
 
@@ -183,3 +183,72 @@ def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 6
     del demos
     gc.collect()
     return DataBenchResult(mode, n, load_s, batches, 1000 * dt / batches, batches * batch_size / dt, loads, rss)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO: one collection, and the learner's update on it per trainable subset (``roadloop bench grpo``)
+
+@dataclass
+class GRPOCollectResult:
+    rollouts: int  # S x G
+    decisions: int  # D x S x G recorded decisions
+    env_steps: int  # scenario-steps simulated
+    seconds: float  # collection wall time (rollouts, rasters, sampling, rewards)
+    env_steps_per_s: float
+
+
+@dataclass
+class GRPOLearnResult:
+    trainable: str  # ``GRPOConfig.trainable`` spec
+    cached: bool  # the frozen lower blocks' hidden states computed once per update (``frozen_lower_layers``)
+    lower_layers: int  # blocks cached (0: full forward passes in every minibatch)
+    trainable_params: int
+    samples: int  # decisions x PPO epochs per update
+    learn_s: float  # median wall time of one ``ppo_update`` (fixed log-probs included)
+    samples_per_s: float  # samples / learn_s
+    iteration_s: float  # collection + learn_s: one training iteration at these settings
+
+
+def run_grpo_bench(model, pool: list, cfg, specs: list[str], repeats: int = 3
+                   ) -> tuple[GRPOCollectResult, list[GRPOLearnResult]]:
+    """Time one GRPO iteration's parts with ``cfg`` (a ``GRPOConfig``): collect iteration 0's groups
+    once, then run ``ppo_update`` on that same collection from the same weights for every trainable
+    spec in ``specs`` (and, where it leaves lower blocks frozen, both with and without their hidden
+    states cached), ``repeats`` rounds interleaved so that the machine's drift hits every setting
+    alike.  Raises ``RoadloopError`` for a spec the model cannot take, before any rollout."""
+    import copy
+
+    from roadloop.train import grpo
+
+    settings = []
+    for spec in specs:
+        probe = copy.deepcopy(model)
+        n_params = sum(p.numel() for p in probe.trainable_parameters(spec))
+        settings += [(spec, False, n_params)] + ([(spec, True, n_params)] if probe.frozen_blocks() > 0 else [])
+    model = model.eval()
+    ref = copy.deepcopy(model).requires_grad_(False)
+    gb = grpo.collect_iteration(model, pool, cfg, 0)
+    collect = GRPOCollectResult(gb.batch_size, gb.num_decisions * gb.batch_size, gb.env_steps, gb.seconds,
+                                gb.env_steps / max(gb.seconds, 1e-9))
+    adv = grpo.decision_advantages(gb, cfg)
+    times: dict[tuple[str, bool], list[float]] = {(s, c): [] for s, c, _ in settings}
+    samples: dict[tuple[str, bool], int] = {}
+    lower_of: dict[tuple[str, bool], int] = {}
+    for _ in range(repeats):
+        for spec, cached, _n in settings:
+            m = copy.deepcopy(model)
+            opt = torch.optim.AdamW(m.trainable_parameters(spec), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    betas=(0.9, 0.99))
+            lower = grpo.frozen_lower_layers(m, ref) if cached else 0
+            t0 = time.perf_counter()
+            st = grpo.ppo_update(m, ref, opt, gb, adv, cfg, 0, lower)
+            times[(spec, cached)].append(time.perf_counter() - t0)
+            samples[(spec, cached)] = int(st.get("samples", 0))
+            lower_of[(spec, cached)] = lower
+    out = []
+    for spec, cached, n_params in settings:
+        t = float(np.median(times[(spec, cached)]))
+        n = samples[(spec, cached)]
+        out.append(GRPOLearnResult(spec, cached, lower_of[(spec, cached)], n_params, n, t, n / max(t, 1e-9),
+                                   collect.seconds + t))
+    return collect, out

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from roadloop.errors import RoadloopError
+from roadloop.errors import ConfigError, RoadloopError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="roadloop: closed-loop post-training of autonomous-driving policies.")
@@ -132,6 +132,65 @@ def bench_vla(policy: str = typer.Option(None, help="VLA checkpoint directory (d
         from roadloop.io import atomic_write_text
 
         atomic_write_text(json_path, json.dumps({"policy": what, "threads": torch.get_num_threads(),
+                                                 "results": [asdict(r) for r in results]}, indent=2))
+
+
+@bench_app.command("grpo")
+@friendly
+def bench_grpo(policy: str = typer.Option(None, help="VLA checkpoint directory (default: an untrained model)."),
+               preset: str = typer.Option("default", help="Model preset when no checkpoint is given."),
+               suites: str = typer.Option("train", help="Scenario suites (names or directories) to draw from."),
+               scenarios: int = typer.Option(8, help="Scenarios per iteration (grpo.scenarios_per_iter)."),
+               group: int = typer.Option(8, help="Rollouts per scenario (grpo.group_size)."),
+               max_decisions: int = typer.Option(512, help="Decisions the learner trains on (grpo.max_decisions)."),
+               epochs: int = typer.Option(2, help="PPO epochs per update (grpo.ppo_epochs)."),
+               trainable: str = typer.Option("all,top:1", help="Comma-separated grpo.trainable specs to time."),
+               random_start: bool = typer.Option(True, help="Start at a random point of the logs (grpo.random_start)."),
+               repeats: int = typer.Option(3, help="Timed updates per setting (interleaved; the median is shown)."),
+               json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
+    """GRPO iteration cost: one collection (env steps/s), then the learner's update on it (learner samples/s)
+    for each trainable subset, with and without the frozen lower blocks cached."""
+    import torch
+
+    from roadloop.bench import run_grpo_bench
+    from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint
+    from roadloop.train.grpo import GRPOConfig
+    from roadloop.train.run import load_pool
+
+    specs = [s.strip() for s in trainable.split(",") if s.strip()]
+    if not specs or repeats < 1:
+        raise ConfigError("bench grpo: --trainable needs at least one spec and --repeats at least 1")
+    for spec in specs:
+        GRPOConfig(init="bench", trainable=spec).validate()
+    cfg = GRPOConfig(init="bench", suites=suites, scenarios_per_iter=scenarios, group_size=group,
+                     max_decisions=max_decisions, ppo_epochs=epochs, random_start=random_start).validate()
+    if policy:
+        model, _ = load_checkpoint(policy)
+        what = policy
+    else:
+        torch.manual_seed(0)
+        model = VLAModel(VLAConfig.preset(preset))
+        what = f"untrained '{preset}'"
+    pool, _ = load_pool(suites)
+    collect, results = run_grpo_bench(model, pool, cfg, specs, repeats)
+    console.print(f"collection: {collect.rollouts} rollouts ({scenarios} x {group}), {collect.decisions} decisions, "
+                  f"{collect.env_steps} env steps in {collect.seconds:.1f} s ({collect.env_steps_per_s:,.0f} "
+                  f"env steps/s)")
+    table = Table(title=f"roadloop bench grpo: {what}, {torch.get_num_threads()} threads")
+    for c in ("trainable", "lower blocks cached", "trainable params", "samples", "learn s (median)", "samples/s",
+              "iteration s"):
+        table.add_column(c, justify="right")
+    for r in results:
+        table.add_row(r.trainable, str(r.lower_layers) if r.cached else "no", f"{r.trainable_params / 1e6:.2f}M",
+                      str(r.samples), f"{r.learn_s:.2f}", f"{r.samples_per_s:.1f}", f"{r.iteration_s:.1f}")
+    console.print(table)
+    if json_path:
+        from dataclasses import asdict
+
+        from roadloop.io import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps({"policy": what, "suites": suites, "threads": torch.get_num_threads(),
+                                                 "collect": asdict(collect),
                                                  "results": [asdict(r) for r in results]}, indent=2))
 
 

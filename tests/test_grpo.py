@@ -482,6 +482,33 @@ def test_trainable_top_k_updates_only_the_top_blocks_and_the_heads(toy, tmp_path
     assert res2.iterations == 3
 
 
+def test_bench_grpo_times_the_learner_per_trainable_subset(toy, tmp_path):
+    """``roadloop bench grpo``: one collection, then an update per trainable spec, cached and not where
+    blocks stay frozen; the update runs on every decision recorded x the epochs.  Bad specs are clear
+    errors before any rollout."""
+    micro2 = VLAModel(VLAConfig(**{**to_dict(MICRO), "n_layers": 2}))
+    save_checkpoint(micro2, tmp_path / "m2")
+    out = tmp_path / "bench.json"
+    args = ["bench", "grpo", "--policy", str(tmp_path / "m2"), "--suites", str(toy["suite"]), "--scenarios", "2",
+            "--group", "2", "--epochs", "1", "--repeats", "2", "--trainable", "all,top:1", "--json", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    js = __import__("json").loads(out.read_text())
+    c = js["collect"]
+    assert c["rollouts"] == 4 and c["env_steps"] > 0 and c["env_steps_per_s"] > 0
+    rows = {(x["trainable"], x["cached"]): x for x in js["results"]}
+    assert set(rows) == {("all", False), ("top:1", False), ("top:1", True)}
+    assert rows[("top:1", True)]["lower_layers"] == 1 and rows[("top:1", False)]["lower_layers"] == 0
+    n_all = sum(p.numel() for p in micro2.parameters())
+    assert rows[("all", False)]["trainable_params"] == n_all > rows[("top:1", True)]["trainable_params"] > 0
+    for x in rows.values():
+        assert x["samples"] == c["decisions"] and x["samples_per_s"] > 0
+        assert x["iteration_s"] > c["seconds"]
+    for bad, msg in (("top:3", "the model has 2 blocks"), ("bottom:1", "trainable must be")):
+        r = CliRunner().invoke(app, args[:-4] + ["--trainable", bad])
+        assert r.exit_code == 2 and msg in r.output, r.output
+
+
 # ---------------------------------------------------------------------------------------------
 # RoaD
 

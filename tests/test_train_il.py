@@ -145,6 +145,32 @@ def test_bad_inputs(demos, home, tmp_path):
         train_il(_cfg(bad, tmp_path / "r3"), log=lambda m: None)
 
 
+def test_decision_weight_weighs_the_decision_tokens_of_the_text_loss(demos, home, tmp_path):
+    """``il.decision_weight``: 1 leaves the loss as it was (bit for bit); otherwise the text loss is the
+    weighted mean over the tokens, with the decision phrases' tokens weighted; a run trains with it."""
+    with pytest.raises(ConfigError, match="decision_weight must be > 0"):
+        train_il(_cfg(demos, tmp_path / "r0", decision_weight=0.0), log=lambda m: None)
+    d = load_demos(demos)
+    cfg = VLAConfig.preset("tiny")
+    plain, weighted = TokenizedDemos.build(d, cfg), TokenizedDemos.build(d, cfg, decision_weight=4.0)
+    assert plain.text_weight is None and torch.equal(plain.text, weighted.text)
+    w = weighted.text_weight
+    assert w.shape == plain.text.shape and set(w.unique().tolist()) == {1.0, 4.0}
+    assert (w == 4.0).any(1).float().mean() > 0.9  # (almost) every label states its decision
+    torch.manual_seed(0)
+    model = VLAModel(cfg).eval()
+    idx = torch.arange(8)
+    b = plain.batch(idx)
+    ones = model.loss({**b, "text_weight": torch.ones_like(w[idx])})
+    assert torch.equal(model.loss(b)["text_loss"], ones["text_loss"])
+    lt, _, mask = model.token_logps(b)
+    ww = w[idx] * mask
+    expect = -(lt * ww).sum() / ww.sum()
+    assert torch.allclose(model.loss(weighted.batch(idx))["text_loss"], expect)
+    res = train_il(_cfg(demos, tmp_path / "run", decision_weight=4.0, epochs=2.0), log=lambda m: None)
+    assert math.isfinite(res.metrics["decision_acc"])
+
+
 def test_openloop_scores_of_the_labels_themselves(demos):
     """The metric code judges the expert's own output (label text + quantised controls) as right:
     decision accuracy 1, grounded, consistent, and a plan within the quantisation error."""

@@ -60,6 +60,28 @@ def test_tokenizer_round_trip_label_texts():
     assert tok.decode_batch(batch) == ["Stop.", "The lane ahead is clear; keep speed."]
 
 
+def test_token_spans_and_decision_weights():
+    """``token_spans`` is ``encode`` with character spans; ``span_weights`` with ``decision_spans`` weighs
+    exactly the tokens of the (non-negated) decision phrases."""
+    from roadloop.reasoning.checks import decision_spans, parse_coc
+
+    for t in _label_texts(100) + ["Don't accelerate; the car ahead is stopped, so brake and stay in lane."]:
+        spans = tok.token_spans(t)
+        assert [i for i, _, _ in spans] + [tok.EOS_ID] == tok.encode(t, eos=True)
+        for i, a, e in spans:  # each token stands for its own characters
+            assert i in (tok.CAP_ID, tok.UNK_ID) or t[a:e].lower() == tok.VOCAB[i], (t, t[a:e], tok.VOCAB[i])
+        w = tok.span_weights([t], [decision_spans(t)], 48, 3.0)[0]
+        marked = " ".join(tok.VOCAB[i] for (i, _, _), x in zip(spans, w, strict=False) if x == 3.0)
+        p = parse_coc(t)
+        assert p is not None and set(w.tolist()) <= {1.0, 3.0}
+        assert parse_coc(marked) is not None  # the weighted tokens alone state a decision
+    t = "Don't accelerate; the car ahead is stopped, so brake and stay in lane."
+    w = tok.span_weights([t], [decision_spans(t)], 20, 3.0)[0]
+    words = [tok.VOCAB[i] for i in tok.encode(t, eos=True)]
+    assert [words[j] for j in range(len(words)) if w[j] == 3.0] == ["brake", "stay", "in", "lane"]
+    assert w[len(words):].eq(1.0).all()  # <eos> onwards and pads: 1
+
+
 def test_action_quantization_round_trip():
     torch.manual_seed(0)
     B = 64

@@ -90,6 +90,16 @@ def _find(patterns, text: str):
     return None
 
 
+def decision_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the decision phrases (either axis, any synonym, not negated) in
+    ``text``: where a CoC text states what to do (``il.decision_weight`` weighs their tokens)."""
+    t = text.lower().replace("’", "'")  # same length as text
+    spans = []
+    for _, pat in _LON_PATTERNS + _LAT_PATTERNS:
+        spans += [m.span() for m in re.finditer(_NEG + r"(?:" + pat + r")", t)]
+    return sorted(spans)
+
+
 def parse_coc(text: object) -> ParsedCoC | None:
     """Parse free text (any object; non-strings give None) into a ``ParsedCoC``."""
     if not isinstance(text, str) or not text.strip():
@@ -217,5 +227,5 @@ def consistency_batch(texts: list[str], lon: torch.Tensor, lat: torch.Tensor) ->
     return torch.tensor([consistency(t, lon[b], lat[b]) for b, t in enumerate(texts)], dtype=torch.bool)
 
 
-__all__ = ["MentionedComponent", "ParsedCoC", "consistency", "consistency_batch", "grounding", "grounding_batch",
-           "parse_coc"]
+__all__ = ["MentionedComponent", "ParsedCoC", "consistency", "consistency_batch", "decision_spans", "grounding",
+           "grounding_batch", "parse_coc"]

@@ -45,6 +45,7 @@ from roadloop.errors import ConfigError, RoadloopError
 from roadloop.eval.openloop import model_inputs, openloop_metrics
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import STEMS, VLAConfig, VLAModel, param_count, save_checkpoint
+from roadloop.reasoning.checks import decision_spans
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
 from roadloop.train.run import adamw, begin_run, open_run_dir, restore
 
@@ -71,6 +72,8 @@ class ILConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     action_weight: float = 1.0
+    decision_weight: float = 1.0  # weight of the decision phrases' tokens in the text loss (a weighted mean;
+    # 1: every token alike).  They are a few of a text's ~40 tokens, and what decision accuracy scores (LOG)
     precision: str = "fp32"  # "bf16": forward and loss under bfloat16 autocast (weights, optimizer stay fp32)
     data_loading: str = "memory"  # memory: all rasters in RAM (213 KB a sample); stream: read shard by shard
     stream_window: int = 16  # stream: shards shuffled together (this many + 2 stay in memory), family-stratified
@@ -93,6 +96,8 @@ class ILConfig:
                 raise ConfigError(f"il.{name} must be >= 1, got {getattr(self, name)}")
         if not self.epochs > 0 or not self.lr > 0:
             raise ConfigError(f"il.epochs and il.lr must be > 0, got {self.epochs}, {self.lr}")
+        if not self.decision_weight > 0:
+            raise ConfigError(f"il.decision_weight must be > 0, got {self.decision_weight}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"il.val_fraction must be in (0, 1), got {self.val_fraction}")
         VLAConfig.preset(self.model.preset)
@@ -108,20 +113,29 @@ class ILConfig:
 
 @dataclass
 class TokenizedDemos:
-    """Demonstrations + their model targets (text ids (N, L), action bins (N, n_action, 2))."""
+    """Demonstrations + their model targets (text ids (N, L), action bins (N, n_action, 2)) and, with
+    a decision weight, the text tokens' loss weights (N, L)."""
 
     demos: DemoTensors
     text: torch.Tensor
     actions: torch.Tensor
+    text_weight: torch.Tensor | None = None
 
     @staticmethod
-    def build(demos: DemoTensors, cfg: VLAConfig) -> TokenizedDemos:
+    def build(demos: DemoTensors, cfg: VLAConfig, decision_weight: float = 1.0) -> TokenizedDemos:
+        w = None
+        if decision_weight != 1.0:
+            w = tok.span_weights(demos.text, [decision_spans(t) for t in demos.text], cfg.max_text_len,
+                                 decision_weight)
         return TokenizedDemos(demos, tok.encode_batch(demos.text, cfg.max_text_len),
-                              tok.quantize_controls(demos.controls, cfg.action_chunk))
+                              tok.quantize_controls(demos.controls, cfg.action_chunk), w)
 
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """Model batch (teacher forcing) of the samples ``idx``."""
-        return {**model_inputs(self.demos, idx), "text": self.text[idx], "actions": self.actions[idx]}
+        out = {**model_inputs(self.demos, idx), "text": self.text[idx], "actions": self.actions[idx]}
+        if self.text_weight is not None:
+            out["text_weight"] = self.text_weight[idx]
+        return out
 
 
 def lr_at(step: int, total: int, cfg: ILConfig) -> float:
@@ -162,7 +176,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     if prev and prev.get("dataset") != train_all.content_hash:
         raise RoadloopError(f"{cfg.data}: dataset hash {train_all.content_hash[:12]} differs from the one this run "
                             f"started on ({str(prev.get('dataset'))[:12]}); not resuming on other data")
-    data = TokenizedDemos.build(train_all, vcfg)
+    data = TokenizedDemos.build(train_all, vcfg, cfg.decision_weight)
     if cfg.val_data:
         val = load_demos(cfg.val_data, rasters=cfg.data_loading, cache_shards=cfg.stream_window + 2)
         train_idx = torch.arange(len(train_all))

@@ -400,10 +400,14 @@ class VLAModel(nn.Module):
         return lt, torch.cat((la, lk), -1), mask
 
     def loss(self, batch: dict, action_weight: float = 1.0) -> dict[str, torch.Tensor]:
-        """Mean token cross-entropies: ``text_loss`` (over non-pad slots), ``action_loss`` (over the
-        2 N accel and curvature bins), ``loss = text_loss + action_weight * action_loss``."""
+        """Mean token cross-entropies: ``text_loss`` (over non-pad slots; weighted by ``batch["text_weight"]``
+        (B, L) where given), ``action_loss`` (over the 2 N accel and curvature bins),
+        ``loss = text_loss + action_weight * action_loss``."""
         lt, la, mask = self.token_logps(batch)
-        text_loss = -lt.sum() / mask.sum().clamp_min(1)
+        w = mask.float()
+        if batch.get("text_weight") is not None:
+            w = w * batch["text_weight"].to(w.device)
+        text_loss = -(lt * w).sum() / w.sum().clamp_min(1e-6)
         action_loss = -la.mean()
         return {"loss": text_loss + action_weight * action_loss, "text_loss": text_loss, "action_loss": action_loss}
 

@@ -56,24 +56,40 @@ FORBIDDEN_IN_TEXT = [PAD_ID, BOS_ID, ACT_ID]
 _SPLIT = re.compile(r"[A-Za-z']+|\d|[,.;]|\S")
 
 
-def encode(text: str, bos: bool = False, eos: bool = False) -> list[int]:
-    """Text -> token ids (unknown words -> ``<unk>``); optional ``<bos>`` / ``<eos>`` around it."""
-    ids = [BOS_ID] if bos else []
-    for piece in _SPLIT.findall(text):
+def token_spans(text: str) -> list[tuple[int, int, int]]:
+    """(token id, start, end) of each token of ``text`` (no ``<bos>`` / ``<eos>``): character span
+    [start, end) the token stands for (``<cap>`` shares its word's span, "don't" splits into "do" "n't")."""
+    out = []
+    for m in _SPLIT.finditer(text):
+        piece, a, e = m.group(), m.start(), m.end()
         if piece.lower() != piece:
             if piece[:1].isupper() and piece[1:].lower() == piece[1:]:
-                ids.append(CAP_ID)
+                out.append((CAP_ID, a, e))
                 piece = piece.lower()
             else:
-                ids.append(UNK_ID)
+                out.append((UNK_ID, a, e))
                 continue
         if piece.endswith("n't") and piece != "n't" and piece[:-3] in TOKEN_ID:  # "don't" -> "do" "n't"
-            ids += [TOKEN_ID[piece[:-3]], TOKEN_ID["n't"]]
+            out += [(TOKEN_ID[piece[:-3]], a, e - 3), (TOKEN_ID["n't"], e - 3, e)]
             continue
-        ids.append(TOKEN_ID.get(piece, UNK_ID))
-    if eos:
-        ids.append(EOS_ID)
-    return ids
+        out.append((TOKEN_ID.get(piece, UNK_ID), a, e))
+    return out
+
+
+def encode(text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    """Text -> token ids (unknown words -> ``<unk>``); optional ``<bos>`` / ``<eos>`` around it."""
+    return ([BOS_ID] if bos else []) + [i for i, _, _ in token_spans(text)] + ([EOS_ID] if eos else [])
+
+
+def span_weights(texts: list[str], spans: list[list[tuple[int, int]]], length: int, weight: float) -> torch.Tensor:
+    """(B, length) float32 per-token weights of ``encode_batch(texts, length)``: ``weight`` for the tokens
+    overlapping any character span of their text in ``spans``, 1 elsewhere (``<eos>`` and pads included)."""
+    out = torch.ones(len(texts), length)
+    for b, (t, sp) in enumerate(zip(texts, spans, strict=True)):
+        for j, (_, a, e) in enumerate(token_spans(t)[:length]):
+            if any(a < s1 and s0 < e for s0, s1 in sp):
+                out[b, j] = weight
+    return out
 
 
 def decode(ids: list[int] | torch.Tensor) -> str:
@@ -188,4 +204,4 @@ def dequantize(tokens: torch.Tensor, chunk: int = ACTION_CHUNK) -> torch.Tensor:
 __all__ = ["ACCEL_BINS", "ACCEL_CENTRES", "ACTION_CHUNK", "ACT_ID", "BOS_ID", "CAP_ID", "CURV_BINS",
            "CURV_CENTRES", "EOS_ID", "PAD_ID", "UNK_ID", "VOCAB", "VOCAB_SHA", "VOCAB_SIZE", "chunk_controls",
            "decode", "decode_batch", "dequantize", "encode", "encode_batch", "nearest_bin", "pad_batch",
-           "quantize_controls"]
+           "quantize_controls", "span_weights", "token_spans"]
