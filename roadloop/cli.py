@@ -94,6 +94,18 @@ def bench_sim(json_path: Path = typer.Option(None, "--json", help="Write results
         atomic_write_text(json_path, json.dumps(out, indent=2))
 
 
+def _bench_model(policy: str | None, preset: str):
+    """(VLA model, description) for a bench: the checkpoint ``policy``, else an untrained ``preset`` (seed 0)."""
+    import torch
+
+    from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint
+
+    if policy:
+        return load_checkpoint(policy)[0], policy
+    torch.manual_seed(0)
+    return VLAModel(VLAConfig.preset(preset)), f"untrained '{preset}'"
+
+
 @bench_app.command("vla")
 @friendly
 def bench_vla(policy: str = typer.Option(None, help="VLA checkpoint directory (default: an untrained model)."),
@@ -105,16 +117,13 @@ def bench_vla(policy: str = typer.Option(None, help="VLA checkpoint directory (d
     import torch
 
     from roadloop.bench import run_vla_bench
-    from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count
+    from roadloop.policies.vla.model import param_count
     from roadloop.policies.vla.policy import VLAPolicy
 
-    if policy:
-        pol = VLAPolicy.from_checkpoint(policy)
-        what = policy
-    else:
-        torch.manual_seed(0)
-        pol = VLAPolicy(VLAModel(VLAConfig.preset(preset)))
-        what = f"untrained '{preset}' (text runs to the {pol.model.cfg.max_text_len}-token cap)"
+    model, what = _bench_model(policy, preset)
+    pol = VLAPolicy(model)
+    if not policy:
+        what += f" (text runs to the {model.cfg.max_text_len}-token cap)"
     table = Table(title=f"roadloop bench vla: {what}, {param_count(pol.model) / 1e6:.2f}M params, "
                   f"{torch.get_num_threads()} threads")
     for c in ("batch", "latency ms (median)", "p90 ms", "decisions/s", "text tokens"):
@@ -153,7 +162,6 @@ def bench_grpo(policy: str = typer.Option(None, help="VLA checkpoint directory (
     import torch
 
     from roadloop.bench import run_grpo_bench
-    from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint
     from roadloop.train.grpo import GRPOConfig
     from roadloop.train.run import load_pool
 
@@ -164,13 +172,7 @@ def bench_grpo(policy: str = typer.Option(None, help="VLA checkpoint directory (
         GRPOConfig(init="bench", trainable=spec).validate()
     cfg = GRPOConfig(init="bench", suites=suites, scenarios_per_iter=scenarios, group_size=group,
                      max_decisions=max_decisions, ppo_epochs=epochs, random_start=random_start).validate()
-    if policy:
-        model, _ = load_checkpoint(policy)
-        what = policy
-    else:
-        torch.manual_seed(0)
-        model = VLAModel(VLAConfig.preset(preset))
-        what = f"untrained '{preset}'"
+    model, what = _bench_model(policy, preset)
     pool, _ = load_pool(suites)
     collect, results = run_grpo_bench(model, pool, cfg, specs, repeats)
     console.print(f"collection: {collect.rollouts} rollouts ({scenarios} x {group}), {collect.decisions} decisions, "

@@ -83,9 +83,14 @@ class ParsedCoC:
     claims_clear: bool = False
 
 
+def _affirmed(pat: str) -> str:
+    """``pat`` not preceded by a negation ("not", "n't", "never", "no need to")."""
+    return _NEG + r"(?:" + pat + r")"
+
+
 def _find(patterns, text: str):
     for value, pat in patterns:
-        if re.search(_NEG + r"(?:" + pat + r")", text):
+        if re.search(_affirmed(pat), text):
             return value
     return None
 
@@ -96,7 +101,7 @@ def decision_spans(text: str) -> list[tuple[int, int]]:
     t = text.lower().replace("’", "'")  # same length as text
     spans = []
     for _, pat in _LON_PATTERNS + _LAT_PATTERNS:
-        spans += [m.span() for m in re.finditer(_NEG + r"(?:" + pat + r")", t)]
+        spans += [m.span() for m in re.finditer(_affirmed(pat), t)]
     return sorted(spans)
 
 

@@ -73,7 +73,7 @@ class ILConfig:
     grad_clip: float = 1.0
     action_weight: float = 1.0
     decision_weight: float = 1.0  # weight of the decision phrases' tokens in the text loss (a weighted mean;
-    # 1: every token alike).  They are a few of a text's ~40 tokens, and what decision accuracy scores (LOG)
+    # 1: every token alike).  About 4 of a label's ~20 tokens, the part decision accuracy scores (LOG)
     precision: str = "fp32"  # "bf16": forward and loss under bfloat16 autocast (weights, optimizer stay fp32)
     data_loading: str = "memory"  # memory: all rasters in RAM (213 KB a sample); stream: read shard by shard
     stream_window: int = 16  # stream: shards shuffled together (this many + 2 stay in memory), family-stratified
