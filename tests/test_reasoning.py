@@ -63,6 +63,14 @@ def test_meta_actions_synthetic():
     assert _ma(torch.stack((x, bump), -1), 10 + 0 * T)[1] == Lateral.NUDGE_LEFT
     assert _ma(torch.stack((x, -1 + 0 * x), -1), 10 + 0 * T)[1] == Lateral.NUDGE_RIGHT
     assert _ma(torch.full((64, 2), float("nan"))) == (Longitudinal.KEEP_SPEED, Lateral.KEEP_LANE)
+    # a highway bend: 1.2 deg of heading over 224 m at 35 m/s ends 2.3 m sideways, yet it is a curve, not a
+    # lane change (the heading ends at its extreme); the same offset reached by an S (out and back) is one
+    th = math.radians(1.2) * T / T[-1]
+    bend = torch.stack((torch.cumsum(3.5 * torch.cos(th), 0), torch.cumsum(3.5 * torch.sin(th), 0)), -1)
+    assert bend[-1, 1] > 2.0
+    assert _ma(bend, 35 + 0 * T, 35.0)[1] == Lateral.KEEP_LANE
+    assert _ma(bend * torch.tensor([1.0, -1.0]), 35 + 0 * T, 35.0)[1] == Lateral.KEEP_LANE
+    assert _ma(torch.stack((35 * T, 2.3 * u * u * (3 - 2 * u)), -1), 35 + 0 * T, 35.0)[1] == Lateral.CHANGE_LANE_LEFT
 
 
 def _drive_expert(sc, steps: int):

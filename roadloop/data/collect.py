@@ -75,7 +75,8 @@ from roadloop.sim.dynamics import ActionBounds, unicycle_controls_from_poses
 from roadloop.sim.geometry import wrap_angle
 
 FORMAT = "roadloop-demos"
-VERSION = 3  # 2: facts_* arrays, 2 Hz default; 3: junction, speed_limit and speed raster channels
+VERSION = 4  # 2: facts_* arrays, 2 Hz default; 3: junction, speed_limit and speed raster channels;
+# 4: lateral labels by the relative "heading is back" rule (reasoning.meta_action; a road curve is never a lane change)
 MANIFEST = "manifest.json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FACT_FIELDS = tuple(f.name for f in dataclasses.fields(SceneFacts))
@@ -189,7 +190,7 @@ def load_manifest(out_dir: str | Path) -> Manifest:
         raise RoadloopError(f"{p}: not a {FORMAT} v{VERSION} manifest")
     if d.get("version") != VERSION:
         raise RoadloopError(f"{p}: {FORMAT} v{d.get('version')} manifest, but this code reads v{VERSION} "
-                            f"(the recorded observations changed: collect the demonstrations again)")
+                            f"(the recorded observations or labels changed: collect the demonstrations again)")
     return Manifest(suites=d["suites"], config=d["config"], code_version=d.get("code_version", ""),
                     n_samples=int(d["n_samples"]), n_scenarios=int(d.get("n_scenarios", 0)),
                     n_chunks=int(d.get("n_chunks", 0)), chunks=list(d.get("chunks", [])),
