@@ -20,10 +20,10 @@ of the plan's last moving segment minus the initial yaw, ``psi_max`` its largest
   * keep lane: otherwise (including following a curving road).
 The "heading is back" test separates a shift of the path (heading returns) from a road curve
 (heading keeps its final value).  It is relative only: a plan whose heading drifts one way and
-ends at its extreme is a curve however small the drift.  (Until demonstrations v4 a drift under
-1.5 deg also counted as "back", so at highway speed a road curving by 1 deg over the plan's
-200-280 m, which moves its end more than 2 m sideways, was labelled a lane change: 3.4% of the
-held-out labels, all nudges or lane changes that are now "keep the lane"; docs/LOG.md.)
+ends at its extreme is a curve however small the drift.  (Until demonstrations format 4 a drift
+under 1.5 deg also counted as "back", so at highway speed a road curving by 1 deg over the plan's
+200-280 m, which moves its end more than 2 m sideways, was labelled a lane change, and smaller
+drifts nudges: 3.4% of the held-out labels, now "keep the lane"; docs/LOG.md.)
 """
 
 from __future__ import annotations
