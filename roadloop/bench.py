@@ -237,8 +237,7 @@ def run_grpo_bench(model, pool: list, cfg, specs: list[str], repeats: int = 3
     for _ in range(repeats):
         for spec, cached, _n in settings:
             m = copy.deepcopy(model)
-            opt = torch.optim.AdamW(m.trainable_parameters(spec), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                    betas=(0.9, 0.99))
+            opt = grpo.make_optimizer(m, cfg, spec)
             lower = grpo.frozen_lower_layers(m, ref) if cached else 0
             t0 = time.perf_counter()
             st = grpo.ppo_update(m, ref, opt, gb, adv, cfg, 0, lower)

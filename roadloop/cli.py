@@ -153,6 +153,7 @@ def bench_grpo(policy: str = typer.Option(None, help="VLA checkpoint directory (
                group: int = typer.Option(8, help="Rollouts per scenario (grpo.group_size)."),
                max_decisions: int = typer.Option(512, help="Decisions the learner trains on (grpo.max_decisions)."),
                epochs: int = typer.Option(2, help="PPO epochs per update (grpo.ppo_epochs)."),
+               minibatch: int = typer.Option(64, help="Decisions per gradient step (grpo.minibatch_size)."),
                trainable: str = typer.Option("all,top:1", help="Comma-separated grpo.trainable specs to time."),
                random_start: bool = typer.Option(True, help="Start at a random point of the logs (grpo.random_start)."),
                repeats: int = typer.Option(3, help="Timed updates per setting (interleaved; the median is shown)."),
@@ -171,7 +172,8 @@ def bench_grpo(policy: str = typer.Option(None, help="VLA checkpoint directory (
     for spec in specs:
         GRPOConfig(init="bench", trainable=spec).validate()
     cfg = GRPOConfig(init="bench", suites=suites, scenarios_per_iter=scenarios, group_size=group,
-                     max_decisions=max_decisions, ppo_epochs=epochs, random_start=random_start).validate()
+                     max_decisions=max_decisions, ppo_epochs=epochs, minibatch_size=minibatch,
+                     random_start=random_start).validate()
     model, what = _bench_model(policy, preset)
     pool, _ = load_pool(suites)
     collect, results = run_grpo_bench(model, pool, cfg, specs, repeats)

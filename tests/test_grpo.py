@@ -490,7 +490,8 @@ def test_bench_grpo_times_the_learner_per_trainable_subset(toy, tmp_path):
     save_checkpoint(micro2, tmp_path / "m2")
     out = tmp_path / "bench.json"
     args = ["bench", "grpo", "--policy", str(tmp_path / "m2"), "--suites", str(toy["suite"]), "--scenarios", "2",
-            "--group", "2", "--epochs", "1", "--repeats", "2", "--trainable", "all,top:1", "--json", str(out)]
+            "--group", "2", "--epochs", "1", "--minibatch", "8", "--repeats", "2", "--trainable", "all,top:1",
+            "--json", str(out)]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     js = __import__("json").loads(out.read_text())

@@ -739,6 +739,12 @@ def evaluate_model(model: VLAModel, scenarios: list[Scenario], cfg, suite_name: 
     return {f"eval/{k}": rep.overall[k].mean for k in keys if k in rep.overall}
 
 
+def make_optimizer(model: VLAModel, cfg: GRPOConfig, trainable: str | None = None) -> torch.optim.AdamW:
+    """The learner's AdamW over the parameters ``trainable`` (default ``cfg.trainable``) selects."""
+    params = model.trainable_parameters(cfg.trainable if trainable is None else trainable)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+
+
 def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
                log: Callable[[str], None] = print) -> GRPOResult:
     """Run (or resume) GRPO post-training; see the module docstring."""
@@ -750,10 +756,9 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.eval()  # no dropout while learning: exact ratios (module docstring)
     try:
-        params = model.trainable_parameters(cfg.trainable)
+        opt = make_optimizer(model, cfg)
     except RoadloopError as err:
         raise ConfigError(f"grpo.trainable: {err}") from None
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     it, elapsed, state = restore(run_dir, model, opt, resume, "iteration", cfg.iterations, log)
     code = code_version()
     tracker, lineage = begin_run(cfg, run_dir, st.prev, st.lineage(cfg))
@@ -898,6 +903,7 @@ __all__ = [
     "fixed_logps",
     "flat_token_logps",
     "frozen_lower_layers",
+    "make_optimizer",
     "group_advantages",
     "group_seeds",
     "iteration_metrics",
