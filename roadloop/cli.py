@@ -26,6 +26,7 @@ console = Console()
 if not console.is_terminal:  # piped / CI output: don't squeeze tables to 80 columns
     console = Console(width=140)
 err_console = Console(stderr=True)
+_DEVICE_HELP = "Where the model runs: cpu, cuda, cuda:N or auto (CUDA when available); the simulator stays on the CPU."
 
 
 @app.callback()
@@ -94,16 +95,19 @@ def bench_sim(json_path: Path = typer.Option(None, "--json", help="Write results
         atomic_write_text(json_path, json.dumps(out, indent=2))
 
 
-def _bench_model(policy: str | None, preset: str):
-    """(VLA model, description) for a bench: the checkpoint ``policy``, else an untrained ``preset`` (seed 0)."""
+def _bench_model(policy: str | None, preset: str, device: str = "cpu"):
+    """(VLA model on ``device``, description) for a bench: the checkpoint ``policy``, else an untrained
+    ``preset`` (seed 0)."""
     import torch
 
+    from roadloop.config import resolve_device
     from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint
 
+    device = resolve_device(device, "--device")
     if policy:
-        return load_checkpoint(policy)[0], policy
+        return load_checkpoint(policy, device)[0], f"{policy} on {device}"
     torch.manual_seed(0)
-    return VLAModel(VLAConfig.preset(preset)), f"untrained '{preset}'"
+    return VLAModel(VLAConfig.preset(preset)).to(device), f"untrained '{preset}' on {device}"
 
 
 @bench_app.command("vla")
@@ -112,6 +116,7 @@ def bench_vla(policy: str = typer.Option(None, help="VLA checkpoint directory (d
               preset: str = typer.Option("default", help="Model preset when no checkpoint is given."),
               batch: str = typer.Option("1,16,64", help="Comma-separated batch sizes."),
               repeats: int = typer.Option(10, help="Timed calls per batch size."),
+              device: str = typer.Option("cpu", help=_DEVICE_HELP),
               json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
     """Decision latency (batch 1) and batched throughput of the VLA policy: raster + reasoning + trajectory."""
     import torch
@@ -120,7 +125,7 @@ def bench_vla(policy: str = typer.Option(None, help="VLA checkpoint directory (d
     from roadloop.policies.vla.model import param_count
     from roadloop.policies.vla.policy import VLAPolicy
 
-    model, what = _bench_model(policy, preset)
+    model, what = _bench_model(policy, preset, device)
     pol = VLAPolicy(model)
     if not policy:
         what += f" (text runs to the {model.cfg.max_text_len}-token cap)"
@@ -140,7 +145,8 @@ def bench_vla(policy: str = typer.Option(None, help="VLA checkpoint directory (d
 
         from roadloop.io import atomic_write_text
 
-        atomic_write_text(json_path, json.dumps({"policy": what, "threads": torch.get_num_threads(),
+        atomic_write_text(json_path, json.dumps({"policy": what, "device": str(pol.model.device),
+                                                 "threads": torch.get_num_threads(),
                                                  "results": [asdict(r) for r in results]}, indent=2))
 
 
@@ -157,15 +163,18 @@ def bench_grpo(policy: str = typer.Option(None, help="VLA checkpoint directory (
                trainable: str = typer.Option("all,top:1", help="Comma-separated grpo.trainable specs to time."),
                random_start: bool = typer.Option(True, help="Start at a random point of the logs (grpo.random_start)."),
                repeats: int = typer.Option(3, help="Timed updates per setting (interleaved; the median is shown)."),
+               device: str = typer.Option("cpu", help=_DEVICE_HELP),
                json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
     """GRPO iteration cost: one collection (env steps/s), then the learner's update on it (learner samples/s)
     for each trainable subset, with and without the frozen lower blocks cached."""
     import torch
 
     from roadloop.bench import run_grpo_bench
+    from roadloop.config import resolve_device
     from roadloop.train.grpo import GRPOConfig
     from roadloop.train.run import load_pool
 
+    device = resolve_device(device, "--device")
     specs = [s.strip() for s in trainable.split(",") if s.strip()]
     if not specs or repeats < 1:
         raise ConfigError("bench grpo: --trainable needs at least one spec and --repeats at least 1")
@@ -173,8 +182,8 @@ def bench_grpo(policy: str = typer.Option(None, help="VLA checkpoint directory (
         GRPOConfig(init="bench", trainable=spec).validate()
     cfg = GRPOConfig(init="bench", suites=suites, scenarios_per_iter=scenarios, group_size=group,
                      max_decisions=max_decisions, ppo_epochs=epochs, minibatch_size=minibatch,
-                     random_start=random_start).validate()
-    model, what = _bench_model(policy, preset)
+                     random_start=random_start, device=device).validate()
+    model, what = _bench_model(policy, preset, device)
     pool, _ = load_pool(suites)
     collect, results = run_grpo_bench(model, pool, cfg, specs, repeats)
     console.print(f"collection: {collect.rollouts} rollouts ({scenarios} x {group}), {collect.decisions} decisions, "
@@ -193,7 +202,8 @@ def bench_grpo(policy: str = typer.Option(None, help="VLA checkpoint directory (
 
         from roadloop.io import atomic_write_text
 
-        atomic_write_text(json_path, json.dumps({"policy": what, "suites": suites, "threads": torch.get_num_threads(),
+        atomic_write_text(json_path, json.dumps({"policy": what, "suites": suites, "device": device,
+                                                 "threads": torch.get_num_threads(),
                                                  "collect": asdict(collect),
                                                  "results": [asdict(r) for r in results]}, indent=2))
 
@@ -252,14 +262,15 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
                                          "models) or 'sumo' (live SUMO co-simulation; SUMO suites only)."),
              agents: str = typer.Option("log", help="With --traffic sim: 'log' (each agent's own model, log "
                                         "replay for recorded traffic) or 'idm' (vehicles with a path become "
-                                        "reactive IDM agents).")) -> None:
+                                        "reactive IDM agents)."),
+             device: str = typer.Option("cpu", help=_DEVICE_HELP)) -> None:
     """Closed-loop evaluation of a policy on a suite; prints the per-family matrix."""
     from roadloop.eval.evaluate import evaluate, write_json
     from roadloop.policies import get_policy
     from roadloop.rollout import RolloutConfig
     from roadloop.sim.backend import with_agent_model
 
-    pol = get_policy(policy)
+    pol = get_policy(policy, device=device)
     if temperature is not None:
         if not hasattr(pol, "temperature"):
             raise RoadloopError(f"--temperature applies to sampling policies; '{policy}' is deterministic")
@@ -313,11 +324,13 @@ def eval_openloop_cmd(policy: str = typer.Option(..., help="VLA checkpoint direc
                       top_p: float = typer.Option(0.95, help="Nucleus of the k sampled plans."),
                       seed: int = typer.Option(0, help="Seed of the subset and of the sampled plans."),
                       batch_size: int = typer.Option(64, help="Decisions decoded together."),
+                      device: str = typer.Option("cpu", help=_DEVICE_HELP),
                       json_path: Path = typer.Option(None, "--json", help="Write the summary JSON here.")) -> None:
     """Open-loop metrics of a VLA checkpoint on held-out demonstrations, with 95% CIs (bootstrap over
     scenarios), overall and per family: minADE_6 / minFDE_6, decision accuracy, grounding, consistency."""
     import torch
 
+    from roadloop.config import resolve_device
     from roadloop.data.dataset import load_demos
     from roadloop.eval.openloop import openloop_samples, summarize_openloop
     from roadloop.io import atomic_write_text
@@ -327,7 +340,7 @@ def eval_openloop_cmd(policy: str = typer.Option(..., help="VLA checkpoint direc
         raise RoadloopError(f"--k and --samples must be >= 0 and --batch-size >= 1, got {k}, {samples}, {batch_size}")
     if not 0 < top_p <= 1 or not temperature >= 0:
         raise RoadloopError(f"--top-p must be in (0, 1] and --temperature >= 0, got {top_p}, {temperature}")
-    model, _ = load_checkpoint(policy)
+    model, _ = load_checkpoint(policy, resolve_device(device, "--device"))
     demos = load_demos(data, rasters="stream")  # index order reads each shard once: rasters stay small
     cfg = model.cfg
     want = (cfg.frames, cfg.raster_channels, cfg.raster_size, cfg.raster_size)

@@ -65,3 +65,28 @@ def list_presets() -> list[str]:
 
 
 __all__ = ["CONFIG_DIR", "list_presets", "load_config", "to_dict", "to_yaml"]
+
+
+def resolve_device(name: str, where: str = "device") -> str:
+    """Torch device string for ``name``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
+
+    Raises ``ConfigError`` naming ``where`` for an unknown name or a CUDA device this machine lacks, before
+    any compute is spent (torch's own message would come from deep inside the first ``.to()``)."""
+    import torch
+
+    name = str(name).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}: '{name}' requested but this machine has no usable CUDA device "
+                              f"(torch {torch.__version__}, built for CUDA: {torch.version.cuda or 'no'}); "
+                              f"use cpu or auto")
+        idx = int(name[5:]) if ":" in name else 0
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"{where}: '{name}' requested but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s)")
+        return name
+    raise ConfigError(f"{where} must be cpu, cuda, cuda:N or auto, got {name!r}")

@@ -33,25 +33,34 @@ def _builtin() -> None:
         register_policy("expert", Expert)
 
 
-def get_policy(name: str) -> Policy:
+def _device(name: str) -> str:
+    from roadloop.config import resolve_device
+
+    return resolve_device(name, "--device")
+
+
+def get_policy(name: str, device: str = "cpu") -> Policy:
     """A registered policy by name (``route-idm``, ``expert``, ...), a VLA checkpoint directory
     (``model.safetensors`` + ``config.json``, e.g. ``~/.roadloop/runs/il/final``), or a model from the
     release registry (``roadloop.registry``): ``champion`` (the default model's champion), ``champion:NAME``,
-    ``registry:NAME@VERSION`` or ``registry:NAME@champion`` (artifacts verified against their manifest)."""
+    ``registry:NAME@VERSION`` or ``registry:NAME@champion`` (artifacts verified against their manifest).
+    ``device`` places a learned policy's model (``cpu``, ``cuda``, ``cuda:N``, ``auto``); rule-based policies
+    run on the CPU whatever it says."""
     from pathlib import Path
 
+    device = _device(device)  # checked for every policy, used by learned ones
     _builtin()
     if name in _REGISTRY:
         return _REGISTRY[name]()
     if name == "champion" or name.startswith(("champion:", "registry:")):
         from roadloop.registry.store import resolve_policy
 
-        return resolve_policy(name)
+        return resolve_policy(name, device=device)
     p = Path(name).expanduser()
     if p.is_dir() and (p / "config.json").is_file():
         from roadloop.policies.vla.policy import VLAPolicy
 
-        return VLAPolicy.from_checkpoint(p)
+        return VLAPolicy.from_checkpoint(p, device=device)
     if p.exists() or "/" in name:
         raise UnknownNameError("policy", name, list(_REGISTRY) + ["<checkpoint directory with config.json>"])
     raise UnknownNameError("policy", name, list(_REGISTRY) + ["champion", "registry:NAME@VERSION"])

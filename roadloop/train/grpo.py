@@ -94,7 +94,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from roadloop.config import to_dict
+from roadloop.config import resolve_device, to_dict
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.policies.vla.model import TRAINABLE, VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.registry.lineage import code_version
@@ -183,7 +183,7 @@ class GRPOConfig:
     time_limit_min: float = 0.0  # stop early (with a checkpoint) past this wall time; <= 0: none
     max_bad_iters: int = 5
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (CUDA when available)
     track: bool = True
     register: bool = True  # register the final checkpoint as a registry candidate (roadloop registry)
     experiment: str = "roadloop-grpo"
@@ -235,6 +235,7 @@ class GRPOConfig:
             raise ConfigError("grpo.init: give the checkpoint to start from (--init DIR, e.g. <il run>/final)")
         if self.model_preset is not None:
             VLAConfig.preset(self.model_preset)
+        resolve_device(self.device, "grpo.device")
         self.reward.validate()
         return self
 

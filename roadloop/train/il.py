@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from roadloop.config import to_dict
+from roadloop.config import resolve_device, to_dict
 from roadloop.data.dataset import RASTER_MODES, DemoTensors, load_demos, stream_epoch_order
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.eval.openloop import model_inputs, openloop_metrics
@@ -85,7 +85,7 @@ class ILConfig:
     final_eval_samples: int = 1024
     eval_k: int = 6
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (CUDA when available)
     max_bad_steps: int = 20
     track: bool = True
     experiment: str = "roadloop-il"
@@ -105,6 +105,7 @@ class ILConfig:
             raise ConfigError(f"il.data_loading must be one of {', '.join(RASTER_MODES)}, got {self.data_loading!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"il.precision must be fp32 or bf16, got {self.precision!r}")
+        resolve_device(self.device, "il.device")
         if self.model.stem is not None and self.model.stem not in STEMS:
             raise ConfigError(f"il.model.stem must be one of {', '.join(STEMS)} (or null: the preset's), "
                               f"got {self.model.stem!r}")
@@ -199,7 +200,8 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
         return epoch_order(train_idx.numel(), cfg.seed, epoch)
 
     torch.manual_seed(cfg.seed)
-    model = VLAModel(vcfg).to(cfg.device).train()
+    device = resolve_device(cfg.device, "il.device")
+    model = VLAModel(vcfg).to(device).train()
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = max(1, train_idx.numel() // cfg.batch_size)
     total = max(1, int(round(cfg.epochs * steps_per_epoch)))
@@ -225,7 +227,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
             bi = train_idx[order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(step, total, cfg)
-            with torch.autocast(torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.precision == "bf16"):
                 out = model.loss(data.batch(bi), action_weight=cfg.action_weight)
             opt.zero_grad(set_to_none=True)
             try:

@@ -64,7 +64,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from roadloop.config import to_dict
+from roadloop.config import resolve_device, to_dict
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.io import atomic_write_bytes
 from roadloop.policies.base import Observation, Policy, PolicyOutput
@@ -123,7 +123,7 @@ class RoaDConfig:
     time_limit_min: float = 0.0
     max_bad_steps: int = 20
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N or auto (CUDA when available)
     track: bool = True
     register: bool = True  # register the final checkpoint as a registry candidate (roadloop registry)
     experiment: str = "roadloop-road"
@@ -162,6 +162,7 @@ class RoaDConfig:
             raise ConfigError("road.init: give the checkpoint to start from (--init DIR, e.g. <il run>/final)")
         if self.model_preset is not None:
             VLAConfig.preset(self.model_preset)
+        resolve_device(self.device, "road.device")
         return self
 
 

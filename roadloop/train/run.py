@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from roadloop.config import to_yaml
+from roadloop.config import resolve_device, to_yaml
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.io import atomic_write_text
 from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint
@@ -156,7 +156,7 @@ def start_post_training(cfg, resume: bool) -> PostTrainingStart:
     error here, before any compute."""
     cfg.validate()
     init_dir = Path(cfg.init).expanduser()
-    model, meta = load_checkpoint(init_dir, cfg.device)
+    model, meta = load_checkpoint(init_dir, resolve_device(cfg.device))
     check_init_model(model, cfg)
     init_sha = meta["weights_sha256"]
     pool, hashes = load_pool(cfg.suites, cfg.families, cfg.max_scenarios)
