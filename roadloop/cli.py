@@ -407,6 +407,87 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
         console.print(f"wrote {json_path}")
 
 
+_PROBE_COLS = (("reward", "training reward", "up"), ("drive_reward", "driving part", "up"), ("score", "score", "up"),
+               ("incident", "incident", "rate"), ("collision_at_fault", "at-fault coll.", "rate"),
+               ("offroad", "off-road", "rate"))
+
+
+@app.command("probe")
+@friendly
+def probe_cmd(policies: list[str] = typer.Argument(..., help="VLA checkpoints; the others are paired with the "
+                                                   "first."),
+              config: list[Path] = typer.Option(None, "--config", help="GRPO config file(s) whose reward, starts and "
+                                                "sampling to use, e.g. a run's RUN/config.yaml."),
+              set_: list[str] = typer.Option(None, "--set", help="GRPO config override key=value (repeatable)."),
+              suites: str = typer.Option(None, help="Training suites (default: the config's grpo.suites)."),
+              batches: int = typer.Option(8, help="Fixed collections (scenarios x group rollouts each)."),
+              scenarios: int = typer.Option(8, help="Scenarios per collection."),
+              group: int = typer.Option(8, help="Rollouts per scenario."),
+              device: str = typer.Option("cpu", help=_DEVICE_HELP),
+              json_path: Path = typer.Option(None, "--json", help="Write means, per-rollout values and changes "
+                                             "here.")) -> None:
+    """GRPO's training reward of checkpoints on one fixed sample of the training distribution (the same
+    scenarios, starts and seeds for every checkpoint): did post-training raise what it was trained on?
+    Changes against the first checkpoint with 95% intervals over the scenario groups."""
+    from dataclasses import replace
+
+    import torch
+
+    from roadloop.config import load_config, resolve_device
+    from roadloop.eval.compare import grouped_change, verdict
+    from roadloop.io import atomic_write_text, json_clean
+    from roadloop.policies.vla.model import load_checkpoint
+    from roadloop.train.grpo import PROBE_SEED, GRPOConfig, probe_rollouts
+    from roadloop.train.run import load_pool
+
+    if batches < 1 or scenarios < 1:
+        raise ConfigError(f"--batches and --scenarios must be >= 1, got {batches}, {scenarios}")
+    device = resolve_device(device, "--device")
+    cfg = load_config(GRPOConfig, list(set_ or []) + ["init=probe"], list(config or []))
+    cfg = replace(cfg, suites=suites or cfg.suites, scenarios_per_iter=scenarios, group_size=group,
+                  probe_batches=batches, device=device).validate()
+    pool, hashes = load_pool(cfg.suites, cfg.families, cfg.max_scenarios)
+    models = [load_checkpoint(p, device)[0] for p in policies]  # every checkpoint checked before any rollout
+    runs = []
+    with progress() as prog:
+        task = prog.add_task(f"probe: {len(policies)} x {batches * scenarios * group} rollouts", total=len(policies))
+        for p, model in zip(policies, models, strict=True):
+            r = probe_rollouts(model, pool, cfg)
+            bad = torch.isnan(r["collision_at_fault"]) | torch.isnan(r["offroad"])
+            r["incident"] = torch.where(bad, torch.nan, ((r["collision_at_fault"] > 0) | (r["offroad"] > 0)).float())
+            runs.append((p, r))
+            prog.advance(task)
+    t = Table(title=f"probe: {batches} x {scenarios} scenarios x {group} rollouts of {cfg.suites} (seed "
+              f"{PROBE_SEED}); changes against {policies[0]} with 95% intervals over the {batches * scenarios} "
+              f"scenario groups")
+    t.add_column("policy", no_wrap=True)
+    for _, title, _ in _PROBE_COLS:
+        t.add_column(title, justify="right")
+    doc = {"suites": cfg.suites, "suite_hashes": hashes, "batches": batches, "scenarios": scenarios, "group": group,
+           "seed": PROBE_SEED, "reward": cfg.reward.weights(), "policies": []}
+    ref = runs[0][1]
+    for i, (p, r) in enumerate(runs):
+        means = {k: float(r[k].nanmean()) for k, _, _ in _PROBE_COLS}
+        entry = {"policy": p, "means": means, "rollouts": {k: v.tolist() for k, v in r.items()}}
+        cells = [_fmt(means[k], pct=kind == "rate") for k, _, kind in _PROBE_COLS]
+        if i:
+            entry["changes"] = {}
+            for j, (k, _, kind) in enumerate(_PROBE_COLS):
+                ch, hw, n = grouped_change(ref[k].tolist(), r[k].tolist(), group)
+                v = verdict(ch, hw, kind) if n >= 2 else "too few groups"
+                entry["changes"][k] = {"change": ch, "halfwidth": hw, "groups": n, "verdict": v}
+                k100 = 100.0 if kind == "rate" else 1.0
+                style = {"better": "green", "worse": "red"}.get(v, "")
+                txt = f"{ch * k100:+.3f} ± {hw * k100:.3f}" if kind != "rate" else f"{ch * k100:+.1f} ± {hw * k100:.1f}"
+                cells[j] += f"\n[{style}]{txt}[/]" if style else f"\n{txt}"
+        t.add_row(p, *cells, end_section=True)
+        doc["policies"].append(entry)
+    console.print(t)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(json_clean(doc), indent=2))
+        console.print(f"wrote {json_path}")
+
+
 def _replan_every(replan_hz: float) -> int:
     every = round(10.0 / replan_hz) if replan_hz > 0 else 0
     if every < 1 or abs(10.0 / every - replan_hz) > 1e-6:

@@ -420,6 +420,37 @@ def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
                                                     "rollout/grounding", "rollout/consistency", "loss/kl",
                                                     "loss/clip_frac", "perf/env_steps_per_s",
                                                     "perf/learner_samples_per_s"))
+    # `roadloop probe` with the run's own config reproduces both probes and pairs them
+    js = tmp_path / "probe.json"
+    r = CliRunner().invoke(app, ["probe", str(toy["init"]), str(res.checkpoint), "--config", str(tmp_path / "run" /
+                                 "config.yaml"), "--batches", "2", "--scenarios", "3", "--group", "8",
+                                 "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    doc = __import__("json").loads(js.read_text())
+    first, last = doc["policies"]
+    assert first["means"]["reward"] == pytest.approx(res.probe[0]["probe/reward"], abs=1e-5)
+    assert last["means"]["reward"] == pytest.approx(res.probe[16]["probe/reward"], abs=1e-5)
+    ch = last["changes"]["reward"]
+    assert ch["groups"] == 6 and ch["verdict"] == "better" and ch["change"] > 0.5, ch
+    assert len(last["rollouts"]["reward"]) == 48 and "changes" not in first
+    r = CliRunner().invoke(app, ["probe", str(tmp_path / "nope"), "--suites", str(toy["suite"])])
+    assert r.exit_code == 2 and "missing config.json" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["probe", str(toy["init"]), "--suites", str(toy["suite"]), "--group", "1"])
+    assert r.exit_code == 2 and "group_size must be >= 2" in " ".join(r.output.split())
+
+
+def test_grouped_change_pairs_by_scenario_group():
+    from roadloop.eval.compare import grouped_change, verdict
+
+    nan = float("nan")
+    ch, hw, n = grouped_change([0, 0, 1, 1, 0, 2], [1, 1, 1, 3, 1, nan], 2)
+    assert (ch, n) == (pytest.approx((1 + 1 + 1) / 3), 3) and hw == pytest.approx(0.0)
+    assert verdict(ch, hw, "up") == "better" and verdict(ch, hw, "rate") == "worse"
+    assert verdict(0.0, 0.0, "up") == "unchanged" and verdict(0.1, 0.2, "up") == "within noise"
+    ch, hw, n = grouped_change([0.0, 1.0], [nan, nan], 1)
+    assert n == 0 and ch != ch
+    with pytest.raises(RoadloopError, match="do not form groups of 2"):
+        grouped_change([0, 1, 2], [0, 1, 2], 2)
 
 
 def test_grpo_null_control_does_not_learn(toy, tmp_path):

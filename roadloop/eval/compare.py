@@ -78,6 +78,34 @@ def mean_and_halfwidth(diffs: Sequence[float]) -> tuple[float, float]:
     return mean, 1.96 * sd / math.sqrt(n)
 
 
+def verdict(change: float, halfwidth: float, kind: str) -> str:
+    """``unchanged`` (every pair equal), ``within noise`` (the interval holds 0), else ``better`` / ``worse``
+    for a metric read as ``kind`` (``up``: higher is better; ``rate`` / ``down``: lower is better)."""
+    if change == 0 and halfwidth == 0:
+        return "unchanged"
+    if abs(change) <= halfwidth:
+        return "within noise"
+    return "better" if (change > 0) == (kind == "up") else "worse"
+
+
+def grouped_change(before: Sequence[float], after: Sequence[float], group: int) -> tuple[float, float, int]:
+    """Paired change of rollouts that come in groups of ``group`` consecutive ones sharing a scenario (GRPO's
+    collections): (mean of the groups' mean differences, its 95% half-width, groups used).  The groups are
+    the independent units; pairs with a non-finite side are left out, and groups left empty with them."""
+    if len(before) != len(after) or group < 1 or len(before) % group:
+        raise RoadloopError(f"grouped_change: {len(before)} and {len(after)} rollouts do not form groups of {group}")
+    means = []
+    for g in range(0, len(before), group):
+        d = [a - b for b, a in zip(before[g:g + group], after[g:g + group], strict=True)
+             if math.isfinite(a) and math.isfinite(b)]
+        if d:
+            means.append(sum(d) / len(d))
+    if len(means) < 2:
+        return math.nan, math.nan, len(means)
+    change, hw = mean_and_halfwidth(means)
+    return change, hw, len(means)
+
+
 @dataclass
 class PairedRow:
     metric: str
@@ -106,13 +134,8 @@ def compare_reports(before: Sequence[EvalReport], after: Sequence[EvalReport],
         if len(vb) < MIN_PAIRS:
             continue
         change, hw = mean_and_halfwidth([a - b for a, b in zip(va, vb, strict=True)])
-        if change == 0 and hw == 0:
-            verdict = "unchanged"
-        elif abs(change) <= hw:
-            verdict = "within noise"
-        else:
-            verdict = "better" if (change > 0) == (kind == "up") else "worse"
-        rows.append(PairedRow(name, kind, len(vb), sum(vb) / len(vb), sum(va) / len(va), change, hw, verdict))
+        rows.append(PairedRow(name, kind, len(vb), sum(vb) / len(vb), sum(va) / len(va), change, hw,
+                              verdict(change, hw, kind)))
     if not rows:
         raise RoadloopError(f"the two evaluations share fewer than {MIN_PAIRS} (scenario, seed) rollouts "
                             f"without failure: evaluate both policies on the same suites with the same --seed")

@@ -704,22 +704,31 @@ def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
 PROBE_SEED = 123  # one probe sample for every training seed, so that runs compare
 
 
-def probe_reward(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig) -> dict[str, float]:
-    """Mean training reward (``GroupBatch.total_reward``) and headline metrics of ``model`` on
-    ``cfg.probe_batches`` fixed collections of the training distribution: the scenarios, starts
+PROBE_KEYS = ("reward", "drive_reward", "score", "progress", "collision_at_fault", "offroad")
+
+
+def probe_rollouts(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig) -> dict[str, torch.Tensor]:
+    """Per-rollout training reward (``GroupBatch.total_reward``), its driving part and headline metrics of
+    ``model`` on ``cfg.probe_batches`` fixed collections of the training distribution, each (K S G,) in
+    collection order (rollouts ``i * G .. (i + 1) * G - 1`` are one scenario's group): the scenarios, starts
     (``random_start``; no incident replay) and rollout seeds of iterations 0.. of a run with seed
-    ``PROBE_SEED``, the same for every checkpoint and training seed, so two probes pair rollout by
-    rollout.  The training curves draw new scenarios every iteration; this tells whether the policy
-    got better at what it is trained on."""
+    ``PROBE_SEED``, the same for every checkpoint and training seed, so two probes pair rollout by rollout
+    (given the same ``scenarios_per_iter``, ``group_size`` and pool)."""
     pcfg = replace(cfg, seed=PROBE_SEED)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("reward", "score", "progress", "collision_at_fault",
-                                                            "offroad")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in PROBE_KEYS}
     for k in range(cfg.probe_batches):
         gb = collect_iteration(model, pool, pcfg, k)
         parts["reward"].append(gb.total_reward())
-        for m in ("score", "progress", "collision_at_fault", "offroad"):
+        parts["drive_reward"].append(gb.drive_reward)
+        for m in PROBE_KEYS[2:]:
             parts[m].append(gb.metrics[m].float())
-    return {f"probe/{k}": float(torch.cat(v).nanmean()) for k, v in parts.items()}
+    return {k: torch.cat(v).float() for k, v in parts.items()}
+
+
+def probe_reward(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig) -> dict[str, float]:
+    """Means of ``probe_rollouts`` as ``probe/<key>``.  The training curves draw new scenarios every
+    iteration; this tells whether the policy got better at what it is trained on."""
+    return {f"probe/{k}": float(v.nanmean()) for k, v in probe_rollouts(model, pool, cfg).items()}
 
 
 def evaluate_model(model: VLAModel, scenarios: list[Scenario], cfg, suite_name: str = "",
@@ -910,6 +919,7 @@ __all__ = [
     "iteration_metrics",
     "load_pool",
     "pick_scenarios",
+    "probe_rollouts",
     "pick_start",
     "probe_reward",
     "rollout_steps",
