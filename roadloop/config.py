@@ -64,9 +64,6 @@ def list_presets() -> list[str]:
     return sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
 
-__all__ = ["CONFIG_DIR", "list_presets", "load_config", "to_dict", "to_yaml"]
-
-
 def resolve_device(name: str, where: str = "device") -> str:
     """Torch device string for ``name``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when available).
 
@@ -90,3 +87,6 @@ def resolve_device(name: str, where: str = "device") -> str:
                               f"CUDA device(s)")
         return name
     raise ConfigError(f"{where} must be cpu, cuda, cuda:N or auto, got {name!r}")
+
+
+__all__ = ["CONFIG_DIR", "list_presets", "load_config", "resolve_device", "to_dict", "to_yaml"]
