@@ -9,7 +9,7 @@
 #         bash benchmarks/gpu.sh check     # the three above
 #         bash benchmarks/gpu.sh pipeline  # collect train-xl, imitation runs on the GPU (A: the default model
 #                                          # longer, B: the large preset), open- and closed-loop evaluation of
-#                                          # each; start it detached (setsid nohup ... &) on a leased machine
+#                                          # each; start it detached (setsid nohup ... &) on a remote machine
 #         bash benchmarks/gpu.sh wait [S]  # wait up to S seconds for the pipeline, archive its results to $OUT
 #
 # Environment: DEV (cuda), W (work folder, /tmp/roadloop-gpu), OUT (results, $W/out), VAL (held-out
