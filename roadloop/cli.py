@@ -215,6 +215,12 @@ def _fmt(mean: float, ci=None, pct: bool = False) -> str:
     return f(mean) if ci is None else f"{f(mean)} [{f(ci[0])}, {f(ci[1])}]"
 
 
+def _fmt_change(change: float, halfwidth: float, pct: bool = False) -> str:
+    """A paired change with its 95% half-width: ``+0.053 ± 0.036``, or in points (``-11.7 ± 5.0 pp``)."""
+    k, d, unit = (100.0, 1, " pp") if pct else (1.0, 3, "")
+    return f"{k * change:+.{d}f} ± {k * halfwidth:.{d}f}{unit}"
+
+
 @bench_app.command("data")
 @friendly
 def bench_data(data: str = typer.Option(..., "--data", help="Demonstration directory, or several joined by commas."),
@@ -395,10 +401,8 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
         t.add_column(c, justify="left" if c in ("metric", "verdict") else "right")
     for r in rows:
         pct = r.kind == "rate" or r.metric.startswith("reasoning")
-        k, unit = (100.0, " pp") if pct else (1.0, "")
         style = {"better": "green", "worse": "red"}.get(r.verdict, "")
-        t.add_row(r.metric, _fmt(r.before, pct=pct), _fmt(r.after, pct=pct),
-                  f"{k * r.change:+.{1 if pct else 3}f} ± {k * r.halfwidth:.{1 if pct else 3}f}{unit}",
+        t.add_row(r.metric, _fmt(r.before, pct=pct), _fmt(r.after, pct=pct), _fmt_change(r.change, r.halfwidth, pct),
                   f"{100 * r.relative:+.0f}%" if math.isfinite(r.relative) else "-",
                   f"[{style}]{r.verdict}[/]" if style else r.verdict)
     console.print(t)
@@ -431,8 +435,6 @@ def probe_cmd(policies: list[str] = typer.Argument(..., help="VLA checkpoints; t
     Changes against the first checkpoint with 95% intervals over the scenario groups."""
     from dataclasses import replace
 
-    import torch
-
     from roadloop.config import load_config, resolve_device
     from roadloop.eval.compare import grouped_change, verdict
     from roadloop.io import atomic_write_text, json_clean
@@ -452,10 +454,7 @@ def probe_cmd(policies: list[str] = typer.Argument(..., help="VLA checkpoints; t
     with progress() as prog:
         task = prog.add_task(f"probe: {len(policies)} x {batches * scenarios * group} rollouts", total=len(policies))
         for p, model in zip(policies, models, strict=True):
-            r = probe_rollouts(model, pool, cfg)
-            bad = torch.isnan(r["collision_at_fault"]) | torch.isnan(r["offroad"])
-            r["incident"] = torch.where(bad, torch.nan, ((r["collision_at_fault"] > 0) | (r["offroad"] > 0)).float())
-            runs.append((p, r))
+            runs.append((p, probe_rollouts(model, pool, cfg)))
             prog.advance(task)
     t = Table(title=f"probe: {batches} x {scenarios} scenarios x {group} rollouts of {cfg.suites} (seed "
               f"{PROBE_SEED}); changes against {policies[0]} with 95% intervals over the {batches * scenarios} "
@@ -476,9 +475,8 @@ def probe_cmd(policies: list[str] = typer.Argument(..., help="VLA checkpoints; t
                 ch, hw, n = grouped_change(ref[k].tolist(), r[k].tolist(), group)
                 v = verdict(ch, hw, kind) if n >= 2 else "too few groups"
                 entry["changes"][k] = {"change": ch, "halfwidth": hw, "groups": n, "verdict": v}
-                k100 = 100.0 if kind == "rate" else 1.0
                 style = {"better": "green", "worse": "red"}.get(v, "")
-                txt = f"{ch * k100:+.3f} ± {hw * k100:.3f}" if kind != "rate" else f"{ch * k100:+.1f} ± {hw * k100:.1f}"
+                txt = _fmt_change(ch, hw, kind == "rate")
                 cells[j] += f"\n[{style}]{txt}[/]" if style else f"\n{txt}"
         t.add_row(p, *cells, end_section=True)
         doc["policies"].append(entry)

@@ -33,12 +33,6 @@ def _builtin() -> None:
         register_policy("expert", Expert)
 
 
-def _device(name: str) -> str:
-    from roadloop.config import resolve_device
-
-    return resolve_device(name, "--device")
-
-
 def get_policy(name: str, device: str = "cpu") -> Policy:
     """A registered policy by name (``route-idm``, ``expert``, ...), a VLA checkpoint directory
     (``model.safetensors`` + ``config.json``, e.g. ``~/.roadloop/runs/il/final``), or a model from the
@@ -48,7 +42,9 @@ def get_policy(name: str, device: str = "cpu") -> Policy:
     run on the CPU whatever it says."""
     from pathlib import Path
 
-    device = _device(device)  # checked for every policy, used by learned ones
+    from roadloop.config import resolve_device
+
+    device = resolve_device(device, "--device")  # checked for every policy, used by learned ones
     _builtin()
     if name in _REGISTRY:
         return _REGISTRY[name]()

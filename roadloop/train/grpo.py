@@ -704,11 +704,12 @@ def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
 PROBE_SEED = 123  # one probe sample for every training seed, so that runs compare
 
 
-PROBE_KEYS = ("reward", "drive_reward", "score", "progress", "collision_at_fault", "offroad")
+PROBE_KEYS = ("reward", "drive_reward", "score", "progress", "collision_at_fault", "offroad", "incident")
 
 
 def probe_rollouts(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig) -> dict[str, torch.Tensor]:
-    """Per-rollout training reward (``GroupBatch.total_reward``), its driving part and headline metrics of
+    """Per-rollout training reward (``GroupBatch.total_reward``), its driving part, headline metrics and
+    ``incident`` (an at-fault collision or an off-road excursion, as ``roadloop compare`` counts it) of
     ``model`` on ``cfg.probe_batches`` fixed collections of the training distribution, each (K S G,) in
     collection order (rollouts ``i * G .. (i + 1) * G - 1`` are one scenario's group): the scenarios, starts
     (``random_start``; no incident replay) and rollout seeds of iterations 0.. of a run with seed
@@ -720,8 +721,10 @@ def probe_rollouts(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig) -> di
         gb = collect_iteration(model, pool, pcfg, k)
         parts["reward"].append(gb.total_reward())
         parts["drive_reward"].append(gb.drive_reward)
-        for m in PROBE_KEYS[2:]:
+        for m in PROBE_KEYS[2:-1]:
             parts[m].append(gb.metrics[m].float())
+        col, off = parts["collision_at_fault"][-1], parts["offroad"][-1]
+        parts["incident"].append(torch.where(col.isnan() | off.isnan(), torch.nan, ((col > 0) | (off > 0)).float()))
     return {k: torch.cat(v).float() for k, v in parts.items()}
 
 
