@@ -20,6 +20,8 @@ from roadloop.sim import dynamics
 
 TINY = PRESETS["tiny"]
 STEM_CFGS = {stem: dataclasses.replace(TINY, stem=stem) for stem in STEMS}
+STEM_CFGS["conv8"] = dataclasses.replace(TINY, stem="conv", patch=8)  # three convolutions: 8 x 8 vision tokens
+VISION = sorted(STEM_CFGS)
 
 
 def _obs(B: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -100,7 +102,7 @@ def test_action_quantization_round_trip():
     assert torch.equal(tok.quantize_controls(tok.dequantize(bins), feedback=False), bins)  # centres are fixed points
 
 
-@pytest.mark.parametrize("stem", STEMS)
+@pytest.mark.parametrize("stem", VISION)
 def test_forward_shapes_and_log_prob_matches_sample(stem):
     m = _model(stem=stem)
     obs = _obs()
@@ -179,7 +181,7 @@ def test_sampling_deterministic_greedy_and_batch_independent():
         m.sample(obs, temperature=0.0, greedy_actions="median")
 
 
-@pytest.mark.parametrize("stem", STEMS)
+@pytest.mark.parametrize("stem", VISION)
 def test_training_lowers_loss_and_changes_every_parameter(stem):
     m = _model(stem=stem).train()
     obs = _obs(4)
@@ -239,8 +241,17 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
 def test_stem_config_checked_and_saved(tmp_path):
     with pytest.raises(RoadloopError, match="stem must be one of"):
         VLAModel(VLAConfig(stem="vit"))
-    with pytest.raises(RoadloopError, match="needs patch=8"):
+    with pytest.raises(RoadloopError, match="needs patch 8, 16 or 32"):
         VLAConfig(stem="conv", patch=4).validate()
+    assert TINY.n_patches == 16 and STEM_CFGS["conv8"].n_patches == 64
+    assert STEM_CFGS["conv8"].seq_len == TINY.seq_len + 48
+    save_checkpoint(_model(4, "conv8"), tmp_path / "ck8")  # the earlier models' 8 x 8 tokens load as such
+    assert load_checkpoint(tmp_path / "ck8")[0].cfg.patch == 8
+    meta = json.loads((tmp_path / "ck8" / "config.json").read_text())
+    meta["config"]["patch"] = 16  # the weights hold three convolutions, the config says four
+    (tmp_path / "ck8" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(RoadloopError, match="tensors missing"):
+        load_checkpoint(tmp_path / "ck8")
     m = _model(4, "conv")
     save_checkpoint(m, tmp_path / "ck")
     m2, meta = load_checkpoint(tmp_path / "ck")

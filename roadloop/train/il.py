@@ -22,8 +22,10 @@ The sample order differs from ``memory``'s, so the two modes give different (equ
 Loading a collection in memory that would not fit is refused with an error naming this option.
 
 ``precision=bf16`` runs the forward pass and the loss under bfloat16 autocast (weights, optimizer
-state and checkpoints stay fp32): faster on CPUs with bf16 matrix units and on GPUs; docs/LOG.md
-has the measurement.
+state and checkpoints stay fp32); ``auto`` (default) picks it on CPUs with native bf16 arithmetic
+(AVX512-BF16 or AMX), where it measured 1.4-1.9x the fp32 samples per second, and fp32 elsewhere:
+on CPUs without it bf16 is emulated and slow, and on an H100 the default model is bound by kernel
+launches and autocast's casts made it slower (docs/LOG.md).
 
 Time budget: ``time_limit_min`` stops training early (the schedule is NOT shortened, so a run
 that hits it ends at a higher learning rate than planned; the LOG records which runs did).
@@ -44,10 +46,25 @@ from roadloop.data.dataset import RASTER_MODES, DemoTensors, load_demos, stream_
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.eval.openloop import model_inputs, openloop_metrics
 from roadloop.policies.vla import tokenizer as tok
-from roadloop.policies.vla.model import STEMS, VLAConfig, VLAModel, param_count, save_checkpoint
+from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.reasoning.checks import decision_spans
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
 from roadloop.train.run import adamw, begin_run, open_run_dir, restore
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast pays."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(f()) for f in checks if f is not None)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``fp32`` or ``bf16`` for ``precision`` (``auto``: bf16 on a CPU with native bf16, else fp32) on ``device``."""
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.device(device).type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 @dataclass
@@ -55,6 +72,7 @@ class ModelSpec:
     preset: str = "default"  # tiny / default / large (VLAConfig.preset)
     dropout: float = 0.0
     stem: str | None = None  # vision stem, "patch" or "conv" (VLAConfig.stem); None: the preset's
+    patch: int | None = None  # px per vision token side (VLAConfig.patch: 8 -> 64 tokens, 16 -> 16); None: preset's
 
 
 @dataclass
@@ -64,7 +82,7 @@ class ILConfig:
     val_fraction: float = 0.1  # share of ``data``'s scenarios held out when val_data is None
     out: str = "~/.roadloop/runs/il"
     model: ModelSpec = field(default_factory=ModelSpec)
-    epochs: float = 8.0
+    epochs: float = 5.5  # fits time_limit_min on a 2-core CPU with bf16 (docs/LOG.md: 25-28 min)
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_frac: float = 0.05
@@ -74,7 +92,8 @@ class ILConfig:
     action_weight: float = 1.0
     decision_weight: float = 1.0  # weight of the decision phrases' tokens in the text loss (a weighted mean;
     # 1: every token alike).  About 4 of a label's ~20 tokens, the part decision accuracy scores (LOG)
-    precision: str = "fp32"  # "bf16": forward and loss under bfloat16 autocast (weights, optimizer stay fp32)
+    precision: str = "auto"  # bf16: forward and loss under bfloat16 autocast (weights, optimizer stay fp32);
+    # fp32; auto: bf16 on CPUs with native bf16 arithmetic, else fp32 (resolve_precision)
     data_loading: str = "memory"  # memory: all rasters in RAM (213 KB a sample); stream: read shard by shard
     stream_window: int = 16  # stream: shards shuffled together (this many + 2 stay in memory), family-stratified
     time_limit_min: float = 29.0  # stop early (with a checkpoint) past this wall time; <= 0: none
@@ -100,16 +119,22 @@ class ILConfig:
             raise ConfigError(f"il.decision_weight must be > 0, got {self.decision_weight}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"il.val_fraction must be in (0, 1), got {self.val_fraction}")
-        VLAConfig.preset(self.model.preset)
         if self.data_loading not in RASTER_MODES:
             raise ConfigError(f"il.data_loading must be one of {', '.join(RASTER_MODES)}, got {self.data_loading!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"il.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"il.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         resolve_device(self.device, "il.device")
-        if self.model.stem is not None and self.model.stem not in STEMS:
-            raise ConfigError(f"il.model.stem must be one of {', '.join(STEMS)} (or null: the preset's), "
-                              f"got {self.model.stem!r}")
+        try:
+            self.model_config()
+        except RoadloopError as e:
+            raise ConfigError(f"il.model: {e}") from e
         return self
+
+    def model_config(self) -> VLAConfig:
+        """The model this run trains: the preset with ``model``'s overrides, validated."""
+        over = {"dropout": self.model.dropout, "stem": self.model.stem, "patch": self.model.patch}
+        return VLAConfig(**{**to_dict(VLAConfig.preset(self.model.preset)),
+                            **{k: v for k, v in over.items() if v is not None}}).validate()
 
 
 @dataclass
@@ -171,9 +196,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     run_dir, prev = open_run_dir(cfg.out, resume)
     stream = cfg.data_loading == "stream"
     train_all = load_demos(cfg.data, rasters=cfg.data_loading, cache_shards=cfg.stream_window + 2)
-    vcfg = VLAConfig.preset(cfg.model.preset)
-    vcfg = VLAConfig(**{**to_dict(vcfg), "dropout": cfg.model.dropout,
-                        **({"stem": cfg.model.stem} if cfg.model.stem is not None else {})}).validate()
+    vcfg = cfg.model_config()
     if prev and prev.get("dataset") != train_all.content_hash:
         raise RoadloopError(f"{cfg.data}: dataset hash {train_all.content_hash[:12]} differs from the one this run "
                             f"started on ({str(prev.get('dataset'))[:12]}); not resuming on other data")
@@ -201,6 +224,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
 
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device, "il.device")
+    precision = resolve_precision(cfg.precision, device)
     model = VLAModel(vcfg).to(device).train()
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = max(1, train_idx.numel() // cfg.batch_size)
@@ -211,7 +235,8 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
         if state is None:
             tracker.log_params({"il": to_dict(cfg), "model": to_dict(vcfg), "params": param_count(model),
                                 "dataset": train_all.content_hash, "val_dataset": val.content_hash,
-                                "n_train": int(train_idx.numel()), "n_val": int(val_idx.numel())})
+                                "n_train": int(train_idx.numel()), "n_val": int(val_idx.numel()),
+                                "precision": precision})
         good = GoodState(model, opt)
         good.snapshot(step)
         bad_run = 0
@@ -227,7 +252,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
             bi = train_idx[order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(step, total, cfg)
-            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"):
                 out = model.loss(data.batch(bi), action_weight=cfg.action_weight)
             opt.zero_grad(set_to_none=True)
             try:
@@ -279,7 +304,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
         sps = step * cfg.batch_size / max(train_s, 1e-9)
         final = save_checkpoint(model.eval(), run_dir / "final",
                                 extra={"dataset": train_all.content_hash, "val_dataset": val.content_hash,
-                                       "trainer": "il", "steps": step, "run_id": tracker.run_id,
+                                       "trainer": "il", "steps": step, "run_id": tracker.run_id, "precision": precision,
                                        "train_seconds": round(train_s, 1), "openloop": om, "config": to_dict(cfg)})
         tracker.log_metrics({"train_seconds": train_s, "samples_per_s_mean": sps}, step)
         tracker.set_tags({"checkpoint": str(final), "stopped_early": stopped_early})
@@ -288,5 +313,5 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     return ILResult(final, step, train_s, sps, om, tracker.run_id, stopped_early)
 
 
-__all__ = ["ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "epoch_order", "lr_at",
-           "train_il"]
+__all__ = ["PRECISIONS", "ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "cpu_has_native_bf16", "epoch_order",
+           "lr_at", "resolve_precision", "train_il"]

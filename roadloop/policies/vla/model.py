@@ -2,14 +2,19 @@
 
 Sequence (one causal transformer, learned absolute positions, pre-LN blocks)::
 
-    [64 BEV patch tokens] [ego history] [command] <bos> t_0 ... t_{L-1} <act> c_0 c_1 ... c_14
-     \\______________ prefix P = 66 ______________/     \\_ L text slots _/       \\_ action chunks _/
+    [16 BEV tokens] [ego history] [command] <bos> t_0 ... t_{L-1} <act> c_0 c_1 ... c_14
+     \\__________ prefix P = 18 __________/     \\_ L text slots _/       \\_ action chunks _/
 
 * BEV: the (frames, C, H, W) raster with the frames stacked as channels (4 x 13 = 52), turned into
-  8 x 8 tokens by the ``stem``: ``conv`` (default) is three 3x3 stride-2 convolutions (52 -> 48 ->
-  96 -> d_model channels, GELU between; "early convolutions", Xiao et al. 2021), ``patch`` one
-  linear map per 8 x 8 px patch (a Conv2d with stride = kernel).  On the same data and steps the
-  convolutional stem measured lower minADE_6 and higher grounding (docs/LOG.md).
+  (64 / ``patch``)^2 tokens by the ``stem``: ``conv`` (default) is log2(``patch``) 3x3 stride-2
+  convolutions (52 -> 48 -> 96 -> d_model channels, then d_model, GELU between; "early
+  convolutions", Xiao et al. 2021), ``patch`` one linear map per ``patch`` x ``patch`` px patch (a
+  Conv2d with stride = kernel).  On the same data and steps the convolutional stem measured lower
+  minADE_6 and higher grounding (docs/LOG.md).  ``patch`` 16 (default) gives 4 x 4 vision tokens,
+  a sequence of 67 tokens against the 115 of ``patch`` 8 (8 x 8 tokens, the earlier models), and
+  the transformer's cost scales with it.  In the 30-minute imitation budget on a 2-core CPU the 16
+  coarser tokens win: 2.4x the training samples per second (with bf16) buy more passes than the
+  finer view is worth (docs/LOG.md, 2026-11-23).
 * Text slots hold the CoC tokens + ``<eos>`` then ``<pad>``; pads are masked out as attention keys,
   so a sequence is equivalent to the same one with its pads removed (sampling skips them).
 * Action tokens: one per 0.4 s chunk (``action_chunk`` = 4 steps, 16 for 6.4 s), holding an accel
@@ -72,7 +77,7 @@ class VLAConfig:
     raster_channels: int = len(CHANNELS)
     frames: int = 4
     raster_size: int = 64
-    patch: int = 8
+    patch: int = 16  # raster px per vision token side: 16 -> 4 x 4 tokens, 8 -> 8 x 8
     history_steps: int = 16
     history_features: int = 5
     n_commands: int = len(COMMANDS)
@@ -83,8 +88,8 @@ class VLAConfig:
     accel_bins: int = tok.ACCEL_BINS
     curv_bins: int = tok.CURV_BINS
     dropout: float = 0.0
-    # vision tokens: "conv" (three stride-2 3x3 convolutions, GELU between) or "patch" (one linear map per
-    # 8x8 patch, the first models' stem; checkpoints whose config.json predates the key are "patch")
+    # vision tokens: "conv" (log2(patch) stride-2 3x3 convolutions, GELU between) or "patch" (one linear map per
+    # patch x patch px, the first models' stem; checkpoints whose config.json predates the key are "patch")
     stem: str = "conv"
 
     def validate(self) -> VLAConfig:
@@ -101,9 +106,9 @@ class VLAConfig:
                                 f"format; train it again on newly collected demonstrations")
         if self.stem not in STEMS:
             raise RoadloopError(f"VLAConfig.stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
-        if self.stem == "conv" and self.patch != 8:
-            raise RoadloopError(f"VLAConfig.stem='conv' downsamples by 8 (three stride-2 convolutions); it needs "
-                                f"patch=8, got patch={self.patch}")
+        if self.stem == "conv" and self.patch not in (8, 16, 32):
+            raise RoadloopError(f"VLAConfig.stem='conv' downsamples by patch with log2(patch) stride-2 convolutions; "
+                                f"it needs patch 8, 16 or 32, got patch={self.patch}")
         if self.plan_steps % self.action_chunk:
             raise RoadloopError(f"VLAConfig.action_chunk ({self.action_chunk}) must divide plan_steps "
                                 f"({self.plan_steps})")
@@ -137,7 +142,7 @@ class VLAConfig:
 PRESETS: dict[str, VLAConfig] = {
     "tiny": VLAConfig(d_model=64, n_layers=2, n_heads=2),
     "default": VLAConfig(),
-    "large": VLAConfig(d_model=512, n_layers=8, n_heads=8),
+    "large": VLAConfig(d_model=512, n_layers=8, n_heads=8, patch=8),  # for a GPU: the finer 8 x 8 vision tokens
 }
 
 
@@ -195,8 +200,11 @@ class VLAModel(nn.Module):
         cin = cfg.frames * cfg.raster_channels
         if cfg.stem == "conv":  # early convolutions (Xiao et al. 2021): 64 -> 32 -> 16 -> 8 px, GELU between
             w = max(32, d // 4)
-            self.conv = nn.Sequential(nn.Conv2d(cin, w, 3, 2, 1), nn.GELU(), nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GELU(),
-                                      nn.Conv2d(2 * w, d, 3, 2, 1))
+            layers: list[nn.Module] = [nn.Conv2d(cin, w, 3, 2, 1), nn.GELU(), nn.Conv2d(w, 2 * w, 3, 2, 1), nn.GELU(),
+                                       nn.Conv2d(2 * w, d, 3, 2, 1)]
+            for _ in range(int(math.log2(cfg.patch)) - 3):  # patch 16 / 32: 8 -> 4 (-> 2) px, d channels
+                layers += [nn.GELU(), nn.Conv2d(d, d, 3, 2, 1)]
+            self.conv = nn.Sequential(*layers)
         else:
             self.patch = nn.Conv2d(cin, d, cfg.patch, stride=cfg.patch)
         self.history = nn.Sequential(nn.Linear(cfg.history_steps * cfg.history_features, d), nn.GELU(),
