@@ -1,5 +1,6 @@
 """Benchmarks behind ``roadloop bench``: the simulator (``sim``), the VLA policy (``vla``), the
-imitation data loading (``data``) and the GRPO learner (``grpo``, at the end of the file).
+imitation data loading (``data``), the imitation training step (``il``) and the GRPO learner
+(``grpo``, at the end of the file).
 
 Simulator throughput (``roadloop bench sim``).
 
@@ -183,6 +184,93 @@ def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 6
     del demos
     gc.collect()
     return DataBenchResult(mode, n, load_s, batches, 1000 * dt / batches, batches * batch_size / dt, loads, rss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Imitation: the model side of a training step per vision-token count and precision (``roadloop bench il``)
+
+@dataclass
+class ILStepResult:
+    patch: int  # VLAConfig.patch: raster px per vision token side
+    vision_tokens: int
+    seq_len: int
+    precision: str  # resolved: fp32 or bf16
+    params: int
+    step_ms: float  # median wall time of one step (forward, backward, clipping, AdamW) over the rounds
+    samples_per_s: float  # batch_size / step_ms
+
+
+def run_il_bench(data: str, patches: list[int], precisions: list[str], preset: str = "default", steps: int = 10,
+                 repeats: int = 3, warmup: int = 2, batch_size: int = 64, device: str = "cpu", seed: int = 0
+                 ) -> list[ILStepResult]:
+    """Time ``train_il``'s step (``VLAModel.loss`` under the run's autocast, backward, gradient
+    clipping, AdamW) on real demonstrations for each (patch, precision), without the data side
+    (``run_data_bench``): ``steps + warmup`` batches are drawn from the first 1,024 decisions and
+    assembled once, then each setting runs ``warmup`` untimed steps and ``repeats`` timed rounds of
+    ``steps``, the rounds interleaved over the settings so that the machine's drift hits all alike.
+    Each setting starts from the same seed.  Raises ``RoadloopError`` for an impossible setting
+    before any timing."""
+    import dataclasses
+    import statistics
+
+    from roadloop.config import resolve_device
+    from roadloop.data.dataset import load_demos
+    from roadloop.errors import RoadloopError
+    from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count
+    from roadloop.train.il import PRECISIONS, TokenizedDemos, resolve_precision
+    from roadloop.train.run import adamw
+
+    dev = resolve_device(device, "--device")
+    base = VLAConfig.preset(preset)
+    settings = []
+    for patch in patches:
+        cfg = dataclasses.replace(base, patch=patch).validate()
+        for prec in precisions:
+            if prec not in PRECISIONS:
+                raise RoadloopError(f"precision must be one of {', '.join(PRECISIONS)}, got {prec!r}")
+            settings.append((cfg, resolve_precision(prec, dev)))
+    demos = load_demos(data, rasters="stream")
+    pool = min(len(demos), 1024)
+    g = torch.Generator().manual_seed(seed)
+    data_t = TokenizedDemos.build(demos, base)
+    batches = [data_t.batch(torch.randint(pool, (batch_size,), generator=g)) for _ in range(steps + warmup)]
+    batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+    runs = []
+    for cfg, prec in settings:
+        torch.manual_seed(seed)
+        model = VLAModel(cfg).to(dev).train()
+        runs.append((model, adamw(model, 1e-3, 0.01), prec))
+
+    def one(model, opt, prec: str, batch: dict) -> None:
+        with torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=prec == "bf16"):
+            loss = model.loss(batch)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    def sync() -> None:
+        if torch.device(dev).type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for model, opt, prec in runs:
+        for b in batches[:warmup]:
+            one(model, opt, prec, b)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(max(1, repeats)):
+        for i, (model, opt, prec) in enumerate(runs):
+            sync()
+            t0 = time.perf_counter()
+            for b in batches[warmup:]:
+                one(model, opt, prec, b)
+            sync()
+            times[i].append((time.perf_counter() - t0) / max(1, steps))
+    out = []
+    for (cfg, prec), (model, _, _), ts in zip(settings, runs, times, strict=True):
+        step_s = statistics.median(ts)
+        out.append(ILStepResult(cfg.patch, cfg.n_patches, cfg.seq_len, prec, param_count(model), 1000 * step_s,
+                                batch_size / step_s))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -221,6 +221,51 @@ def _fmt_change(change: float, halfwidth: float, pct: bool = False) -> str:
     return f"{k * change:+.{d}f} ± {k * halfwidth:.{d}f}{unit}"
 
 
+@bench_app.command("il")
+@friendly
+def bench_il(data: str = typer.Option(..., "--data", help="Demonstrations to draw the batches from (their first "
+                                      "1,024 decisions)."),
+             patches: str = typer.Option("8,16", help="Vision-token sizes to time (VLAConfig.patch: 8 -> 64 tokens, "
+                                         "16 -> 16)."),
+             precisions: str = typer.Option("fp32,bf16", help="Precisions to time (il.precision: fp32, bf16, auto)."),
+             preset: str = typer.Option("default", help="Model preset the sizes modify."),
+             steps: int = typer.Option(10, help="Timed training steps per round."),
+             repeats: int = typer.Option(3, help="Rounds per setting, interleaved (median shown)."),
+             batch_size: int = typer.Option(64, help="Decisions per step (il.batch_size)."),
+             device: str = typer.Option("cpu", help=_DEVICE_HELP),
+             json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
+    """Imitation training step (forward, backward, AdamW) per vision-token count and precision: samples/s."""
+    import torch
+
+    from roadloop.bench import run_il_bench
+
+    if steps < 1 or repeats < 1 or batch_size < 1:
+        raise RoadloopError(f"--steps, --repeats and --batch-size must be >= 1, got {steps}, {repeats}, {batch_size}")
+    try:
+        sizes = [int(x) for x in patches.split(",") if x.strip()]
+    except ValueError as e:
+        raise RoadloopError(f"--patches must be comma-separated integers, got {patches!r}") from e
+    precs = [x.strip() for x in precisions.split(",") if x.strip()]
+    results = run_il_bench(data, sizes, precs, preset=preset, steps=steps, repeats=repeats, batch_size=batch_size,
+                           device=device)
+    table = Table(title=f"roadloop bench il: '{preset}' on {device}, batch {batch_size}, {torch.get_num_threads()} "
+                  f"threads")
+    for c in ("patch", "vision tokens", "sequence", "precision", "params", "ms / step (median)", "samples/s"):
+        table.add_column(c, justify="right")
+    for r in results:
+        table.add_row(str(r.patch), str(r.vision_tokens), str(r.seq_len), r.precision, f"{r.params / 1e6:.2f}M",
+                      f"{r.step_ms:.0f}", f"{r.samples_per_s:.1f}")
+    console.print(table)
+    if json_path:
+        from dataclasses import asdict
+
+        from roadloop.io import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps({"data": data, "preset": preset, "device": device,
+                                                 "threads": torch.get_num_threads(), "batch_size": batch_size,
+                                                 "results": [asdict(r) for r in results]}, indent=2))
+
+
 @bench_app.command("data")
 @friendly
 def bench_data(data: str = typer.Option(..., "--data", help="Demonstration directory, or several joined by commas."),

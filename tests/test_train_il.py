@@ -257,3 +257,22 @@ def test_precision_auto_is_bf16_only_on_cpus_with_native_bf16():
     assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_native_bf16() else "fp32")
     assert resolve_precision("auto", "cuda") == "fp32"  # measured slower on an H100 for this model size
     assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cuda:0") == "bf16"
+
+
+def test_cli_bench_il_times_each_vision_size_and_precision(demos, tmp_path):
+    from typer.testing import CliRunner
+
+    from roadloop.cli import app
+
+    out = tmp_path / "bench_il.json"
+    r = CliRunner().invoke(app, ["--threads", "1", "bench", "il", "--data", str(demos), "--preset", "tiny",
+                                 "--patches", "8,16", "--precisions", "fp32,auto", "--steps", "1", "--repeats", "1",
+                                 "--batch-size", "4", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["results"]
+    assert [(x["patch"], x["vision_tokens"]) for x in res] == [(8, 64), (8, 64), (16, 16), (16, 16)]
+    assert [x["precision"] for x in res[:2]] == ["fp32", resolve_precision("auto", "cpu")]
+    assert res[0]["seq_len"] == res[2]["seq_len"] + 48 and res[2]["params"] > res[0]["params"]  # a 4th convolution
+    assert all(x["samples_per_s"] > 0 for x in res)
+    r = CliRunner().invoke(app, ["bench", "il", "--data", str(demos), "--preset", "tiny", "--patches", "12"])
+    assert r.exit_code != 0 and "divisible by patch" in r.output
