@@ -246,6 +246,8 @@ def bench_il(data: str = typer.Option(..., "--data", help="Demonstrations to dra
     except ValueError as e:
         raise RoadloopError(f"--patches must be comma-separated integers, got {patches!r}") from e
     precs = [x.strip() for x in precisions.split(",") if x.strip()]
+    if not sizes or not precs:
+        raise RoadloopError(f"give at least one --patches and one --precisions value, got {patches!r}, {precisions!r}")
     results = run_il_bench(data, sizes, precs, preset=preset, steps=steps, repeats=repeats, batch_size=batch_size,
                            device=device)
     table = Table(title=f"roadloop bench il: '{preset}' on {device}, batch {batch_size}, {torch.get_num_threads()} "

@@ -276,3 +276,5 @@ def test_cli_bench_il_times_each_vision_size_and_precision(demos, tmp_path):
     assert all(x["samples_per_s"] > 0 for x in res)
     r = CliRunner().invoke(app, ["bench", "il", "--data", str(demos), "--preset", "tiny", "--patches", "12"])
     assert r.exit_code != 0 and "divisible by patch" in r.output
+    r = CliRunner().invoke(app, ["bench", "il", "--data", str(demos), "--precisions", " , "])
+    assert r.exit_code != 0 and "at least one" in r.output
