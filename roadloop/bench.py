@@ -203,13 +203,13 @@ class ILStepResult:
 def run_il_bench(data: str, patches: list[int], precisions: list[str], preset: str = "default", steps: int = 10,
                  repeats: int = 3, warmup: int = 2, batch_size: int = 64, device: str = "cpu", seed: int = 0
                  ) -> list[ILStepResult]:
-    """Time ``train_il``'s step (``VLAModel.loss`` under the run's autocast, backward, gradient
-    clipping, AdamW) on real demonstrations for each (patch, precision), without the data side
-    (``run_data_bench``): ``steps + warmup`` batches are drawn from the first 1,024 decisions and
-    assembled once, then each setting runs ``warmup`` untimed steps and ``repeats`` timed rounds of
-    ``steps``, the rounds interleaved over the settings so that the machine's drift hits all alike.
-    Each setting starts from the same seed.  Raises ``RoadloopError`` for an impossible setting
-    before any timing."""
+    """Time ``train_il``'s step (``il.step_loss``, backward, gradient clipping, AdamW) on real
+    demonstrations for each (patch, precision), without the data side (``run_data_bench``):
+    ``steps + warmup`` batches are drawn from the first 1,024 decisions and assembled once, then
+    each setting runs ``warmup`` untimed steps and ``repeats`` timed rounds of ``steps``, the
+    rounds interleaved over the settings so that the machine's drift hits all alike.  Each setting
+    starts from the same seed.  Raises ``RoadloopError`` for an impossible setting before any
+    timing."""
     import dataclasses
     import statistics
 
@@ -217,7 +217,7 @@ def run_il_bench(data: str, patches: list[int], precisions: list[str], preset: s
     from roadloop.data.dataset import load_demos
     from roadloop.errors import RoadloopError
     from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count
-    from roadloop.train.il import PRECISIONS, TokenizedDemos, resolve_precision
+    from roadloop.train.il import PRECISIONS, TokenizedDemos, resolve_precision, step_loss
     from roadloop.train.run import adamw
 
     dev = resolve_device(device, "--device")
@@ -242,8 +242,7 @@ def run_il_bench(data: str, patches: list[int], precisions: list[str], preset: s
         runs.append((model, adamw(model, 1e-3, 0.01), prec))
 
     def one(model, opt, prec: str, batch: dict) -> None:
-        with torch.autocast(torch.device(dev).type, torch.bfloat16, enabled=prec == "bf16"):
-            loss = model.loss(batch)["loss"]
+        loss = step_loss(model, batch, prec)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -67,6 +67,13 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if torch.device(device).type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
+def step_loss(model: VLAModel, batch: dict, precision: str, action_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """``model.loss(batch)`` as a training step computes it: under bfloat16 autocast on the model's
+    device type when ``precision`` (resolved, ``resolve_precision``) is bf16."""
+    with torch.autocast(model.device.type, torch.bfloat16, enabled=precision == "bf16"):
+        return model.loss(batch, action_weight=action_weight)
+
+
 @dataclass
 class ModelSpec:
     preset: str = "default"  # tiny / default / large (VLAConfig.preset)
@@ -252,8 +259,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
             bi = train_idx[order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]]
             for gr in opt.param_groups:
                 gr["lr"] = lr_at(step, total, cfg)
-            with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == "bf16"):
-                out = model.loss(data.batch(bi), action_weight=cfg.action_weight)
+            out = step_loss(model, data.batch(bi), precision, cfg.action_weight)
             opt.zero_grad(set_to_none=True)
             try:
                 check_finite(out["loss"], model)
@@ -314,4 +320,4 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
 
 
 __all__ = ["PRECISIONS", "ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "cpu_has_native_bf16", "epoch_order",
-           "lr_at", "resolve_precision", "train_il"]
+           "lr_at", "resolve_precision", "step_loss", "train_il"]
