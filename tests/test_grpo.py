@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -330,9 +331,9 @@ def test_nonfinite_iteration_restores_last_good_state(toy, tmp_path, monkeypatch
     real = grpo.ppo_update
     calls = []
 
-    def flaky(model, ref, opt, gb, adv, cfg, iteration, lower_layers=0):
+    def flaky(model, ref, opt, gb, adv, cfg, iteration, *rest):
         calls.append(iteration)
-        out = real(model, ref, opt, gb, adv, cfg, iteration, lower_layers)
+        out = real(model, ref, opt, gb, adv, cfg, iteration, *rest)
         if iteration == 1:
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
@@ -590,6 +591,59 @@ def test_road_mixes_expert_demonstrations_into_every_batch(toy, tmp_path):
         train_road(RoaDConfig(**{**to_dict(cfg), "init": str(toy["init"]), "out": str(tmp_path / "r2")}))
     with pytest.raises(ConfigError, match="expert_share must be in"):
         RoaDConfig(init="x", expert_share=1.0).validate()
+
+
+def test_grpo_ptx_rehearses_expert_demonstrations_and_resumes_its_stream(toy, tmp_path):
+    from roadloop.data import collect
+    from roadloop.train.il import ExpertStream
+
+    demos_dir = tmp_path / "demos"
+    collect([str(toy["suite"])], demos_dir, every=5, max_scenarios=3, max_steps=30, batch_size=3)
+    torch.manual_seed(0)
+    vcfg = VLAConfig(d_model=32, n_layers=1, n_heads=2)  # the demonstrations' 64 px raster
+    save_checkpoint(VLAModel(vcfg).eval(), tmp_path / "init")
+    # the stream: shuffled passes, read by position across pass boundaries, a pure function of the seed
+    es = ExpertStream(str(demos_dir), vcfg, seed=0, window=1)
+    N = len(es)
+    assert N >= 6 and sorted(es.order(0).tolist()) == list(range(N)) and not torch.equal(es.order(0), es.order(1))
+    b = es.take(N - 2, 4)
+    want = torch.cat((es.order(0)[-2:], es.order(1)[:2]))
+    assert torch.equal(b["text"], es.tok.text[want]) and torch.equal(b["bev"], es.tok.batch(want)["bev"])
+    assert torch.equal(ExpertStream(str(demos_dir), vcfg, seed=0, window=1).take(3, 5)["actions"],
+                       es.take(3, 5)["actions"])
+
+    def cfg(out, **kw):
+        return _cfg(toy, out, init=str(tmp_path / "init"), expert_data=str(demos_dir), ptx_coef=5.0, ptx_batch=8,
+                    lr=3e-3, ckpt_every=1, **kw)
+
+    full = train_grpo(cfg(tmp_path / "full", iterations=3), log=lambda m: None)
+    assert all(h["loss/ptx"] > 0 for h in full.history)
+    model, meta = load_checkpoint(full.checkpoint)
+    assert meta["extra"]["expert_data"] == es.content_hash  # in the lineage
+    # the imitation loss on the demonstrations falls: the rehearsal trains the policy on them
+    init = load_checkpoint(tmp_path / "init")[0]
+    every = es.tok.batch(torch.arange(N))
+    with torch.no_grad():
+        assert float(model.loss(every)["loss"]) < float(init.loss(every)["loss"]) - 0.05
+    # interrupted after iteration 2 and resumed: the stream continues where it stopped, weights bit for bit
+    train_grpo(cfg(tmp_path / "cut", iterations=2), log=lambda m: None)
+    res = train_grpo(cfg(tmp_path / "cut", iterations=3), resume=True, log=lambda m: None)
+    a = load_checkpoint(res.checkpoint)[0].state_dict()
+    assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RoadloopError, match="differs from the demonstrations this run started with"):
+        train_grpo(replace(cfg(tmp_path / "cut", iterations=4), expert_data="", ptx_coef=0.0), resume=True)
+    # bad input, before any compute
+    with pytest.raises(ConfigError, match="ptx_coef > 0 needs grpo.expert_data"):
+        GRPOConfig(init="x", ptx_coef=1.0).validate()
+    with pytest.raises(ConfigError, match="expert_data is only read with grpo.ptx_coef > 0"):
+        GRPOConfig(init="x", expert_data=str(demos_dir)).validate()
+    with pytest.raises(ConfigError, match="ptx_coef must be a finite number"):
+        GRPOConfig(init="x", ptx_coef=float("nan"), expert_data="d").validate()
+    with pytest.raises(RoadloopError, match="grpo.expert_data .*rasters are 4 frames x .* but the model reads .* x 32"):
+        train_grpo(_cfg(toy, tmp_path / "bad", expert_data=str(demos_dir), ptx_coef=1.0))
+    with pytest.raises(RoadloopError, match="grpo.expert_data .*missing"):
+        train_grpo(_cfg(toy, tmp_path / "bad", expert_data=str(tmp_path / "missing"), ptx_coef=1.0))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_road_commits_the_closest_candidate_that_passes_the_reasoning_checks():

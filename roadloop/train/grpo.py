@@ -70,6 +70,11 @@ Departures from the papers / AlpaGym:
   (optional) gives each decision the growth of the ego's distance to its log over the next seconds.
   None is in AlpaGym (one reward per rollout, rollouts from the scenario start).
 * The learner trains on at most ``max_decisions`` decisions per iteration (uniform subset).
+* ``ptx_coef`` (optional, off by default): every gradient step adds ``ptx_coef`` x the imitation loss of
+  ``ptx_batch`` expert demonstrations (``expert_data``, streamed by ``roadloop.train.il.ExpertStream``;
+  its position is checkpointed), InstructGPT's PPO-ptx; neither AlpaGym nor Alpamayo-R1's RL has it.
+  A rehearsal against drifting away from the demonstrations; with the null control
+  (``shuffle_advantages``) it separates what the rewards teach from what more imitation does (LOG).
 * ``drive_tokens = executed`` (optional): the driving advantage trains the text and the executed action
   tokens only, not the 28 tokens of the plan's undriven tail (AlpaGym, and the default ``all``, give
   every token the sequence's advantage).  One demo-scale run (LOG) was worse, which is not conclusive
@@ -101,6 +106,7 @@ from roadloop.registry.lineage import code_version
 from roadloop.sim.batching import crop_log
 from roadloop.sim.datatypes import DT, Scenario
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
+from roadloop.train.il import ExpertStream
 from roadloop.train.release import register_final
 from roadloop.train.rewards import (
     RewardConfig,
@@ -157,6 +163,11 @@ class GRPOConfig:
     dual_clip: float = 3.0  # cap of the loss for negative advantages (Cosmos-RL); 0: off
     logratio_clamp: float = 5.0
     kl_coef: float = 0.01  # x k3 KL to the init model
+    ptx_coef: float = 0.0  # x the imitation loss on a batch of ``expert_data`` added to every gradient step (PPO-ptx,
+    # InstructGPT): a rehearsal of the demonstrations against drift; 0: off (LOG)
+    expert_data: str = ""  # demonstration directories (``roadloop data collect``), comma-separated, for ``ptx_coef``
+    ptx_batch: int = 64  # expert samples per gradient step
+    ptx_window: int = 4  # shards streamed together (``ExpertStream``: shuffled passes, ptx_window + 2 in memory)
     lr: float = 1e-4
     trainable: str = "all"  # parameters GRPO trains: all, or top:K (the last K blocks and the output heads,
     # ``VLAModel.trainable_parameters``; the frozen blocks run once per iteration): top:1 learns 3x faster and
@@ -222,6 +233,15 @@ class GRPOConfig:
             raise ConfigError(f"grpo.top_p must be in (0, 1], got {self.top_p}")
         if self.kl_coef < 0 or self.weight_decay < 0 or self.dual_clip < 0:
             raise ConfigError("grpo.kl_coef, weight_decay and dual_clip must be >= 0")
+        if not (self.ptx_coef >= 0 and math.isfinite(self.ptx_coef)):
+            raise ConfigError(f"grpo.ptx_coef must be a finite number >= 0, got {self.ptx_coef}")
+        if self.ptx_coef > 0 and not self.expert_data:
+            raise ConfigError("grpo.ptx_coef > 0 needs grpo.expert_data (demonstration directories, "
+                              "`roadloop data collect`)")
+        if self.expert_data and self.ptx_coef == 0:
+            raise ConfigError("grpo.expert_data is only read with grpo.ptx_coef > 0 (the weight of its imitation loss)")
+        if self.ptx_batch < 1 or self.ptx_window < 1:
+            raise ConfigError(f"grpo.ptx_batch and ptx_window must be >= 1, got {self.ptx_batch} / {self.ptx_window}")
         if 0 < self.dual_clip <= 1:
             raise ConfigError(f"grpo.dual_clip must be > 1 (or 0: off), got {self.dual_clip}")
         if self.drive_tokens not in ("executed", "all"):
@@ -616,11 +636,14 @@ def frozen_lower_layers(model: VLAModel, ref: VLAModel) -> int:
 
 
 def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: GroupBatch, adv: torch.Tensor,
-               cfg: GRPOConfig, iteration: int, lower_layers: int = 0) -> dict[str, float]:
+               cfg: GRPOConfig, iteration: int, lower_layers: int = 0, expert: ExpertStream | None = None,
+               ptx_pos: int = 0) -> dict[str, float]:
     """PPO epochs on one GroupBatch with decision advantage parts ``adv`` (D, B, 2) (``decision_advantages``)
-    (module docstring, step 3); ``lower_layers`` from ``frozen_lower_layers``.  Raises ``NonFiniteError``."""
+    (module docstring, step 3); ``lower_layers`` from ``frozen_lower_layers``.  With ``expert`` every gradient
+    step adds ``cfg.ptx_coef`` x the imitation loss of the ``cfg.ptx_batch`` expert samples at stream position
+    ``ptx_pos`` onwards; ``out["ptx_pos"]`` is the position after the update.  Raises ``NonFiniteError``."""
     n = gb.num_decisions * gb.batch_size
-    out = {"samples": 0.0}
+    out = {"samples": 0.0, "ptx_pos": float(ptx_pos)}
     if n == 0:
         return out
     g = torch.Generator().manual_seed(cfg.seed * 7919 + iteration)
@@ -652,6 +675,11 @@ def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: G
             logp, mk = flat_token_logps(model, minibatch(p))
             loss, st = ppo_loss(logp, old[p.to(old.device)], refl[p.to(old.device)], mk,
                                 adv_tok[p.to(old.device)], cfg)
+            if expert is not None:
+                ptx = model.loss(expert.take(ptx_pos, cfg.ptx_batch))["loss"]
+                ptx_pos += cfg.ptx_batch
+                loss = loss + cfg.ptx_coef * ptx
+                st["ptx"] = ptx.detach()
             if epoch == 0 and j == 0:
                 out["first_ratio_dev"] = float(st["ratio_dev_max"])
                 out["first_kl"] = float(st["kl"])
@@ -667,6 +695,7 @@ def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: G
         out["samples"] += float(idx.numel())
     out.update({k: v / max(steps, 1) for k, v in sums.items() if k != "ratio_dev_max"})
     out["steps"] = float(steps)
+    out["ptx_pos"] = float(ptx_pos)
     return out
 
 
@@ -765,6 +794,14 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
     st = start_post_training(cfg, resume)
     model, pool, run_dir, ev_pool, ev_hash = st.model, st.pool, st.run_dir, st.ev_pool, st.ev_hash
     init_dir, init_sha, hashes = st.init_dir, st.init_sha, st.hashes
+    expert = None
+    if cfg.ptx_coef > 0:
+        expert = ExpertStream(cfg.expert_data, model.cfg, cfg.seed, cfg.ptx_window, key="grpo.expert_data")
+        log(f"ptx: {len(expert):,} expert demonstrations ({expert.content_hash[:12]}), x {cfg.ptx_coef} per step")
+    expert_hash = expert.content_hash if expert is not None else None
+    if st.prev and st.prev.get("expert_data") != expert_hash:
+        raise RoadloopError(f"grpo.expert_data {cfg.expert_data or '(none)'} differs from the demonstrations this run "
+                            f"started with ({str(st.prev.get('expert_data'))[:12]}); not resuming on other data")
 
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     model.eval()  # no dropout while learning: exact ratios (module docstring)
@@ -774,7 +811,9 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         raise ConfigError(f"grpo.trainable: {err}") from None
     it, elapsed, state = restore(run_dir, model, opt, resume, "iteration", cfg.iterations, log)
     code = code_version()
-    tracker, lineage = begin_run(cfg, run_dir, st.prev, st.lineage(cfg))
+    tracker, lineage = begin_run(cfg, run_dir, st.prev,
+                                 {**st.lineage(cfg), **({"expert_data": expert_hash} if expert_hash else {})})
+    ptx_pos = int((state or {}).get("extra", {}).get("ptx_pos", 0))
     history: list[dict[str, float]] = []
     last_eval: dict[str, float] = {}
     probes: dict[int, dict[str, float]] = {}
@@ -811,7 +850,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 adv = shuffled(adv, cfg.seed, it)
             tl = time.perf_counter()
             try:
-                st = ppo_update(model, ref, opt, gb, adv, cfg, it, lower)
+                st = ppo_update(model, ref, opt, gb, adv, cfg, it, lower, expert, ptx_pos)
             except NonFiniteError as e:
                 bad_run += 1
                 good.restore()
@@ -825,6 +864,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
             else:
                 bad_run = 0
                 good.snapshot(it + 1)
+                ptx_pos = int(st["ptx_pos"])
             dt_learn = time.perf_counter() - tl
             it += 1
             env_steps += gb.env_steps
@@ -832,7 +872,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
             learn_samples += int(st.get("samples", 0))
             learn_s += dt_learn
             m = iteration_metrics(gb)
-            m.update({f"loss/{k}": v for k, v in st.items() if k not in ("samples", "steps")})
+            m.update({f"loss/{k}": v for k, v in st.items() if k not in ("samples", "steps", "ptx_pos")})
             m["loss/adv_abs"] = float(adv.sum(-1).abs().mean()) if adv.numel() else math.nan
             m["perf/env_steps_per_s"] = gb.env_steps / max(gb.seconds, 1e-9)
             m["perf/learner_samples_per_s"] = st.get("samples", 0.0) / max(dt_learn, 1e-9)
@@ -845,7 +885,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
             if on_progress:
                 on_progress(it, cfg.iterations, m)
             if it % cfg.ckpt_every == 0 or it == cfg.iterations:
-                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay), keep=2)
+                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay, ptx_pos), keep=2)
             if ev_pool and it % cfg.eval_every == 0:
                 last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
                 tracker.log_metrics(last_eval, it)
@@ -854,7 +894,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 _probe(model, pool, cfg, it, probes, tracker, log)
             if cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min and it < cfg.iterations:
                 log(f"time limit {cfg.time_limit_min} min reached at iteration {it}/{cfg.iterations}: stopping")
-                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay), keep=2)
+                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay, ptx_pos), keep=2)
                 stopped_early = True
                 break
         train_s = time.perf_counter() - t0
@@ -888,8 +928,8 @@ def _probe(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig, it: int, prob
         log(f"iteration {it}: probe " + _fmt(probes[it]))
 
 
-def _ckpt_extra(t0: float, replay: IncidentReplay | None) -> dict:
-    extra: dict = {"elapsed": time.perf_counter() - t0}
+def _ckpt_extra(t0: float, replay: IncidentReplay | None, ptx_pos: int = 0) -> dict:
+    extra: dict = {"elapsed": time.perf_counter() - t0, "ptx_pos": ptx_pos}
     if replay is not None:
         extra["replay"] = replay.to_state()
     return extra

@@ -171,6 +171,62 @@ class TokenizedDemos:
         return out
 
 
+def load_expert_demos(data: str, vcfg: VLAConfig, key: str, rasters: str = "memory", cache_shards: int = 16
+                      ) -> DemoTensors:
+    """Expert demonstrations for a post-training rehearsal (``key``, e.g. ``road.expert_data``, names the
+    config entry in errors): one or more collections (comma-separated), non-empty, with the rasters
+    ``vcfg`` reads (``load_demos``'s ``rasters`` / ``cache_shards``)."""
+    try:
+        demos = load_demos(data, rasters=rasters, cache_shards=cache_shards)
+    except RoadloopError as err:
+        raise RoadloopError(f"{key} {data}: {err}") from None
+    if len(demos) == 0:
+        raise RoadloopError(f"{key} {data}: no demonstrations")
+    F, C, H, W = demos.raster.shape[1:]
+    if (F, C, H, W) != (vcfg.frames, vcfg.raster_channels, vcfg.raster_size, vcfg.raster_size):
+        raise RoadloopError(f"{key} {data}: rasters are {F} frames x {C} channels x {H} x {W} but the model reads "
+                            f"{vcfg.frames} x {vcfg.raster_channels} x {vcfg.raster_size} x {vcfg.raster_size}")
+    return demos
+
+
+class ExpertStream:
+    """Expert demonstrations read as an endless sequence of shuffled passes, streamed shard by shard
+    (``stream_epoch_order`` with ``window`` shards at a time; ``window + 2`` stay in memory), for a
+    rehearsal loss during post-training (GRPO's ``ptx_coef``).  ``take(pos, n)`` is a pure function of
+    (collections, seed, window, pos), so a trainer that checkpoints its position resumes the sequence."""
+
+    def __init__(self, data: str, vcfg: VLAConfig, seed: int, window: int = 4, key: str = "expert_data"):
+        if window < 1:
+            raise ConfigError(f"{key}: the stream window must be >= 1 shard, got {window}")
+        demos = load_expert_demos(data, vcfg, key, rasters="stream", cache_shards=window + 2)
+        self.tok = TokenizedDemos.build(demos, vcfg)
+        self.seed, self.window = seed, window
+        self.content_hash = demos.content_hash
+        self._orders: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.tok.demos)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """(N,) sample order of pass ``epoch`` (the last two are cached)."""
+        if epoch not in self._orders:
+            n = len(self)
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = stream_epoch_order(self.tok.demos, torch.arange(n), self.seed, epoch, self.window)
+        return self._orders[epoch]
+
+    def take(self, pos: int, n: int) -> dict[str, torch.Tensor]:
+        """Teacher-forcing model batch of the ``n`` samples at positions ``pos`` .. ``pos + n - 1`` of the
+        sequence (position p is sample ``order(p // N)[p % N]``)."""
+        N = len(self)
+        p = torch.arange(pos, pos + n, dtype=torch.int64)
+        idx = torch.empty(n, dtype=torch.int64)
+        for e in torch.unique(p // N).tolist():
+            m = p // N == e
+            idx[m] = self.order(int(e))[p[m] % N]
+        return self.tok.batch(idx)
+
+
 def lr_at(step: int, total: int, cfg: ILConfig) -> float:
     """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_lr_frac`` x lr at ``total``."""
     if step < cfg.warmup_steps:
@@ -319,5 +375,5 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     return ILResult(final, step, train_s, sps, om, tracker.run_id, stopped_early)
 
 
-__all__ = ["PRECISIONS", "ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "cpu_has_native_bf16", "epoch_order",
-           "lr_at", "resolve_precision", "step_loss", "train_il"]
+__all__ = ["PRECISIONS", "ExpertStream", "ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "cpu_has_native_bf16",
+           "epoch_order", "load_expert_demos", "lr_at", "resolve_precision", "step_loss", "train_il"]

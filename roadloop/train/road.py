@@ -75,7 +75,7 @@ from roadloop.sim import dynamics
 from roadloop.sim.datatypes import Scenario, SimState
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
 from roadloop.train.grpo import decode_bev, evaluate_model, pick_scenarios, pick_start, rollout_steps
-from roadloop.train.il import TokenizedDemos
+from roadloop.train.il import TokenizedDemos, load_expert_demos
 from roadloop.train.release import register_final
 from roadloop.train.run import adamw, begin_run, restore, start_post_training
 
@@ -340,17 +340,7 @@ def _expert_demos(cfg: RoaDConfig, vcfg: VLAConfig) -> TokenizedDemos | None:
     """The tokenized ``cfg.expert_data`` demonstrations (None without); errors name the directory."""
     if not cfg.expert_data:
         return None
-    from roadloop.data.dataset import load_demos
-
-    demos = load_demos(Path(cfg.expert_data).expanduser())
-    if len(demos) == 0:
-        raise RoadloopError(f"road.expert_data {cfg.expert_data}: no demonstrations")
-    F, C, H, W = demos.raster.shape[1:]
-    if (F, C, H, W) != (vcfg.frames, vcfg.raster_channels, vcfg.raster_size, vcfg.raster_size):
-        raise RoadloopError(f"road.expert_data {cfg.expert_data}: rasters are {F} frames x {C} channels x {H} x {W} "
-                            f"but the model reads {vcfg.frames} x {vcfg.raster_channels} x {vcfg.raster_size} x "
-                            f"{vcfg.raster_size}")
-    return TokenizedDemos.build(demos, vcfg)
+    return TokenizedDemos.build(load_expert_demos(cfg.expert_data, vcfg, "road.expert_data"), vcfg)
 
 
 def _with_expert(mb: dict[str, torch.Tensor], expert: TokenizedDemos, share: float, gen: torch.Generator
