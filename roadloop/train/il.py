@@ -208,7 +208,7 @@ class ExpertStream:
         return len(self.tok.demos)
 
     def order(self, epoch: int) -> torch.Tensor:
-        """(N,) sample order of pass ``epoch`` (the last two are cached)."""
+        """(N,) sample order of pass ``epoch`` (this pass and the one before are cached)."""
         if epoch not in self._orders:
             n = len(self)
             self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
