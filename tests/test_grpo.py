@@ -562,17 +562,25 @@ def test_road_round_lowers_the_imitation_loss_on_its_own_rollouts(toy, tmp_path)
     assert meta["extra"]["trainer"] == "road" and (Path(cfg.out) / "demos" / "round-0000.npz").is_file()
 
 
-def test_road_mixes_expert_demonstrations_into_every_batch(toy, tmp_path):
+def _expert_setup(toy, tmp_path, n_scenarios: int) -> tuple[Path, VLAConfig]:
+    """Expert demonstrations of ``n_scenarios`` toy scenarios in ``tmp_path/demos`` and an untrained init
+    checkpoint in ``tmp_path/init`` that reads their 64 px rasters; returns (demos dir, its model config)."""
     from roadloop.data import collect
+
+    demos_dir = tmp_path / "demos"
+    collect([str(toy["suite"])], demos_dir, every=5, max_scenarios=n_scenarios, max_steps=30, batch_size=n_scenarios)
+    torch.manual_seed(0)
+    vcfg = VLAConfig(d_model=32, n_layers=1, n_heads=2)
+    save_checkpoint(VLAModel(vcfg).eval(), tmp_path / "init")
+    return demos_dir, vcfg
+
+
+def test_road_mixes_expert_demonstrations_into_every_batch(toy, tmp_path):
     from roadloop.data.dataset import load_demos
     from roadloop.train.il import TokenizedDemos
     from roadloop.train.road import _with_expert
 
-    demos_dir = tmp_path / "demos"
-    collect([str(toy["suite"])], demos_dir, every=5, max_scenarios=2, max_steps=30, batch_size=2)
-    torch.manual_seed(0)
-    vcfg = VLAConfig(d_model=32, n_layers=1, n_heads=2)  # the demonstrations' 64 px raster
-    save_checkpoint(VLAModel(vcfg).eval(), tmp_path / "init")
+    demos_dir, vcfg = _expert_setup(toy, tmp_path, 2)
     expert = TokenizedDemos.build(load_demos(demos_dir), vcfg)
     mb = expert.batch(torch.arange(4))
     mixed = _with_expert(mb, expert, 0.75, torch.Generator().manual_seed(0))
@@ -594,14 +602,9 @@ def test_road_mixes_expert_demonstrations_into_every_batch(toy, tmp_path):
 
 
 def test_grpo_ptx_rehearses_expert_demonstrations_and_resumes_its_stream(toy, tmp_path):
-    from roadloop.data import collect
     from roadloop.train.il import ExpertStream
 
-    demos_dir = tmp_path / "demos"
-    collect([str(toy["suite"])], demos_dir, every=5, max_scenarios=3, max_steps=30, batch_size=3)
-    torch.manual_seed(0)
-    vcfg = VLAConfig(d_model=32, n_layers=1, n_heads=2)  # the demonstrations' 64 px raster
-    save_checkpoint(VLAModel(vcfg).eval(), tmp_path / "init")
+    demos_dir, vcfg = _expert_setup(toy, tmp_path, 3)
     # the stream: shuffled passes, read by position across pass boundaries, a pure function of the seed
     es = ExpertStream(str(demos_dir), vcfg, seed=0, window=1)
     N = len(es)
