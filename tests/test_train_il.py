@@ -128,6 +128,13 @@ def test_bf16_training_and_the_vision_stems(demos, home, tmp_path, stem, patch):
     assert all(math.isfinite(res.metrics[k]) for k in ("min_ade", "decision_acc"))
 
 
+def test_no_final_evaluation_still_writes_the_final_checkpoint(demos, home, tmp_path):
+    res = train_il(_cfg(demos, tmp_path / "r", epochs=1.0, final_eval_samples=0), log=lambda m: None)
+    assert res.metrics == {} and (res.checkpoint / "config.json").is_file()
+    with pytest.raises(ConfigError, match="final_eval_samples must be >= 0"):
+        _cfg(demos, tmp_path / "r", final_eval_samples=-1).validate()
+
+
 def test_bad_inputs(demos, home, tmp_path):
     with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16"):
         train_il(_cfg(demos, tmp_path / "r0", precision="fp16"), log=lambda m: None)

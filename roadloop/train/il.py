@@ -108,7 +108,7 @@ class ILConfig:
     ckpt_every: int = 250
     eval_every: int = 1000  # open-loop metrics on eval_samples held-out samples; 0: only at the end
     eval_samples: int = 256
-    final_eval_samples: int = 1024
+    final_eval_samples: int = 1024  # open-loop metrics of the final model on this many held-out samples; 0: none
     eval_k: int = 6
     seed: int = 0
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (CUDA when available)
@@ -120,6 +120,9 @@ class ILConfig:
         for name in ("batch_size", "log_every", "ckpt_every", "eval_samples", "max_bad_steps", "stream_window"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"il.{name} must be >= 1, got {getattr(self, name)}")
+        if self.final_eval_samples < 0:
+            raise ConfigError(f"il.final_eval_samples must be >= 0 (0: no final open-loop evaluation), "
+                              f"got {self.final_eval_samples}")
         if not self.epochs > 0 or not self.lr > 0:
             raise ConfigError(f"il.epochs and il.lr must be > 0, got {self.epochs}, {self.lr}")
         if not self.decision_weight > 0:
@@ -361,7 +364,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
                 stopped_early = True
                 break
         train_s = time.perf_counter() - t0
-        om = openloop_metrics(model, val, fin_idx, k=cfg.eval_k, seed=cfg.seed)
+        om = openloop_metrics(model, val, fin_idx, k=cfg.eval_k, seed=cfg.seed) if cfg.final_eval_samples else {}
         tracker.log_metrics({f"val/{k}": v for k, v in om.items()}, step)
         sps = step * cfg.batch_size / max(train_s, 1e-9)
         final = save_checkpoint(model.eval(), run_dir / "final",
