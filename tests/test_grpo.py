@@ -699,6 +699,45 @@ def test_road_guide_mixes_own_samples_into_the_driving_and_records_the_closest(t
         RoaDConfig(init="x", guide=1.5).validate()
 
 
+def test_road_failure_starts_restart_where_the_unguided_policy_fails(toy, tmp_path):
+    from roadloop.eval.metrics import compute_metrics
+    from roadloop.policies.vla.policy import VLAPolicy
+    from roadloop.rollout import RolloutConfig, rollout
+    from roadloop.sim.batching import collate
+    from roadloop.train.road import failure_crops, probe_failures
+
+    scs, seeds = toy["scenarios"], torch.arange(3)
+    cfg = RoaDConfig(init=str(toy["init"]), out=str(tmp_path / "road"), suites=str(toy["suite"]), k=2, max_steps=30,
+                     failure_starts=True, failure_lead_s=1.0, rounds=1, scenarios_per_round=3, track=False,
+                     register=False, eval_every=0)
+    inc = probe_failures(toy["model"], scs, seeds, cfg)
+    assert inc.shape == (3,) and torch.equal(inc, probe_failures(toy["model"], scs, seeds, cfg))  # a pure function
+    # the probe is the policy driving alone: its incidents are those the rollout's metrics count
+    batch = collate(scs)
+    ro = rollout(VLAPolicy(toy["model"], temperature=cfg.eval_temperature, top_p=cfg.eval_top_p), batch, seeds,
+                 RolloutConfig(replan_every=cfg.replan_every, max_steps=30))
+    m = compute_metrics(ro, batch, ["collision_at_fault", "offroad"])
+    assert torch.equal(inc >= 0, (m["collision_at_fault"] + m["offroad"]) > 0)
+    assert bool((inc >= 0).any()), "the untrained toy policy leaves the road: the probe must see it"
+
+    # a scenario with an incident at log step t restarts lead + warm-up before it; the others where the policy engages
+    w = scs[0].meta.warmup_steps
+    log_start = lambda sc: int(dict(sc.meta.extra).get("log_start", 0))  # noqa: E731
+    cut, n = failure_crops(scs, torch.tensor([-1, 40, 5]), cfg, None)
+    assert n == 2 and [log_start(sc) for sc in cut] == [0, 40 - 10 - w, 0]
+    cut, _ = failure_crops(scs, torch.tensor([-1, 58, -1]), cfg, w + 7)  # random_start's start, the log's limit
+    assert [log_start(sc) for sc in cut] == [7, 59 - 30, 7] and cut[1].num_steps == 60 - 29
+
+    res = train_road(cfg)
+    h = res.history[0]
+    assert h["road/probe_incident_rate"] == float((inc >= 0).float().mean()) and h["road/failure_starts"] >= 1
+    assert h["road/demos"] > 0
+    with pytest.raises(ConfigError, match="failure_starts.*max_steps"):
+        RoaDConfig(init="x", failure_starts=True, max_steps=None).validate()
+    with pytest.raises(ConfigError, match="failure_lead_s must be > 0"):
+        RoaDConfig(init="x", failure_lead_s=float("nan")).validate()
+
+
 def test_expert_executed_controls_are_what_the_rollout_drives():
     import dataclasses
 

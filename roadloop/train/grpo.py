@@ -357,6 +357,13 @@ def collect_iteration(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig, it
                           pick_start(picked, cfg, iteration))
 
 
+def crop_limit(scenario: Scenario, max_steps: int) -> int:
+    """The latest ``crop_log`` start of a single ``scenario`` from which a rollout of ``max_steps`` steps still
+    fits in the ego's logged steps (0 when the log is shorter)."""
+    last = int(scenario.agents.valid[0].nonzero().max())  # the ego's last logged step
+    return max(last - int(max_steps), 0)
+
+
 def first_incident(ro) -> torch.Tensor:
     """(B,) int64 state index of each rollout's first at-fault collision or off-road in its scored steps
     (step t leads to state t + 1), -1 for none or a failed rollout."""
@@ -398,15 +405,13 @@ class IncidentReplay:
         offsets = []
         for k, i in enumerate(picks):
             sc = pool[i]
-            last = int(sc.agents.valid[0].nonzero().max())  # the ego's last logged step
-            hi = max(last - int(cfg.max_steps), 0)  # the whole rollout fits in the cropped log
             if k < n_rep:
                 want = drawn[k][1] - lead - sc.meta.warmup_steps
             elif cfg.random_start:
-                want = int(torch.randint(0, hi + 1, (1,), generator=g))
+                want = int(torch.randint(0, crop_limit(sc, cfg.max_steps) + 1, (1,), generator=g))
             else:
                 want = 0
-            offsets.append(min(max(want, 0), hi))
+            offsets.append(min(max(want, 0), crop_limit(sc, cfg.max_steps)))
         return picks, offsets, n_rep
 
     def add(self, gb: GroupBatch, picks: list[int], offsets: list[int]) -> int:
@@ -947,6 +952,7 @@ __all__ = [
     "check_init_model",
     "collect_groups",
     "collect_iteration",
+    "crop_limit",
     "decision_advantages",
     "decision_batch",
     "decode_bev",

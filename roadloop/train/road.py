@@ -38,6 +38,12 @@ Departures from the paper:
   rollouts anywhere in the logs (as GRPO's); ``expert_data`` mixes the original expert
   demonstrations into every learning batch (``expert_share`` of it), a rehearsal against drifting
   away from what imitation learned (DAgger-style aggregation with the initial dataset).
+* ``failure_starts`` (beyond the paper): before each round's guided collection the policy drives the
+  round's scenarios once unguided (an ordinary sample at the evaluation temperature, the same seeds
+  and start: ``probe_failures``); where it has an at-fault collision or leaves the road, that
+  scenario's guided rollout starts ``failure_lead_s`` before the incident instead (``crop_log``: the
+  logged situation there, then the usual warm-up), so the demonstrations cover the moments the
+  policy fails rather than the uneventful stretches it already drives like the expert (LOG).
 * ``guide`` < 1 (beyond the paper, DAgger's beta-mixture with the policy's own samples as the expert's
   stand-in): the executed plan is the closest candidate in only ``guide`` of the decisions; the recorded
   target is always the closest one.  With ``guide`` = 1 (default) the rollouts stay near the expert's
@@ -72,9 +78,18 @@ from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.registry.lineage import code_version
 from roadloop.sim import dynamics
-from roadloop.sim.datatypes import Scenario, SimState
+from roadloop.sim.batching import crop_log
+from roadloop.sim.datatypes import DT, Scenario, SimState
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
-from roadloop.train.grpo import decode_bev, evaluate_model, pick_scenarios, pick_start, rollout_steps
+from roadloop.train.grpo import (
+    crop_limit,
+    decode_bev,
+    evaluate_model,
+    first_incident,
+    pick_scenarios,
+    pick_start,
+    rollout_steps,
+)
 from roadloop.train.il import TokenizedDemos, load_expert_demos
 from roadloop.train.release import register_final
 from roadloop.train.run import adamw, begin_run, restore, start_post_training
@@ -101,6 +116,8 @@ class RoaDConfig:
     horizon_s: float = 2.0  # s, ADE horizon of the candidate / expert comparison
     max_steps: int | None = 80  # closed-loop steps per rollout incl. warm-up (None: the whole log)
     random_start: bool = False  # start each round's rollouts at a random point of the logs (as grpo.random_start)
+    failure_starts: bool = False  # restart the guided rollout of each scenario the unguided policy fails in a probe
+    failure_lead_s: float = 3.0  # s before the probe's first incident where that guided rollout starts
     select: str = "ade"  # "ade": closest candidate; "ade_reasoning": closest among grounded + consistent ones
     text_target: str = "own"  # "own": the committed candidate's text; "label": the CoC label of its plan
     guide: float = 1.0  # share of decisions that execute the closest candidate (else an ordinary sample), in [0, 1]
@@ -135,7 +152,7 @@ class RoaDConfig:
         for name in ("rounds", "eval_every", "max_scenarios", "eval_scenarios"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"road.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("temperature", "lr", "grad_clip", "horizon_s"):
+        for name in ("temperature", "lr", "grad_clip", "horizon_s", "failure_lead_s"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ConfigError(f"road.{name} must be > 0, got {v}")
@@ -145,6 +162,9 @@ class RoaDConfig:
             raise ConfigError(f"road.replan_every must be in [1, 64], got {self.replan_every}")
         if self.max_steps is not None and self.max_steps < 2:
             raise ConfigError(f"road.max_steps must be >= 2 or None, got {self.max_steps}")
+        if self.failure_starts and self.max_steps is None:
+            raise ConfigError("road.failure_starts restarts rollouts of max_steps steps shortly before the probe's "
+                              "incidents: set max_steps (it is None: whole logs)")
         if self.select not in SELECT_MODES:
             raise ConfigError(f"road.select must be one of {', '.join(SELECT_MODES)}, got '{self.select}'")
         if self.text_target not in TEXT_TARGETS:
@@ -398,6 +418,42 @@ def collect_guided(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
 
 
 @torch.no_grad()
+def probe_failures(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: RoaDConfig,
+                   start: int | None = None) -> torch.Tensor:
+    """(S,) int64 log step of the first at-fault collision or off-road of each scenario when the policy drives
+    it unguided (``VLAPolicy`` at ``eval_temperature`` / ``eval_top_p``, one rollout per scenario with
+    ``seeds`` (S,), ``start`` and ``max_steps`` as the guided collection), -1 where it has none; a pure
+    function of (weights, scenarios, seeds, cfg, start)."""
+    from roadloop.policies.vla.policy import VLAPolicy
+    from roadloop.rollout import RolloutConfig, rollout
+    from roadloop.sim.batching import collate
+
+    batch = collate(scenarios)
+    T = rollout_steps(scenarios, batch.num_steps, cfg.max_steps, start)
+    pol = VLAPolicy(model, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, version="road-probe")
+    ro = rollout(pol, batch, seeds, RolloutConfig(replan_every=cfg.replan_every, max_steps=T, warmup=start))
+    return first_incident(ro)
+
+
+def failure_crops(scenarios: list[Scenario], incident: torch.Tensor, cfg: RoaDConfig,
+                  start: int | None) -> tuple[list[Scenario], int]:
+    """The round's scenarios for ``failure_starts``: each one with a probe incident (``incident`` (S,) log
+    steps, -1 for none) cut ``failure_lead_s`` before it (less its warm-up), the others cut where the
+    round's ``start`` would engage the policy; all to be driven from their own warm-up (start None).
+    Returns (scenarios, number restarted before an incident)."""
+    lead = round(cfg.failure_lead_s / DT)
+    w0 = max(sc.meta.warmup_steps for sc in scenarios)
+    out, n = [], 0
+    for sc, t in zip(scenarios, incident.tolist(), strict=True):
+        if t >= 0:
+            want, n = t - lead - sc.meta.warmup_steps, n + 1
+        else:
+            want = 0 if start is None else start - w0
+        out.append(crop_log(sc, min(max(want, 0), crop_limit(sc, int(cfg.max_steps)))))
+    return out, n
+
+
+@torch.no_grad()
 def demo_loss(model: VLAModel, demos: RoaDDemos, action_weight: float, chunk: int = 256) -> float:
     """Mean imitation loss of ``model`` (eval mode) over ``demos``."""
     was = model.training
@@ -474,11 +530,19 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
             picks = pick_scenarios(len(pool), cfg.scenarios_per_round, cfg.seed, rnd)
             seeds = (cfg.seed * 1_000_003 + rnd) * 65_536 + torch.arange(len(picks), dtype=torch.int64)
             picked = [pool[i] for i in picks]
-            g = collect_guided(model, picked, seeds, cfg, pick_start(picked, cfg, rnd))
+            start = pick_start(picked, cfg, rnd)
+            probe_m: dict[str, float] = {}
+            if cfg.failure_starts:
+                inc = probe_failures(model, picked, seeds, cfg, start)
+                picked, n_fail = failure_crops(picked, inc, cfg, start)
+                start = None
+                probe_m = {"road/probe_incident_rate": float((inc >= 0).float().mean()),
+                           "road/failure_starts": float(n_fail)}
+            g = collect_guided(model, picked, seeds, cfg, start)
             if cfg.aggregate:
                 atomic_write_bytes(demo_dir / f"round-{rnd:04d}.npz", g.demos.to_bytes())
             data = RoaDDemos.cat(past + [g.demos]) if cfg.aggregate else g.demos
-            m = dict(g.metrics)
+            m = {**g.metrics, **probe_m}
             m["road/loss_before"] = demo_loss(model, g.demos, cfg.action_weight)
             tl = time.perf_counter()
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + rnd)
@@ -562,4 +626,5 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
 
 
 __all__ = ["RECORD_MODES", "SELECT_MODES", "TEXT_TARGETS", "ClosestOfK", "GuidedRollouts", "RoaDConfig", "RoaDDemos",
-           "RoaDResult", "choose_candidate", "collect_guided", "demo_loss", "train_road"]
+           "RoaDResult", "choose_candidate", "collect_guided", "demo_loss", "failure_crops", "probe_failures",
+           "train_road"]
