@@ -405,13 +405,14 @@ class IncidentReplay:
         offsets = []
         for k, i in enumerate(picks):
             sc = pool[i]
+            hi = crop_limit(sc, cfg.max_steps)
             if k < n_rep:
                 want = drawn[k][1] - lead - sc.meta.warmup_steps
             elif cfg.random_start:
-                want = int(torch.randint(0, crop_limit(sc, cfg.max_steps) + 1, (1,), generator=g))
+                want = int(torch.randint(0, hi + 1, (1,), generator=g))
             else:
                 want = 0
-            offsets.append(min(max(want, 0), crop_limit(sc, cfg.max_steps)))
+            offsets.append(min(max(want, 0), hi))
         return picks, offsets, n_rep
 
     def add(self, gb: GroupBatch, picks: list[int], offsets: list[int]) -> int:
