@@ -514,3 +514,31 @@ def test_register_candidate_for_trainers(store, tmp_path):
     assert (d / "lineage.json").is_file() and (d / mv.lineage["evaluations"][0]["file"]).is_file()
     assert json.loads((d / "manifest.json").read_text())["files"].keys() == {
         "config.json", "model.safetensors", "lineage.json", mv.lineage["evaluations"][0]["file"]}
+
+
+def test_seed_independent_policy_is_driven_once_per_scenario(monkeypatch):
+    """The expert draws nothing at random, so a matrix over two seeds drives each scenario once and the second
+    seed's rollouts are the first's relabelled: the same report as driving both."""
+    import dataclasses
+
+    import roadloop.eval.evaluate as ev
+    from roadloop.policies import get_policy
+    from roadloop.registry.matrix import MatrixConfig, MatrixSuite, evaluate_matrix
+    from roadloop.testing.scenes import lead_vehicle_scene, red_light_scene
+
+    suite = MatrixSuite("tiny", "h", [lead_vehicle_scene(num_steps=40), red_light_scene(num_steps=40)])
+    cfg = MatrixConfig(seeds=[0, 3])
+    calls = []
+    real = ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(k["seed"]) or real(*a, **k))
+    expert = get_policy("expert")
+    assert expert.seed_independent
+    fast = evaluate_matrix(expert, cfg, [suite])
+    assert calls == [0]
+    expert.seed_independent = False  # the same policy driven for every seed
+    slow = evaluate_matrix(expert, cfg, [suite])
+    assert calls == [0, 0, 3]
+    rows = lambda rep: [json.dumps(dataclasses.asdict(r), sort_keys=True) for r in rep.rollouts]  # NaN-equal
+    assert rows(fast) == rows(slow)
+    assert {r.seed for r in fast.rollouts} == {0, 3} and any("#3@expert" in r.rollout_id for r in fast.rollouts)
+    assert fast.overall["score"] == slow.overall["score"]

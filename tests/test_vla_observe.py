@@ -260,3 +260,37 @@ def test_map_channels_match_reference():
         for ch in ("centreline", "crosswalk", "junction", "speed_limit"):
             assert (got[ch] == ref[ch]).float().mean() >= 0.999
     assert (seen > 0).all()  # the comparison covered lanes, crosswalks and intersections
+
+
+def _quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The storage format's definition on whole tensors: (uint8 levels, decoded floats)."""
+    from roadloop.policies.vla.observe import SIGNED_CHANNELS
+
+    signed = torch.zeros(x.shape[-3], dtype=torch.bool)
+    signed[list(SIGNED_CHANNELS)] = True
+    signed = signed.view(-1, 1, 1)
+    q = torch.where(signed, (x.clamp(-1, 1) + 1.0) * 127.5, x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+    deq = torch.addcdiv(torch.where(signed, -1.0, 0.0).float(), q.float(), torch.where(signed, 127.5, 255.0).float())
+    return q, deq
+
+
+def test_raster_quantisation_is_the_storage_format_bit_for_bit():
+    """encode / decode / the policy's in-place quantize_raster give exactly the values the demonstrations store
+    and decode (every level of every channel; exact half levels, out-of-range values and -0.0 included)."""
+    from roadloop.policies.vla.observe import decode_raster, encode_raster, quantize_raster
+
+    C = len(CHANNELS)
+    q_all = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(C, 4, 256).contiguous()
+    assert torch.equal(decode_raster(q_all), _quantize_reference(decode_raster(q_all))[1])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, C, 16, 64, generator=g) * 0.7
+    x[0, 0, :, 0] = (torch.arange(64) + 0.5) / 255.0  # ties of the unsigned rounding
+    x[0, 0, :, 1] = (torch.arange(64) + 0.5) / 127.5 - 1.0  # ties of the signed one
+    x[0, 0, :, 2, :3] = torch.tensor([-0.0, 5.0, -5.0])
+    ref_q, ref_deq = _quantize_reference(x)
+    x0 = x.clone()
+    assert torch.equal(encode_raster(x), ref_q) and torch.equal(x, x0)  # encode leaves its input alone
+    assert torch.equal(decode_raster(ref_q), ref_deq)
+    deq, q = quantize_raster(x, keep_uint8=True)
+    assert torch.equal(q, ref_q) and torch.equal(deq, ref_deq) and deq.data_ptr() == x.data_ptr()
+    assert quantize_raster(x0.clone())[1] is None

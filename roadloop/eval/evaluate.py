@@ -184,6 +184,18 @@ def evaluate(policy: Policy, scenarios: list[Scenario], *, suite_name: str = "",
     return rep, kept
 
 
+def reseeded(report: EvalReport, seed: int) -> EvalReport:
+    """``report`` as the evaluation with ``seed`` would be for a policy whose rollouts do not depend on the seed
+    (``Policy.seed_independent``): the same rollouts and statistics, each rollout's seed and id set to ``seed``."""
+    from dataclasses import replace
+
+    from roadloop.eval.replay import rollout_id
+
+    rolls = [replace(r, seed=seed, rollout_id=rollout_id(r.scenario_id, seed, r.rollout_id.split("@", 1)[1]))
+             for r in report.rollouts]
+    return replace(report, seed=seed, rollouts=rolls, seconds=0.0)
+
+
 def write_json(report: EvalReport, path: str) -> None:
     from roadloop.io import atomic_write_text, json_clean
 

@@ -78,6 +78,9 @@ class Policy:
     version: str = "0"
     replan_every: int = 1  # preferred decision period in 0.1 s steps (evaluation default)
     writes_coc: bool = False  # its reasoning is Chain-of-Causation text, graded for grounding and consistency
+    # it draws nothing at random (``reset`` ignores the seeds): a scenario's rollout is the same for every seed, so
+    # an evaluation over several seeds drives it once (``roadloop.registry.matrix.evaluate_matrix``)
+    seed_independent: bool = False
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         """Called once per rollout batch with the initial state and one seed (B,) per rollout."""

@@ -196,6 +196,7 @@ class RouteIDM(Policy):
 
     name = "route-idm"
     version = "1"
+    seed_independent = True  # no sampling: seeds do not change a rollout
 
     def __init__(self, params: IDMParams | None = None):
         p = params or IDMParams(T=1.5, s0=2.5, a_max=1.5, b_comf=3.0)

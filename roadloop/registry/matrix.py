@@ -1,5 +1,7 @@
 """The validation matrix the gates judge: every family of the declared suites (``val`` and ``sumo-real-val`` by
-default), each scenario rolled out once per seed, merged into one ``EvalReport``.
+default), each scenario rolled out once per seed, merged into one ``EvalReport``.  A policy whose rollouts do not
+depend on the seed (``Policy.seed_independent``: the expert, ``route-idm``) drives each scenario once; the other
+seeds' rollouts are the same ones (``evaluate.reseeded``).
 
 The merged report's ``per_family`` is the matrix (procedural families and one ``sumo_<network>`` family per
 real network); ``extra["maps"]`` counts rollouts per map (``procedural`` or the SUMO network name, from the
@@ -125,7 +127,7 @@ def merge_reports(reports: list[EvalReport], suite: str, suite_hash: str, extra:
 def evaluate_matrix(policy, cfg: MatrixConfig, suites: list[MatrixSuite] | None = None,
                     on_batch: Callable[[int], None] | None = None) -> EvalReport:
     """Roll ``policy`` out on every suite x seed of the matrix; one merged report (module docstring)."""
-    from roadloop.eval.evaluate import evaluate
+    from roadloop.eval.evaluate import evaluate, reseeded
     from roadloop.rollout import RolloutConfig
 
     suites = load_matrix(cfg) if suites is None else suites
@@ -141,9 +143,16 @@ def evaluate_matrix(policy, cfg: MatrixConfig, suites: list[MatrixSuite] | None 
     reports = []
     maps: Counter = Counter()
     for s in suites:
+        first = None
         for seed in cfg.seeds:
-            rep, _ = evaluate(policy, s.scenarios, suite_name=s.name, suite_hash=s.content_hash, seed=int(seed),
-                              batch_size=cfg.batch_size, cfg=RolloutConfig(replan_every=every), on_batch=on_batch)
+            if first is not None and getattr(policy, "seed_independent", False):
+                rep = reseeded(first, int(seed))  # the same rollouts: drive them once
+                if on_batch:
+                    on_batch(len(s.scenarios))
+            else:
+                rep, _ = evaluate(policy, s.scenarios, suite_name=s.name, suite_hash=s.content_hash, seed=int(seed),
+                                  batch_size=cfg.batch_size, cfg=RolloutConfig(replan_every=every), on_batch=on_batch)
+                first = rep
             reports.append(rep)
             maps.update(map_of(sc.meta) for sc in s.scenarios)
     key = matrix_key(cfg, suites)

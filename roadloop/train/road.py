@@ -253,7 +253,7 @@ class ClosestOfK(Policy):
 
     @torch.no_grad()
     def act(self, obs: Observation) -> PolicyOutput:
-        from roadloop.policies.vla.observe import decode_raster, encode_raster
+        from roadloop.policies.vla.observe import quantize_raster
         from roadloop.policies.vla.policy import observation_tensors
 
         state = obs.state
@@ -264,8 +264,8 @@ class ClosestOfK(Policy):
         expert_xy = expert_out.plan_xy  # (B, 64, 2)
         frames = list(obs.recent[-self.raster.frames:]) or [state]
         inputs = observation_tensors(frames, obs, self.raster)
-        bev_q = encode_raster(inputs["bev"])  # the model sees the uint8-quantised raster, as VLAPolicy
-        inputs["bev"] = decode_raster(bev_q)
+        # the model sees the uint8-quantised raster, as VLAPolicy; bev_q is what is recorded
+        inputs["bev"], bev_q = quantize_raster(inputs["bev"], keep_uint8=True)
         rep = {key: v.repeat_interleave(K, 0) for key, v in inputs.items()}
         was = self.model.training
         self.model.eval()

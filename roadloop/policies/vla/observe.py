@@ -403,27 +403,64 @@ def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None) -
 SIGNED_CHANNELS = (CH["lane_cos"], CH["lane_sin"])  # stored as round(127.5 (x + 1))
 
 
-def _signed_mask(n_ch: int) -> torch.Tensor:
-    m = torch.zeros(n_ch, dtype=torch.bool)
-    m[list(SIGNED_CHANNELS)] = True
-    return m.view(n_ch, 1, 1)
+def _channel_runs(n_ch: int) -> list[tuple[int, int, bool]]:
+    """Contiguous channel ranges ``(start, stop, signed)`` of an ``n_ch``-channel raster."""
+    runs, c = [], 0
+    while c < n_ch:
+        signed = c in SIGNED_CHANNELS
+        e = c
+        while e < n_ch and (e in SIGNED_CHANNELS) == signed:
+            e += 1
+        runs.append((c, e, signed))
+        c = e
+    return runs
+
+
+def raster_levels_(x: torch.Tensor) -> torch.Tensor:
+    """In place: (..., C, H, W) float raster -> its uint8 levels as floats (``encode_raster`` before the cast):
+    ``round(255 clamp(x, 0, 1))``, lane_cos / lane_sin ``round(127.5 (clamp(x, -1, 1) + 1))``.  Returns ``x``.
+    A few in-place passes over channel slices: the rollout's hot path quantises every decision's raster."""
+    for a, b, signed in _channel_runs(x.shape[-3]):
+        v = x[..., a:b, :, :]
+        if signed:
+            v.clamp_(-1.0, 1.0).add_(1.0).mul_(127.5)
+        else:
+            v.clamp_(0.0, 1.0).mul_(255.0)
+    return x.round_()
+
+
+def levels_to_raster_(q: torch.Tensor) -> torch.Tensor:
+    """In place: float uint8 levels (..., C, H, W) -> raster values, ``q / 255`` and ``q / 127.5 - 1`` (signed).
+    Returns ``q``."""
+    for a, b, signed in _channel_runs(q.shape[-3]):
+        v = q[..., a:b, :, :]
+        if signed:
+            v.div_(127.5).sub_(1.0)
+        else:
+            v.div_(255.0)
+    return q
 
 
 def encode_raster(x: torch.Tensor) -> torch.Tensor:
     """(..., C, H, W) float in [0, 1] ([-1, 1] for lane_cos / lane_sin) -> uint8: channels in [0, 1]
-    as ``round(255 x)``, lane_cos / lane_sin as ``round(127.5 (x + 1))``."""
-    signed = _signed_mask(x.shape[-3])
-    q = torch.where(signed, (x.clamp(-1, 1) + 1.0) * 127.5, x.clamp(0, 1) * 255.0)
-    return q.round().to(torch.uint8)
+    as ``round(255 x)``, lane_cos / lane_sin as ``round(127.5 (x + 1))``.  ``x`` is left as it is."""
+    return raster_levels_(x.float().clone()).to(torch.uint8)
 
 
 def decode_raster(q: torch.Tensor) -> torch.Tensor:
     """uint8 (..., C, H, W) -> float32, the inverse of ``encode_raster`` (error <= 1/255; a signed 0
-    comes back as +1/255).  ``VLAPolicy`` passes its live raster through encode + decode too, so
-    the model sees exactly the values it was trained on (demonstrations are stored as uint8)."""
-    signed = _signed_mask(q.shape[-3])
-    div = torch.where(signed, 127.5, 255.0).float()
-    return torch.addcdiv(torch.where(signed, -1.0, 0.0).float(), q.float(), div)  # one fused pass, 255 -> 1 exactly
+    comes back as +1/255).  ``VLAPolicy`` passes its live raster through the same quantisation
+    (``quantize_raster``), so the model sees exactly the values it was trained on (demonstrations are
+    stored as uint8)."""
+    return levels_to_raster_(q.float())
+
+
+def quantize_raster(x: torch.Tensor, keep_uint8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(decode_raster(encode_raster(x)), encode_raster(x) if keep_uint8 else None)``, computed in place in
+    ``x`` (a float32 raster the caller owns, e.g. fresh from ``render_bev``), bit for bit the same values."""
+    levels = raster_levels_(x)
+    q = levels.to(torch.uint8) if keep_uint8 else None
+    return levels_to_raster_(levels), q
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,6 +583,14 @@ def _bench() -> None:
         for _ in range(5):
             render_bev(hist)
         print(f"B={B} agents={st.num_agents}: {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms per render_bev")
+        x = render_bev(hist)
+        for name, f in (("quantize_raster (in place, with a copy)", lambda r: quantize_raster(r.clone(), True)),
+                        ("encode_raster + decode_raster", lambda r: decode_raster(encode_raster(r)))):
+            f(x)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                f(x)
+            print(f"B={B}: {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms per {name}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,8 @@ from roadloop.policies.vla.model import VLAModel, check_greedy_actions, load_che
 from roadloop.policies.vla.observe import (
     RasterConfig,
     command_index,
-    decode_raster,
     ego_history_features,
-    encode_raster,
+    quantize_raster,
     render_bev,
     route_command,
 )
@@ -93,8 +92,8 @@ class VLAPolicy(Policy):
             self.reset(state, torch.zeros(B, dtype=torch.int64))
         frames = list(obs.recent[-self.raster.frames:]) or [state]
         inputs = observation_tensors(frames, obs, self.raster)
-        bev_q = encode_raster(inputs["bev"])  # the uint8 values the model was trained on (demonstrations)
-        inputs["bev"] = decode_raster(bev_q)
+        # the uint8 values the model was trained on (demonstrations); the uint8 raster itself only for the trace
+        inputs["bev"], bev_q = quantize_raster(inputs["bev"], keep_uint8=self.record)
         text, acts, lp_text, lp_act = self.model.sample(inputs, self.temperature, self.top_p, self._gens,
                                                              self.greedy_actions)
         if self.record:
