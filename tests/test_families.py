@@ -405,3 +405,25 @@ def test_roundabout(seed):
     assert sum(junction[int(x)] for x in s.route.lanes) >= 2  # ego drives through the roundabout
     rad = np.linalg.norm(lane_xy(s, start), axis=1)
     assert 15.0 - 1e-3 <= rad.mean() <= 25.0 + 1e-3
+
+
+def test_expert_yield_gap_is_cached_per_scenario_batch():
+    """The expert's gap to the next junction entry / crosswalk: the static part is computed once a
+    rollout, recomputed for another batch even without a reset, and equal to a fresh expert's."""
+    from roadloop.policies.expert import Expert
+    from roadloop.sim.batching import collate
+    from roadloop.sim.config import SimConfig
+    from roadloop.sim.state import init_state
+
+    def state(name: str):
+        return init_state(collate([raw(name, s) for s in range(2)]), SimConfig())
+
+    a, b = state("pedestrian_crossing"), state("intersection_protected")
+    ex = Expert()
+    ex.reset(a, torch.zeros(2, dtype=torch.int64))
+    ga = ex._junction_gap(a)
+    assert ex._junction_gap(a) is not ga and torch.equal(ex._junction_gap(a), ga)  # cached static part
+    assert bool(torch.isfinite(ga).all())  # a crosswalk ahead on every route
+    gb = ex._junction_gap(b)  # another batch, no reset
+    assert torch.equal(gb, Expert()._junction_gap(b)) and bool(torch.isfinite(gb).all())
+    assert not torch.equal(ga, gb)

@@ -67,6 +67,7 @@ class Expert(Policy):
 
     name = "expert"
     version = "1"
+    seed_independent = True  # no sampling: seeds do not change a rollout
 
     def __init__(self, params: IDMParams | None = None, horizon: int = HORIZON):
         p = params or IDMParams(T=1.5, s0=2.5, a_max=1.5, b_comf=3.0)
@@ -87,6 +88,7 @@ class Expert(Policy):
         self._stopped = torch.zeros_like(state.static.scenario.route.stop_s, dtype=torch.bool)
         self._fc = None
         self._log_s = None
+        self._yield_pts = None
 
     # --- the logged ego trajectory ----------------------------------------------------------
     def _log_route_s(self, state: SimState) -> torch.Tensor:
@@ -231,30 +233,39 @@ class Expert(Policy):
             ps.append(s.present)
         return torch.stack(xs, 1), torch.stack(ys, 1), torch.stack(ps, 1)
 
-    def _junction_gap(self, state: SimState) -> torch.Tensor:
-        """Gap (B,) m from the ego front to the next junction entry or crosswalk on the route."""
+    def _yield_points(self, state: SimState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route points (B, M) bool where the ego must yield (a junction entry or a crosswalk) and the
+        junction mask (B, M): static per rollout, so computed once for each ``state.static``."""
         st = state.static
+        cached = getattr(self, "_yield_pts", None)
+        if cached is not None and cached[0] is st:
+            return cached[1], cached[2]
         sc = st.scenario
         route = sc.route
-        M = route.xy.shape[1]
-        ds = st.route_ds
         junc = sc.map.lane_is_junction.gather(1, route.lane_of_point.clamp_min(0)) & route.valid
-        entry = junc & ~torch.cat((junc[:, :1], junc[:, :-1]), 1)
-        s_pts = torch.arange(M).unsqueeze(0) * ds.unsqueeze(-1)
-        front = state.route_s + 0.5 * sc.agents.length[:, 0]
-        ahead = s_pts > front.unsqueeze(-1) + 0.5
-        in_junction = junc.gather(1, (state.route_s / ds).round().long().clamp(0, M - 1).unsqueeze(-1)).squeeze(-1)
-        g = torch.where(entry & ahead, s_pts - front.unsqueeze(-1), torch.full_like(s_pts, _INF)).amin(-1)
-        # crosswalks: first route point inside any crosswalk quad (axis test against its edges)
+        pts = junc & ~torch.cat((junc[:, :1], junc[:, :-1]), 1)  # junction entries
+        # crosswalks: route points inside any crosswalk quad (axis test against its edges)
         cw = sc.map.crosswalk_xy  # (B, C, 4, 2)
         if cw.shape[1] > 0:
             e = torch.roll(cw, -1, dims=2) - cw  # (B, C, 4, 2)
             rel = route.xy.unsqueeze(1).unsqueeze(3) - cw.unsqueeze(2)  # (B, C, M, 4, 2)
             cross = e.unsqueeze(2)[..., 0] * rel[..., 1] - e.unsqueeze(2)[..., 1] * rel[..., 0]
             inside = ((cross >= 0).all(-1) | (cross <= 0).all(-1)) & sc.map.crosswalk_valid.unsqueeze(-1)
-            inside = inside.any(1) & route.valid
-            gc = torch.where(inside & ahead, s_pts - front.unsqueeze(-1), torch.full_like(s_pts, _INF)).amin(-1)
-            g = torch.minimum(g, gc)
+            pts = pts | (inside.any(1) & route.valid)
+        self._yield_pts = (st, pts, junc)
+        return pts, junc
+
+    def _junction_gap(self, state: SimState) -> torch.Tensor:
+        """Gap (B,) m from the ego front to the next junction entry or crosswalk on the route."""
+        st = state.static
+        M = st.scenario.route.xy.shape[1]
+        ds = st.route_ds
+        pts, junc = self._yield_points(state)
+        s_pts = torch.arange(M).unsqueeze(0) * ds.unsqueeze(-1)
+        front = state.route_s + 0.5 * st.scenario.agents.length[:, 0]
+        ahead = s_pts > front.unsqueeze(-1) + 0.5
+        in_junction = junc.gather(1, (state.route_s / ds).round().long().clamp(0, M - 1).unsqueeze(-1)).squeeze(-1)
+        g = torch.where(pts & ahead, s_pts - front.unsqueeze(-1), torch.full_like(s_pts, _INF)).amin(-1)
         return torch.where(in_junction, torch.full_like(g, _INF), g)
 
     # --- act ------------------------------------------------------------------------------
