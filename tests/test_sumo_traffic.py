@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -155,8 +156,16 @@ def test_deterministic():
     from roadloop.sumo import traffic
 
     traffic._TRIPS_CACHE.clear()
+    traffic._TMP_DIR.clear()  # random trips in another temporary folder, as in another process
     b = build_sumo_suite(spec.path(spec.net), None, **args)
     assert [s.meta for s in a] == [s.meta for s in b] and len(a) == 3
+    # no machine- or process-specific path in the metadata: equal scenarios, equal content hashes
+    ex = dict(a[0].meta.extra)
+    assert ex["network_file"] == "$SUMO_HOME/tools/game/fkk_in/ingolstadt.net.xml.gz" and ex["routes"] == ""
+    from roadloop.sumo.cosim import CosimSpec
+
+    cs = CosimSpec.from_meta(a[0].meta)  # the co-simulation finds the files again
+    assert os.path.isfile(cs.net) and len(cs.routes) == 1 and os.path.isfile(cs.routes[0])
     for x, y in zip(a, b, strict=True):
         for (n1, t1), (_, t2) in zip(x.tensor_items(), y.tensor_items(), strict=True):
             assert torch.equal(t1, t2), n1

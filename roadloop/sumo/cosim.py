@@ -44,7 +44,14 @@ import torch
 from roadloop.errors import ScenarioError
 from roadloop.sim.backend import replace_agents
 from roadloop.sim.datatypes import DT, AgentType, ScenarioMeta, SimState
-from roadloop.sumo.traffic import INVALID_POS, SumoTrafficError, random_trips, sumo_command, sumo_home
+from roadloop.sumo.traffic import (
+    INVALID_POS,
+    SUMO_HOME_TAG,
+    SumoTrafficError,
+    random_trips,
+    sumo_command,
+    sumo_home,
+)
 
 REQUIRED = ("network_file", "vehicle", "sumo_time", "sumo_seed", "sumo_agents", "sumo_begin")
 TELEPORT = 8.0  # m per step: a longer jump starts a new front track (as in the recording)
@@ -61,8 +68,11 @@ def _traci():
 
 
 def _relocate(path: str) -> str:
-    """A SUMO file path from a scenario's metadata; files of the eclipse-sumo wheel
-    (``.../tools/game/...``) are found again under this machine's SUMO_HOME."""
+    """A SUMO file path from a scenario's metadata: ``$SUMO_HOME/...`` (``portable_path``) under
+    this machine's SUMO installation; an absolute path into an older eclipse-sumo wheel
+    (``.../tools/game/...``) found again under this machine's."""
+    if path.startswith(SUMO_HOME_TAG):
+        return os.path.join(sumo_home(), *path[len(SUMO_HOME_TAG):].split("/"))
     if not path or os.path.exists(path):
         return path
     key = os.sep + "tools" + os.sep + "game" + os.sep
@@ -102,7 +112,7 @@ class CosimSpec:
         if not os.path.isfile(net):
             raise ScenarioError(f"scenario '{meta.scenario_id}': SUMO network '{net}' not found")
         routes = tuple(_relocate(r) for r in ex.get("routes", "").split(",") if r)
-        if ex.get("random_trips") and not all(os.path.isfile(r) for r in routes):
+        if ex.get("random_trips") and (not routes or not all(os.path.isfile(r) for r in routes)):
             routes = (random_trips(net, **json.loads(ex["random_trips"])),)
         for r in routes:
             if not os.path.isfile(r):

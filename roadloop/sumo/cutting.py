@@ -24,7 +24,7 @@ from roadloop.sim.state import init_state
 from roadloop.sim.step import step
 from roadloop.sumo.crop import add_crop_to_builder, crop_network, lane_piece
 from roadloop.sumo.network import RoadNetwork
-from roadloop.sumo.traffic import Recording
+from roadloop.sumo.traffic import Recording, portable_path
 
 EGO_CLASSES = {"passenger", "private", "taxi", "evehicle", "hov"}
 MAX_STEP_JUMP = 6.0  # m per 0.1 s step: more is a teleport, not driving
@@ -314,15 +314,21 @@ def cut_scenario(rec: Recording, net: RoadNetwork, v: int, t0: int, *, seed: int
                           path_lanes=pl if (pl and path is not None) else None, desired_speed=desired)
     t_abs = rec.t_begin + t0 * 0.1
     ex = {k: net.meta[k] for k in META_KEYS if k in net.meta}
+    if "network_file" in ex:
+        ex["network_file"] = portable_path(ex["network_file"])
+    portable = lambda paths: ",".join(portable_path(q) for q in paths.split(",") if q)
+    # random trips live in a per-process temporary folder: the co-simulation regenerates them from
+    # their parameters (``random_trips``), and their path would make equal scenarios hash differently
+    routes = "" if rec.info.get("random_trips") else portable(rec.info.get("routes", ""))
     ex.update(sumo_version=rec.info.get("sumo_version", ""), vehicle=rec.ids[v], sumo_time=f"{t_abs:.1f}",
-              routes=rec.info.get("routes", ""), dropped_overlapping_agents=str(dropped),
+              routes=routes, dropped_overlapping_agents=str(dropped),
               sumo_seed=rec.info.get("seed", ""),
               # what the co-simulation (roadloop.sumo.cosim) needs to restart the same SUMO run:
               # SUMO ids of agents 1..A-1 in slot order, the run's begin time, additional files,
               # extra SUMO options and, for random trips, their randomTrips.py parameters
               sumo_agents=json.dumps([rec.ids[int(sel[i])] for i in kept[1:]]),
               sumo_begin=rec.info.get("begin", "0.0"), sumo_record_begin=f"{rec.t_begin:.1f}",
-              sumo_additional=rec.info.get("additional", ""),
+              sumo_additional=portable(rec.info.get("additional", "")),
               sumo_extra_args=rec.info.get("extra_args", "[]"), random_trips=rec.info.get("random_trips", ""))
     ex.update(extra or {})
     tag = f"sumo-{name}" if not seed else f"sumo-{name}-s{int(seed)}"  # other seeds: same vehicle ids, new traffic

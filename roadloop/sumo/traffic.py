@@ -48,6 +48,20 @@ def sumo_home() -> str:
     return sumo.SUMO_HOME
 
 
+SUMO_HOME_TAG = "$SUMO_HOME/"
+
+
+def portable_path(path: str) -> str:
+    """``path`` as scenario metadata stores it: a file of the SUMO installation as
+    ``$SUMO_HOME/...`` (the same on every machine, so scenario content hashes are too), any other
+    file as given.  ``roadloop.sumo.cosim`` resolves it again."""
+    if not path:
+        return path
+    home = os.path.abspath(sumo_home())
+    full = os.path.abspath(path)
+    return SUMO_HOME_TAG + os.path.relpath(full, home).replace(os.sep, "/") if full.startswith(home + os.sep) else path
+
+
 def _libsumo():
     try:
         import libsumo
