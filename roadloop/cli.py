@@ -927,15 +927,16 @@ def _print_gates(run) -> None:
 
 @app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 @friendly
-def demo_cmd(overrides: list[str] = typer.Argument(None, help="Config overrides key=value, e.g. grpo.iterations=20 "
-                                                 "il.time_limit_min=5 (see roadloop/configs/demo.yaml)."),
+def demo_cmd(overrides: list[str] = typer.Argument(None, help="Config overrides key=value, e.g. road.rounds=8 "
+                                                 "post=[road,grpo] (see roadloop/configs/demo.yaml)."),
              out: Path = typer.Option(Path("roadloop-demo"), "--out", help="Where everything goes (suites, data, "
                                       "runs, MLflow store, registry, report); a re-run reuses what is there."),
              quick: bool = typer.Option(False, "--quick", help="Toy-sized run of every stage (a couple of minutes; "
                                         "for CI and a first look, its numbers mean nothing)."),
              config: list[Path] = typer.Option(None, "--config", help="YAML config file(s) merged in order.")) -> None:
-    """The whole loop in one command: suites, expert demonstrations, imitation, closed-loop GRPO, evaluation,
-    gates, promotion and an HTML report (about 15 minutes on a 2-core laptop)."""
+    """The whole loop in one command: suites, expert demonstrations, imitation, closed-loop post-training (RoaD;
+    GRPO with post=[road,grpo]), evaluation, gates, promotion and an HTML report (about 15 minutes on a 2-core
+    laptop)."""
     from roadloop.demo import Hooks, load_demo_config, run_demo
 
     cfg = load_demo_config(list(overrides or []) + [f"out={out}"], quick=quick, files=list(config or []))

@@ -1,5 +1,5 @@
 """``roadloop demo``: the whole loop at toy size (``--quick``), its re-run reuse, its stage bookkeeping
-and its config errors.  Real components throughout: scenario generation, expert, IL and GRPO
+and its config errors.  Real components throughout: scenario generation, expert, IL, RoaD and GRPO
 training, MLflow on SQLite, the registry and its gates, the HTML report."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from roadloop.demo import _fresh, _mark, changed_outcomes, load_demo_config
 from roadloop.errors import ConfigError
 from roadloop.eval.evaluate import EvalReport, RolloutSummary
 
-STAGES = ["scenario suites", "expert demonstrations", "imitation pre-training", "closed-loop GRPO",
-          "evaluation on held-out scenarios", "gates and promotion", "report"]
+# --quick runs both post-training methods (post: [road, grpo]); the full demo RoaD only
+STAGES = ["scenario suites", "expert demonstrations", "imitation pre-training", "RoaD (rollouts as demonstrations)",
+          "closed-loop GRPO", "evaluation on held-out scenarios", "gates and promotion", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def test_demo_quick_runs_every_stage(quick_demo):
     assert first["policies"]["expert"]["collision_at_fault_rate"] == 0.0
     # everything lives under --out
     for p in ("suites/demo-train/suite.json", "suites/demo-val/suite.json", "data/train/manifest.json",
-              "runs/il/final/model.safetensors", "runs/grpo/final/model.safetensors", "home/mlflow.db",
+              "runs/il/final/model.safetensors", "runs/road/final/model.safetensors",
+              "runs/grpo/final/model.safetensors", "home/mlflow.db",
               "home/registry.db", "report/index.html"):
         assert (out / p).is_file(), p
     html = (out / "report" / "index.html").read_text()
@@ -84,7 +86,7 @@ def test_demo_registry_and_gates(quick_demo, monkeypatch):
 def test_demo_rerun_reuses_everything(quick_demo):
     _, first, second = quick_demo
     reused = {s["name"]: s["reused"] for s in second["stages"]}
-    for name in STAGES[:5]:
+    for name in STAGES[:6]:
         assert reused[name], f"stage '{name}' was rebuilt on a re-run"
     if not first["gate"]["promoted"]:  # the recorded refusal stands: not gated (nor audited) again
         assert reused["gates and promotion"] and second["gate"]["results"] == first["gate"]["results"]
@@ -104,7 +106,7 @@ def test_demo_copied_folder_reuses_its_training_stages(quick_demo, tmp_path):
     r = CliRunner().invoke(app, ["--threads", "1", "demo", "--quick", "--out", str(copy)])
     assert r.exit_code == 0, r.output + repr(r.exception)
     reused = {s["name"]: s["reused"] for s in json.loads((copy / "summary.json").read_text())["stages"]}
-    assert all(reused[n] for n in STAGES[:4]), reused
+    assert all(reused[n] for n in STAGES[:5]), reused
 
 
 def test_demo_config_errors(tmp_path):
@@ -112,6 +114,10 @@ def test_demo_config_errors(tmp_path):
         load_demo_config(["train_per_family=0"])
     with pytest.raises(ConfigError, match="nope"):
         load_demo_config(["nope=1"])
+    for post in ("[]", "[ppo]", "[road,road]"):
+        with pytest.raises(ConfigError, match="demo.post"):
+            load_demo_config([f"post={post}"])
+    assert load_demo_config().post == ["road"] and load_demo_config(quick=True).post == ["road", "grpo"]
     r = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "x"), "eval_seeds=[]"])
     assert r.exit_code != 0 and "eval_seeds" in r.output
     assert not (tmp_path / "x" / "suites").exists()  # refused before any work

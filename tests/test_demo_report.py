@@ -356,3 +356,32 @@ def test_verdict_uses_paired_intervals_when_rollouts_pair_up(data: DemoReportDat
     assert tone == "same" and s.startswith("Post-training changed nothing beyond noise: it left the share")
     assert "unchanged at 60.0%; within noise (paired 95% interval holds 0): the score 0.320 → 0.312 (" in s
     assert paired_change(before, _paired_report(base, [0] * 5, [0] * 5, [0.0] * 5), lambda m: m["score"]) is None
+
+
+def _with_reasoning(rep: EvalReport, consistency: list[float], grounding: list[float]) -> EvalReport:
+    rows = [dataclasses.replace(r, metrics={**r.metrics, "reasoning_consistency": c, "reasoning_grounding": g})
+            for r, c, g in zip(rep.rollouts, consistency, grounding, strict=True)]
+    n = len(rows)
+    overall = {**rep.overall, "reasoning_consistency": Stat(sum(consistency) / n, (0.0, 1.0), n),
+               "reasoning_grounding": Stat(sum(grounding) / n, (0.0, 1.0), n)}
+    return dataclasses.replace(rep, rollouts=rows, overall=overall)
+
+
+def test_verdict_names_a_rate_or_the_reasoning_only_beyond_noise(data: DemoReportData):
+    """Off-road, at-fault collisions, consistency and grounding are named where their own paired interval excludes 0,
+    also when the incident share moved within noise; within noise they are left unsaid."""
+    base = data.reports["imitation"]
+    # 20 rollouts that collided and left the road now only collide: the incident share and the collisions level
+    before = _paired_report(base, [1] * 20 + [0] * 80, [1] * 30 + [0] * 70, [0.0] * 30 + [0.7] * 70)
+    after = _paired_report(base, [1] * 20 + [0] * 80, [0] * 20 + [1] * 10 + [0] * 70, [0.0] * 30 + [0.7] * 70)
+    before = _with_reasoning(before, [0.6] * 100, [0.7] * 100)
+    after = _with_reasoning(after, [0.6] * 40 + [0.9] * 60, [0.7] * 99 + [0.6])
+    s, tone = demo_verdict(dataclasses.replace(data, reports={"imitation": before, "post-trained": after}))
+    assert tone == "good" and "cut off-road from 30.0% to 10.0% (paired change -20.0 pp ± " in s
+    assert "raised reasoning consistency from 0.600 to 0.780 (paired change +0.180 ± " in s
+    assert "left the share of rollouts with an at-fault collision or off-road unchanged at 30.0%" in s
+    assert "grounding from" not in s and "at-fault collisions" not in s  # within noise / unchanged: unsaid
+    # the reasoning got worse beyond noise while the driving got better: mixed
+    worse = _with_reasoning(after, [0.6] * 100, [0.3] * 60 + [0.7] * 40)
+    s, tone = demo_verdict(dataclasses.replace(data, reports={"imitation": before, "post-trained": worse}))
+    assert tone == "mixed" and " but lowered grounding from 0.700 to 0.460 (paired change -0.240 ± " in s

@@ -250,7 +250,10 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
     and the mean AlpaSim score.  A change that vanishes at the displayed precision (0.1% / 0.001) counts
     as unchanged.  When both reports hold per-rollout records of the same (scenario, seed) pairs, each
     change comes with its paired 95% interval (``paired_change``), and a change whose interval holds 0 is
-    called within noise and does not set the tone."""
+    called within noise and does not set the tone; then the at-fault collision and off-road rates, the
+    reasoning consistency and the grounding are also named where their own paired interval excludes 0
+    (safer on one kind of incident, or reasoning better or worse, even when the share of incidents moved
+    within noise), and left unsaid otherwise."""
     b, c = data.reports.get(data.baseline), data.reports.get(data.candidate)
     if b is None or c is None or data.baseline == data.candidate:
         return ("No before/after comparison: the baseline and the candidate must be two different evaluated "
@@ -259,14 +262,17 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
     noise: list[str] = []
 
     def judge(label: str, kind: str, vb: float, vc: float, value: Callable, verbs: tuple[str, str],
-              rel: bool = False) -> None:
+              rel: bool = False, secondary: bool = False) -> None:
         if not (_fin(vb) and _fin(vc)):
             return
         fb, fc = _fmt(vb, kind), _fmt(vc, kind)
         if fb == fc:
-            parts.append((0, f"left {label} unchanged at {fb}"))
+            if not secondary:
+                parts.append((0, f"left {label} unchanged at {fb}"))
             return
         pc = paired_change(b, c, value)
+        if secondary and (pc is None or abs(pc[0]) <= pc[1]):
+            return  # named only when beyond noise
         if pc is not None and abs(pc[0]) <= pc[1]:
             noise.append(f"{label} {fb} → {fc}")
             return
@@ -282,10 +288,15 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
     ib, ic = incident_rate(b), incident_rate(c)
     judge(INCIDENTS, "rate", ib, ic, metric_value("incident"), ("cut", "raised"), rel=True)
     cb, cc = _mean(b, "collision_at_fault"), _mean(c, "collision_at_fault")
-    if _fin(ib) and _fin(ic) and _fin(cb) and _fin(cc) and (cc > cb) == (ic < ib) \
-            and _fmt(cb, "rate") != _fmt(cc, "rate"):  # at-fault collisions moved against the incident share
-        judge("at-fault collisions", "rate", cb, cc, metric_value("collision_at_fault"), ("cut", "raised"))
+    against = (_fin(ib) and _fin(ic) and _fin(cb) and _fin(cc) and (cc > cb) == (ic < ib)
+               and _fmt(cb, "rate") != _fmt(cc, "rate"))  # at-fault collisions moved against the incident share
+    judge("at-fault collisions", "rate", cb, cc, metric_value("collision_at_fault"), ("cut", "raised"),
+          secondary=not against)
+    judge("off-road", "rate", _mean(b, "offroad"), _mean(c, "offroad"), metric_value("offroad"), ("cut", "raised"),
+          secondary=True)
     judge("the score", "score", _mean(b, "score"), _mean(c, "score"), metric_value("score"), ("lowered", "raised"))
+    for key, label in (("reasoning_consistency", "reasoning consistency"), ("reasoning_grounding", "grounding")):
+        judge(label, "score", _mean(b, key), _mean(c, key), metric_value(key), ("lowered", "raised"), secondary=True)
     if not parts and not noise:
         return (f"No before/after comparison: {data.candidate} or {data.baseline} has no finite score or "
                 "incident rate.", "none")
@@ -511,7 +522,7 @@ def _side(side: str, label: str, outcome: str, view: dict) -> str:
 def _pairs(data: DemoReportData) -> str:
     if not data.pairs:
         return ('<p class="note" id="no-pairs">No held-out rollout changed outcome between '
-                f'{_e(data.baseline)} and {_e(data.candidate)}.</p>')
+                f'{_e(data.baseline)} and {_e(data.candidate)} among those re-driven side by side.</p>')
     cards = []
     for i, p in enumerate(data.pairs):
         kind = _change_kind(p)
@@ -593,7 +604,9 @@ good</small></h2>
 <section id="gate"><h2>Release gate</h2>
 {_gate(data.gate)}</section>
 <section id="pairs"><h2>Rollouts where post-training changed the outcome <small>{_e(data.baseline)} (before)
-and {_e(data.candidate)} (after) on the same held-out scenario and seed; one play button drives both</small></h2>
+and {_e(data.candidate)} (after) on the same held-out scenario and seed, re-driven in a smaller batch than the
+evaluation's (float rounding, which sampling amplifies, can make a rollout differ from the evaluated one); one play
+button drives both</small></h2>
 {_pairs(data)}</section>
 <section id="timings"><h2>Stage timings</h2>
 {_stages(data.stages)}</section>
