@@ -385,3 +385,10 @@ def test_verdict_names_a_rate_or_the_reasoning_only_beyond_noise(data: DemoRepor
     worse = _with_reasoning(after, [0.6] * 100, [0.3] * 60 + [0.7] * 40)
     s, tone = demo_verdict(dataclasses.replace(data, reports={"imitation": before, "post-trained": worse}))
     assert tone == "mixed" and " but lowered grounding from 0.700 to 0.460 (paired change -0.240 ± " in s
+    # only the reasoning moved beyond noise: not called a better (or worse) policy
+    level = _with_reasoning(before, [0.6] * 40 + [0.9] * 60, [0.7] * 100)
+    s, tone = demo_verdict(dataclasses.replace(data, reports={"imitation": before, "post-trained": level}))
+    assert tone == "same" and s.startswith("Post-training improved the reasoning, not the driving beyond noise: ")
+    assert "raised reasoning consistency from 0.600 to 0.780" in s and "better" not in s
+    s, tone = demo_verdict(dataclasses.replace(data, reports={"imitation": level, "post-trained": before}))
+    assert tone == "bad" and s.startswith("Post-training made the reasoning worse, and the driving no better")

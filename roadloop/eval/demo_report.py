@@ -253,16 +253,18 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
     called within noise and does not set the tone; then the at-fault collision and off-road rates, the
     reasoning consistency and the grounding are also named where their own paired interval excludes 0
     (safer on one kind of incident, or reasoning better or worse, even when the share of incidents moved
-    within noise), and left unsaid otherwise."""
+    within noise), and left unsaid otherwise.  Reasoning changes alone (the driving within noise) do not
+    make the policy "better" or "worse": the head says the reasoning moved and the driving did not."""
     b, c = data.reports.get(data.baseline), data.reports.get(data.candidate)
     if b is None or c is None or data.baseline == data.candidate:
         return ("No before/after comparison: the baseline and the candidate must be two different evaluated "
                 "policies.", "none")
     parts: list[tuple[int, str]] = []  # (+1 better / -1 worse / 0 unchanged, text)
+    reasoning: set[str] = set()  # texts in parts about the reasoning metrics
     noise: list[str] = []
 
     def judge(label: str, kind: str, vb: float, vc: float, value: Callable, verbs: tuple[str, str],
-              rel: bool = False, secondary: bool = False) -> None:
+              rel: bool = False, secondary: bool = False, about_reasoning: bool = False) -> None:
         if not (_fin(vb) and _fin(vc)):
             return
         fb, fc = _fmt(vb, kind), _fmt(vc, kind)
@@ -282,8 +284,10 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
             k, dec, unit = (100.0, 1, " pp") if kind == "rate" else (1.0, 3, "")
             notes.append(f"paired change {k * pc[0]:+.{dec}f}{unit} ± {k * pc[1]:.{dec}f}{unit}, 95%, {pc[2]} pairs")
         verb = verbs[0] if (vc < vb) else verbs[1]
-        parts.append((1 if better else -1, f"{verb} {label} from {fb} to {fc}" + (f" ({'; '.join(notes)})"
-                                                                                  if notes else "")))
+        text = f"{verb} {label} from {fb} to {fc}" + (f" ({'; '.join(notes)})" if notes else "")
+        parts.append((1 if better else -1, text))
+        if about_reasoning:
+            reasoning.add(text)
 
     ib, ic = incident_rate(b), incident_rate(c)
     judge(INCIDENTS, "rate", ib, ic, metric_value("incident"), ("cut", "raised"), rel=True)
@@ -296,12 +300,18 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
           secondary=True)
     judge("the score", "score", _mean(b, "score"), _mean(c, "score"), metric_value("score"), ("lowered", "raised"))
     for key, label in (("reasoning_consistency", "reasoning consistency"), ("reasoning_grounding", "grounding")):
-        judge(label, "score", _mean(b, key), _mean(c, key), metric_value(key), ("lowered", "raised"), secondary=True)
+        judge(label, "score", _mean(b, key), _mean(c, key), metric_value(key), ("lowered", "raised"), secondary=True,
+              about_reasoning=True)
     if not parts and not noise:
         return (f"No before/after comparison: {data.candidate} or {data.baseline} has no finite score or "
                 "incident rate.", "none")
     signs = {sg for sg, _ in parts}
-    if 1 in signs and -1 in signs:
+    reasoning_only = bool(signs - {0}) and all(sg == 0 or t in reasoning for sg, t in parts)
+    if reasoning_only and signs - {0} == {1}:  # the driving moved within noise: no "better" for reasoning alone
+        head, tone = "Post-training improved the reasoning, not the driving beyond noise", "same"
+    elif reasoning_only and signs - {0} == {-1}:
+        head, tone = "Post-training made the reasoning worse, and the driving no better beyond noise", "bad"
+    elif 1 in signs and -1 in signs:
         head, tone = "Post-training gave a mixed result", "mixed"
     elif -1 in signs:
         head, tone = "Post-training made the policy worse", "bad"
