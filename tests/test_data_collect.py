@@ -189,6 +189,19 @@ def test_several_collections_load_as_one(fresh, tmp_path):
         load_demos(" , ")
 
 
+def test_content_hash_does_not_depend_on_where_the_suite_lies(tmp_path):
+    """The same suite saved in two folders gives demonstrations with the same content hash."""
+    import shutil
+
+    from roadloop.data.dataset import load_demos
+
+    a = _one_scenario_suite(tmp_path)
+    b = shutil.copytree(a, tmp_path / "elsewhere" / "copy")
+    ma, mb = collect([str(a)], tmp_path / "da", **KW), collect([str(b)], tmp_path / "db", **KW)
+    assert ma.content_hash == mb.content_hash and ma.suites != mb.suites  # the manifests say where they came from
+    assert set(load_demos(tmp_path / "da").suite) == {"extra"}
+
+
 def test_cli_bench_data(fresh, tmp_path):
     from typer.testing import CliRunner
 

@@ -298,7 +298,9 @@ def collect(suite_names: list[str], out_dir: str | Path, shard_size: int = 512, 
     for name in suite_names:
         suite = load_suite(name)
         hashes[name] = suite.content_hash
-        items += [(name, s) for s in suite.scenarios]
+        # samples record the suite's own name, not the path it was given by: the same demonstrations have the
+        # same content hash wherever their suites lie
+        items += [(suite.name, s) for s in suite.scenarios]
     if max_scenarios is not None:
         items = items[:max_scenarios]
     if not items:
