@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from roadloop.config import to_dict
 from roadloop.errors import ConfigError, RoadloopError
@@ -53,7 +54,25 @@ from roadloop.train.road import RoaDConfig
 
 STAGE_FILE = "demo-stage.json"
 MODEL_NAME = "roadloop-vla"
-POST_METHODS = {"road": "RoaD (rollouts as demonstrations)", "grpo": "closed-loop GRPO"}
+
+
+@dataclass(frozen=True)
+class PostMethod:
+    """A closed-loop post-training method of ``DemoConfig.post``; its settings are the ``DemoConfig`` field of
+    the same name."""
+
+    title: str  # the stage's name
+    short: str  # its progress bar's name
+    unit: str  # what the config and the trainer's result count: rounds / iterations
+    size: Callable[[Any], str]  # the work of one unit, from the config
+
+
+POST_METHODS = {
+    "road": PostMethod("RoaD (rollouts as demonstrations)", "RoaD", "rounds",
+                       lambda c: f"{c.scenarios_per_round} scenarios x {c.k} candidates a decision"),
+    "grpo": PostMethod("closed-loop GRPO", "GRPO", "iterations",
+                       lambda c: f"{c.scenarios_per_iter} scenarios x {c.group_size} rollouts"),
+}
 
 
 @dataclass
@@ -318,34 +337,29 @@ def _post_stage(cfg: DemoConfig, method: str, init: Path, dirs: dict[str, Path],
 
     t0 = time.perf_counter()
     d = out / "runs" / method
-    c = cfg.road if method == "road" else cfg.grpo
+    pm, c = POST_METHODS[method], getattr(cfg, method)
     c.init, c.out, c.register = str(init), str(d), False
     c.suites, c.eval_suite = str(dirs["demo-train"]), str(dirs["demo-val"])
     c.validate()
     _, meta = load_checkpoint(init)
     key = _key({method: _no_paths(to_dict(c), "init", "out", "suites", "eval_suite"), "init": meta["weights_sha256"],
                 "suites": [load_suite(p).content_hash for p in dirs.values()]})
-    st = Stage(POST_METHODS[method], reused=_fresh(d, key))
-    steps = c.rounds if method == "road" else c.iterations
-    unit = "rounds" if method == "road" else "iterations"
+    st = Stage(pm.title, reused=_fresh(d, key))
     if not st.reused:
         from roadloop.train.grpo import train_grpo
         from roadloop.train.road import train_road
 
+        train = {"road": train_road, "grpo": train_grpo}[method]
         resume = (d / "latest").exists()
         _mark(d, key, done=False)
-        to = _bar_to(hooks, f"{'RoaD rounds' if method == 'road' else 'GRPO iterations'}"
-                     + (" (resuming)" if resume else ""), steps)
-        train = train_road if method == "road" else train_grpo
+        to = _bar_to(hooks, f"{pm.short} {pm.unit}" + (" (resuming)" if resume else ""), getattr(c, pm.unit))
         res = train(c, resume=resume, on_progress=lambda it, total, m: to(it), log=hooks.log)
-        _mark(d, key, done=True, steps=getattr(res, unit), seconds=res.seconds, env_steps_per_s=res.env_steps_per_s,
-              learner_samples_per_s=res.learner_samples_per_s)
+        _mark(d, key, done=True, steps=getattr(res, pm.unit), seconds=res.seconds,
+              env_steps_per_s=res.env_steps_per_s, learner_samples_per_s=res.learner_samples_per_s)
     info = json.loads((d / STAGE_FILE).read_text())
     st.seconds = time.perf_counter() - t0
-    size = (f"{c.scenarios_per_round} scenarios x {c.k} candidates a decision" if method == "road"
-            else f"{c.scenarios_per_iter} scenarios x {c.group_size} rollouts")
-    n = info.get("steps", info.get("iterations"))
-    st.detail = (f"{n} {unit} x {size} in {info.get('seconds', 0) / 60:.1f} min "
+    n = info.get("steps", info.get(pm.unit))  # stage files written before the demo ran RoaD: "iterations"
+    st.detail = (f"{n} {pm.unit} x {pm.size(c)} in {info.get('seconds', 0) / 60:.1f} min "
                  f"({info.get('env_steps_per_s', 0):.0f} env steps/s)")
     return d / "final", st
 
@@ -416,7 +430,7 @@ def release(cfg: DemoConfig, il_ckpt: Path, post_ckpt: Path, val_dir: Path, out:
         atomic_write_text(exp_path, json.dumps(expert.to_json()))
     reg = Registry()
     il_mv = _registered(reg, il_ckpt, None, "roadloop demo: imitation checkpoint")
-    method = " + ".join(POST_METHODS[m] for m in cfg.post)
+    method = " + ".join(POST_METHODS[m].title for m in cfg.post)
     post_mv = _registered(reg, post_ckpt, None, f"roadloop demo: closed-loop post-training ({method})")
     before = len(reg.evaluations(MODEL_NAME, il_mv.version)) + len(reg.evaluations(MODEL_NAME, post_mv.version))
     il_rep = reg.matrix_report(il_mv, gcfg, suites, on_eval=on_eval)

@@ -259,8 +259,7 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
     if b is None or c is None or data.baseline == data.candidate:
         return ("No before/after comparison: the baseline and the candidate must be two different evaluated "
                 "policies.", "none")
-    parts: list[tuple[int, str]] = []  # (+1 better / -1 worse / 0 unchanged, text)
-    reasoning: set[str] = set()  # texts in parts about the reasoning metrics
+    parts: list[tuple[int, str, bool]] = []  # (+1 better / -1 worse / 0 unchanged, text, about the reasoning)
     noise: list[str] = []
 
     def judge(label: str, kind: str, vb: float, vc: float, value: Callable, verbs: tuple[str, str],
@@ -270,7 +269,7 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
         fb, fc = _fmt(vb, kind), _fmt(vc, kind)
         if fb == fc:
             if not secondary:
-                parts.append((0, f"left {label} unchanged at {fb}"))
+                parts.append((0, f"left {label} unchanged at {fb}", about_reasoning))
             return
         pc = paired_change(b, c, value)
         if secondary and (pc is None or abs(pc[0]) <= pc[1]):
@@ -285,9 +284,7 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
             notes.append(f"paired change {k * pc[0]:+.{dec}f}{unit} ± {k * pc[1]:.{dec}f}{unit}, 95%, {pc[2]} pairs")
         verb = verbs[0] if (vc < vb) else verbs[1]
         text = f"{verb} {label} from {fb} to {fc}" + (f" ({'; '.join(notes)})" if notes else "")
-        parts.append((1 if better else -1, text))
-        if about_reasoning:
-            reasoning.add(text)
+        parts.append((1 if better else -1, text, about_reasoning))
 
     ib, ic = incident_rate(b), incident_rate(c)
     judge(INCIDENTS, "rate", ib, ic, metric_value("incident"), ("cut", "raised"), rel=True)
@@ -305,8 +302,8 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
     if not parts and not noise:
         return (f"No before/after comparison: {data.candidate} or {data.baseline} has no finite score or "
                 "incident rate.", "none")
-    signs = {sg for sg, _ in parts}
-    reasoning_only = bool(signs - {0}) and all(sg == 0 or t in reasoning for sg, t in parts)
+    signs = {sg for sg, _, _ in parts}
+    reasoning_only = bool(signs - {0}) and all(r for sg, _, r in parts if sg)
     if reasoning_only and signs - {0} == {1}:  # the driving moved within noise: no "better" for reasoning alone
         head, tone = "Post-training improved the reasoning, not the driving beyond noise", "same"
     elif reasoning_only and signs - {0} == {-1}:
@@ -321,9 +318,9 @@ def demo_verdict(data: DemoReportData) -> tuple[str, str]:
         head, tone = "Post-training changed nothing beyond noise", "same"
     else:
         head, tone = "Post-training changed nothing measurable", "same"
-    good = " and ".join(t for sg, t in parts if sg == 1)
-    bad = " and ".join(t for sg, t in parts if sg == -1)
-    same = " and ".join(t for sg, t in parts if sg == 0)
+    good = " and ".join(t for sg, t, _ in parts if sg == 1)
+    bad = " and ".join(t for sg, t, _ in parts if sg == -1)
+    same = " and ".join(t for sg, t, _ in parts if sg == 0)
     if tone == "mixed":
         body = f"{good} but {bad}" + (f", and {same}" if same else "")
     else:

@@ -83,6 +83,7 @@ class Expert(Policy):
         self.yield_ = torch.tensor([x[2] for x in props])
         self.nominal = props.index((1.0, 0.0, False))
         self._stopped: torch.Tensor | None = None
+        self._yield_pts: tuple | None = None  # (static state, yield points, junction mask): _yield_points
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         self._stopped = torch.zeros_like(state.static.scenario.route.stop_s, dtype=torch.bool)
@@ -237,9 +238,8 @@ class Expert(Policy):
         """Route points (B, M) bool where the ego must yield (a junction entry or a crosswalk) and the
         junction mask (B, M): static per rollout, so computed once for each ``state.static``."""
         st = state.static
-        cached = getattr(self, "_yield_pts", None)
-        if cached is not None and cached[0] is st:
-            return cached[1], cached[2]
+        if self._yield_pts is not None and self._yield_pts[0] is st:
+            return self._yield_pts[1], self._yield_pts[2]
         sc = st.scenario
         route = sc.route
         junc = sc.map.lane_is_junction.gather(1, route.lane_of_point.clamp_min(0)) & route.valid
