@@ -767,7 +767,10 @@ def train_il_cmd(overrides: list[str] = typer.Argument(None, help="Config overri
                        description=f"train il  loss {m['loss']:.3f}  {m['samples_per_s']:.0f} samples/s")
 
         res = train_il(cfg, resume=resume, on_progress=prog, log=lambda msg: bar.console.print(msg))
-    t = Table(title=f"imitation: {res.steps} steps, {res.seconds / 60:.1f} min, {res.samples_per_s:.0f} samples/s")
+    how = (" (stopped by the time limit)" if res.stopped_early
+           else f" (of {res.planned_steps} planned: schedule fitted to the time limit)"
+           if res.steps < res.planned_steps else "")
+    t = Table(title=f"imitation: {res.steps} steps{how}, {res.seconds / 60:.1f} min, {res.samples_per_s:.0f} samples/s")
     t.add_column("open-loop metric (held out)")
     t.add_column("value", justify="right")
     for k, v in res.metrics.items():

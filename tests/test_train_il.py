@@ -18,7 +18,16 @@ from roadloop.policies import get_policy
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint
 from roadloop.policies.vla.policy import VLAPolicy
-from roadloop.train.il import ILConfig, ModelSpec, TokenizedDemos, cpu_has_native_bf16, resolve_precision, train_il
+from roadloop.train.il import (
+    ILConfig,
+    ModelSpec,
+    ScheduleFit,
+    TokenizedDemos,
+    cpu_has_native_bf16,
+    fitted_total,
+    resolve_precision,
+    train_il,
+)
 from roadloop.train.tracking import read_metrics
 
 
@@ -126,6 +135,77 @@ def test_bf16_training_and_the_vision_stems(demos, home, tmp_path, stem, patch):
     assert meta["config"]["stem"] == stem and meta["config"]["patch"] == (patch or 16)
     assert all(v.dtype == torch.float32 for v in model.state_dict().values())
     assert all(math.isfinite(res.metrics[k]) for k in ("min_ade", "decision_acc"))
+
+
+def test_fitted_total_prices_the_steps_left_at_the_recent_step_time():
+    assert fitted_total(50, 400, step_s=2.0, left_s=1000.0) == 400  # 500 more steps fit: the plan stands
+    assert fitted_total(50, 400, step_s=2.0, left_s=101.0) == 100
+    assert fitted_total(50, 400, step_s=2.0, left_s=-5.0) == 51  # out of time: end at the next step
+    assert fitted_total(50, 400, step_s=float("nan"), left_s=10.0) == 400  # no timing yet: the plan stands
+    t = [0.0]
+    fit = ScheduleFit(planned=1000, limit_s=1000.0, clock=lambda: t[0])
+    totals = []
+    for step in range(1, 201):  # 10 slow steps (allocation, first batches), then 1 s a step
+        t[0] += 5.0 if step <= 10 else 1.0
+        if step == 40:  # an evaluation of 20 s every 100 steps: priced at 0.2 s a step, not as one slow step
+            t[0] += 20.0
+            fit.paused(20.0, 100)
+        totals.append(fit.update(step, 1000, elapsed_s=t[0]))
+    assert totals[:24] == [1000] * 24  # fewer than FIT_MIN_STEPS timed steps (the first FIT_SKIP_STEPS untimed)
+    assert totals[29] == 30 + int((970.0 - 70.0) / 1.8)  # 5 slow steps of 25 timed: 1.8 s a step
+    # once the slow start has left the FIT_WINDOW, the 710 s left are priced at 1 s + the evaluation's 0.2 s
+    assert totals[-1] == 200 + int((970.0 - 260.0) / 1.2) > totals[29]
+
+
+class _StepClock:
+    """A wall clock where every training step takes ``step_s`` seconds: it advances when the progress
+    callback reports a step (``log_every=1``), optionally raising at ``stop_at`` (a kill)."""
+
+    def __init__(self, step_s: float, stop_at: int | None = None):
+        self.t, self.step_s, self.stop_at = 0.0, step_s, stop_at
+
+    def __call__(self) -> float:
+        return self.t
+
+    def progress(self, step, total, m) -> None:
+        self.t += self.step_s
+        if self.stop_at is not None and step >= self.stop_at:
+            raise KeyboardInterrupt
+
+
+def test_schedule_is_fitted_to_the_time_limit_and_resumes_as_fitted(demos, home, tmp_path):
+    """At 2 s a step a 1-minute limit holds ~30 of the 120 planned steps.  Fitted, the cosine schedule ends
+    inside the limit at its floor learning rate; unfitted, the limit cuts it at a high one.  A run killed
+    after the fit resumes with the fitted schedule, to the weights of the uninterrupted run."""
+    kw = dict(time_limit_min=1.0, log_every=1, ckpt_every=1)
+    clk = _StepClock(2.0)
+    msgs: list[str] = []
+    fitted = train_il(_cfg(demos, tmp_path / "fit", **kw), on_progress=clk.progress, log=msgs.append, clock=clk)
+    assert fitted.planned_steps > 100 and not fitted.stopped_early
+    # fitted after FIT_SKIP_STEPS + FIT_MIN_STEPS = 25 steps, when the clock has seen 24 of them (48 s):
+    # the 12 s left buy int(0.97 * 12 / 2) = 5 more
+    assert fitted.steps == 30 and any("fitted to 30 steps" in m for m in msgs)
+    lrs = [v for _, v in read_metrics(fitted.run_id, "lr")]
+    assert lrs[-1] < 0.1 * 3e-3  # decayed to ~min_lr_frac x lr
+    assert read_metrics(fitted.run_id, "schedule_steps")[-1][1] == 30
+    _, meta = load_checkpoint(fitted.checkpoint)
+    assert meta["extra"]["steps"] == 30 and meta["extra"]["planned_steps"] == fitted.planned_steps
+
+    clk = _StepClock(2.0)
+    cut = train_il(_cfg(demos, tmp_path / "cut", fit_schedule=False, **kw), on_progress=clk.progress,
+                   log=lambda m: None, clock=clk)
+    assert cut.stopped_early and cut.steps == 31  # past 60 s after step 30
+    assert [v for _, v in read_metrics(cut.run_id, "lr")][-1] > 0.5 * 3e-3
+    assert not read_metrics(cut.run_id, "schedule_steps")
+
+    clk = _StepClock(2.0, stop_at=27)
+    with pytest.raises(KeyboardInterrupt):
+        train_il(_cfg(demos, tmp_path / "kill", **kw), on_progress=clk.progress, log=lambda m: None, clock=clk)
+    clk = _StepClock(2.0)
+    res = train_il(_cfg(demos, tmp_path / "kill", **kw), resume=True, on_progress=clk.progress,
+                   log=lambda m: None, clock=clk)
+    assert res.steps == 30 and not res.stopped_early
+    _assert_same_weights(fitted.checkpoint, res.checkpoint)
 
 
 def test_no_final_evaluation_still_writes_the_final_checkpoint(demos, home, tmp_path):

@@ -46,11 +46,10 @@ from roadloop.sim.backend import replace_agents
 from roadloop.sim.datatypes import DT, AgentType, ScenarioMeta, SimState
 from roadloop.sumo.traffic import (
     INVALID_POS,
-    SUMO_HOME_TAG,
     SumoTrafficError,
     random_trips,
+    resolve_portable_path,
     sumo_command,
-    sumo_home,
 )
 
 REQUIRED = ("network_file", "vehicle", "sumo_time", "sumo_seed", "sumo_agents", "sumo_begin")
@@ -65,22 +64,6 @@ def _traci():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise SumoTrafficError("the SUMO co-simulation needs traci: pip install eclipse-sumo traci") from e
     return traci, tc
-
-
-def _relocate(path: str) -> str:
-    """A SUMO file path from a scenario's metadata: ``$SUMO_HOME/...`` (``portable_path``) under
-    this machine's SUMO installation; an absolute path into an older eclipse-sumo wheel
-    (``.../tools/game/...``) found again under this machine's."""
-    if path.startswith(SUMO_HOME_TAG):
-        return os.path.join(sumo_home(), *path[len(SUMO_HOME_TAG):].split("/"))
-    if not path or os.path.exists(path):
-        return path
-    key = os.sep + "tools" + os.sep + "game" + os.sep
-    if key in path:
-        cand = os.path.join(sumo_home(), "tools", "game", path.split(key, 1)[1])
-        if os.path.exists(cand):
-            return cand
-    return path
 
 
 @dataclass(frozen=True)
@@ -108,16 +91,16 @@ class CosimSpec:
                 f"scenario '{meta.scenario_id}' cannot be co-simulated with SUMO: "
                 + (f"its source is '{meta.source}', not a SUMO recording" if not meta.source.startswith("sumo:")
                    else f"meta.extra lacks {', '.join(missing)} (cut with an older roadloop? rebuild the suite)"))
-        net = _relocate(ex["network_file"])
+        net = resolve_portable_path(ex["network_file"])
         if not os.path.isfile(net):
             raise ScenarioError(f"scenario '{meta.scenario_id}': SUMO network '{net}' not found")
-        routes = tuple(_relocate(r) for r in ex.get("routes", "").split(",") if r)
+        routes = tuple(resolve_portable_path(r) for r in ex.get("routes", "").split(",") if r)
         if ex.get("random_trips") and (not routes or not all(os.path.isfile(r) for r in routes)):
             routes = (random_trips(net, **json.loads(ex["random_trips"])),)
         for r in routes:
             if not os.path.isfile(r):
                 raise ScenarioError(f"scenario '{meta.scenario_id}': SUMO routes file '{r}' not found")
-        add = tuple(_relocate(a) for a in ex.get("sumo_additional", "").split(",") if a)
+        add = tuple(resolve_portable_path(a) for a in ex.get("sumo_additional", "").split(",") if a)
         return CosimSpec(meta.scenario_id, net, routes, add, float(ex["sumo_begin"]), int(ex["sumo_seed"] or 0),
                          tuple(json.loads(ex.get("sumo_extra_args") or "[]")), float(ex["sumo_time"]),
                          float(ex.get("sumo_record_begin") or ex["sumo_time"]), ex["vehicle"],

@@ -54,12 +54,29 @@ SUMO_HOME_TAG = "$SUMO_HOME/"
 def portable_path(path: str) -> str:
     """``path`` as scenario metadata stores it: a file of the SUMO installation as
     ``$SUMO_HOME/...`` (the same on every machine, so scenario content hashes are too), any other
-    file as given.  ``roadloop.sumo.cosim`` resolves it again."""
+    file as given.  ``resolve_portable_path`` is its inverse."""
     if not path:
         return path
     home = os.path.abspath(sumo_home())
     full = os.path.abspath(path)
     return SUMO_HOME_TAG + os.path.relpath(full, home).replace(os.sep, "/") if full.startswith(home + os.sep) else path
+
+
+def resolve_portable_path(path: str) -> str:
+    """A SUMO file path from a scenario's metadata on this machine: ``$SUMO_HOME/...``
+    (``portable_path``) under this machine's SUMO installation; an absolute path into an older
+    eclipse-sumo wheel (``.../tools/game/...``, written before paths were portable) found again
+    under this machine's; any other path as given."""
+    if path.startswith(SUMO_HOME_TAG):
+        return os.path.join(sumo_home(), *path[len(SUMO_HOME_TAG):].split("/"))
+    if not path or os.path.exists(path):
+        return path
+    key = os.sep + "tools" + os.sep + "game" + os.sep
+    if key in path:
+        cand = os.path.join(sumo_home(), "tools", "game", path.split(key, 1)[1])
+        if os.path.exists(cand):
+            return cand
+    return path
 
 
 def _libsumo():

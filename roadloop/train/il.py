@@ -27,8 +27,17 @@ state and checkpoints stay fp32); ``auto`` (default) picks it on CPUs with nativ
 on CPUs without it bf16 is emulated and slow, and on an H100 the default model is bound by kernel
 launches and autocast's casts made it slower (docs/LOG.md).
 
-Time budget: ``time_limit_min`` stops training early (the schedule is NOT shortened, so a run
-that hits it ends at a higher learning rate than planned; the LOG records which runs did).
+Time budget: with ``time_limit_min`` and ``fit_schedule`` (the default) the cosine schedule is fitted
+to the time left whenever the planned steps would not fit in it (``ScheduleFit``): from the
+``FIT_MIN_STEPS``-th timed step of a process on, the schedule's last step is where the remaining time,
+less ``FIT_RESERVE`` of the limit, runs out at the mean wall time of the last ``FIT_WINDOW`` steps
+(evaluations left out of the mean and added back at their own rate), re-estimated every step and
+never beyond the plan (``fitted_total``).  The run then decays to ``min_lr_frac`` x lr and ends inside
+the limit instead of being cut at a high learning rate ("budgeted training", Li et al. 2020).  A run
+that fits its plan is untouched, step for step.  The number of steps of a fitted run depends on the
+machine's speed, so two runs agree bit for bit only when neither was fitted (``fit_schedule=false``
+or ``time_limit_min=0`` for a run that must); the checkpoint records ``steps`` and
+``planned_steps``.  The limit still stops any run that overruns it (``stopped_early``).
 """
 
 from __future__ import annotations
@@ -104,6 +113,7 @@ class ILConfig:
     data_loading: str = "memory"  # memory: all rasters in RAM (213 KB a sample); stream: read shard by shard
     stream_window: int = 16  # stream: shards shuffled together (this many + 2 stay in memory), family-stratified
     time_limit_min: float = 29.0  # stop early (with a checkpoint) past this wall time; <= 0: none
+    fit_schedule: bool = True  # shorten the cosine schedule to the steps the time limit leaves (module docstring)
     log_every: int = 25
     ckpt_every: int = 250
     eval_every: int = 1000  # open-loop metrics on eval_samples held-out samples; 0: only at the end
@@ -238,6 +248,52 @@ def lr_at(step: int, total: int, cfg: ILConfig) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+FIT_SKIP_STEPS = 5  # steps at the start of a process left out of the timing (allocation, first batches)
+FIT_MIN_STEPS = 20  # steps timed before the schedule may be fitted to the time limit
+FIT_WINDOW = 100  # the steps left are priced at the mean time of this many recent steps
+FIT_RESERVE = 0.03  # share of the time limit the fitted schedule leaves unplanned
+
+
+def fitted_total(step: int, planned: int, step_s: float, left_s: float) -> int:
+    """The schedule's last step when ``left_s`` seconds remain at ``step_s`` seconds a step: ``step``
+    + the steps that fit, at least ``step + 1``, at most ``planned`` (also when ``step_s`` is unknown)."""
+    if not (step_s > 0 and math.isfinite(step_s)):
+        return planned
+    return min(planned, max(step + 1, step + int(max(left_s, 0.0) / step_s)))
+
+
+class ScheduleFit:
+    """Fits an imitation run's schedule to its time limit (module docstring).  ``update`` after every
+    step returns the schedule's last step; ``paused`` reports an evaluation's time and how many steps
+    apart evaluations recur, so its cost is priced per step rather than as slow steps."""
+
+    def __init__(self, planned: int, limit_s: float, clock: Callable[[], float]):
+        from collections import deque
+
+        self.planned, self.limit_s, self.clock = planned, limit_s, clock
+        self.times: deque[float] = deque(maxlen=FIT_WINDOW)
+        self.skip = FIT_SKIP_STEPS
+        self.last: float | None = None
+        self.pause = 0.0  # seconds of evaluation since the last step
+        self.eval_per_step = 0.0  # seconds
+
+    def paused(self, seconds: float, every: int) -> None:
+        self.pause += seconds
+        self.eval_per_step = seconds / max(1, every)
+
+    def update(self, step: int, total: int, elapsed_s: float) -> int:
+        """The schedule's last step after ``step`` steps and ``elapsed_s`` seconds of the limit."""
+        now = self.clock()
+        if self.last is not None and self.skip <= 0:
+            self.times.append(now - self.last - self.pause)
+        self.skip -= 1
+        self.last, self.pause = now, 0.0
+        if len(self.times) < FIT_MIN_STEPS:
+            return total
+        step_s = sum(self.times) / len(self.times) + self.eval_per_step
+        return fitted_total(step, self.planned, step_s, self.limit_s * (1 - FIT_RESERVE) - elapsed_s)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch (a pure function of seed and epoch, so resuming replays it)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
@@ -252,13 +308,16 @@ class ILResult:
     metrics: dict[str, float]
     run_id: str
     stopped_early: bool
+    planned_steps: int = 0  # the steps of the configured schedule (``steps`` is smaller when it was fitted)
 
 
 def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, int, dict], None] | None = None,
-             log: Callable[[str], None] = print) -> ILResult:
-    """Train (or resume) an imitation run; see the module docstring.  Returns where the model went."""
+             log: Callable[[str], None] = print, clock: Callable[[], float] = time.perf_counter) -> ILResult:
+    """Train (or resume) an imitation run; see the module docstring.  Returns where the model went.
+
+    ``clock``: the wall clock (seconds) the time limit and the fitted schedule read."""
     cfg.validate()
-    t_start = time.perf_counter()
+    t_start = clock()
     run_dir, prev = open_run_dir(cfg.out, resume)
     stream = cfg.data_loading == "stream"
     train_all = load_demos(cfg.data, rasters=cfg.data_loading, cache_shards=cfg.stream_window + 2)
@@ -294,8 +353,11 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     model = VLAModel(vcfg).to(device).train()
     opt = adamw(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = max(1, train_idx.numel() // cfg.batch_size)
-    total = max(1, int(round(cfg.epochs * steps_per_epoch)))
+    total = planned = max(1, int(round(cfg.epochs * steps_per_epoch)))
     step, elapsed, state = restore(run_dir, model, opt, resume, "step", total, log)
+    fit = cfg.fit_schedule and cfg.time_limit_min > 0
+    if state is not None and fit:  # a schedule fitted before the interruption goes on as fitted
+        total = max(step, min(total, int(state["extra"].get("total", total))))
     tracker, _ = begin_run(cfg, run_dir, prev, {"dataset": train_all.content_hash, "val_dataset": val.content_hash})
     with tracker:
         if state is None:
@@ -306,9 +368,10 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
         good = GoodState(model, opt)
         good.snapshot(step)
         bad_run = 0
-        t0 = time.perf_counter() - elapsed
+        t0 = clock() - elapsed
         seen = 0
-        tick = time.perf_counter()
+        tick = clock()
+        fitter = ScheduleFit(planned, 60 * cfg.time_limit_min, clock) if fit else None
         stopped_early = False
         order, order_epoch = torch.empty(0, dtype=torch.int64), -1
         while step < total:
@@ -339,44 +402,57 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
             opt.step()
             step += 1
             seen += bi.numel()
+            if fitter is not None and step < total:
+                new_total = fitter.update(step, total, clock() - t0)
+                if new_total < planned and total == planned:
+                    log(f"step {step}: the {planned} planned steps do not fit in the {cfg.time_limit_min} min "
+                        f"limit; cosine schedule fitted to {new_total} steps (re-fitted as the run goes)")
+                total = new_total
             if step % cfg.log_every == 0 or step == total:
-                now = time.perf_counter()
+                now = clock()
                 sps = seen / max(now - tick, 1e-9)
                 seen, tick = 0, now
                 m = {"loss": float(out["loss"].detach()), "text_loss": float(out["text_loss"].detach()),
                      "action_loss": float(out["action_loss"].detach()), "lr": opt.param_groups[0]["lr"],
                      "grad_norm": float(gnorm), "samples_per_s": sps}
+                if total < planned:
+                    m["schedule_steps"] = total
                 tracker.log_metrics(m, step)
                 if on_progress:
                     on_progress(step, total, m)
             if step % cfg.ckpt_every == 0 or step == total:
                 good.snapshot(step)
-                save_train_state(run_dir, step, model, opt,
-                                 extra={"elapsed": time.perf_counter() - t0, "total": total}, keep=2)
+                save_train_state(run_dir, step, model, opt, extra={"elapsed": clock() - t0, "total": total}, keep=2)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                te = clock()
                 om = openloop_metrics(model, val, ev_idx, k=cfg.eval_k, seed=cfg.seed)
+                if fitter is not None:
+                    fitter.paused(clock() - te, cfg.eval_every)
                 tracker.log_metrics({f"val/{k}": v for k, v in om.items()}, step)
                 log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in om.items() if k != "n"))
-            if cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min and step < total:
+            if cfg.time_limit_min > 0 and clock() - t0 > 60 * cfg.time_limit_min and step < total:
                 log(f"time limit {cfg.time_limit_min} min reached at step {step}/{total}: stopping")
-                save_train_state(run_dir, step, model, opt,
-                                 extra={"elapsed": time.perf_counter() - t0, "total": total}, keep=2)
+                save_train_state(run_dir, step, model, opt, extra={"elapsed": clock() - t0, "total": total}, keep=2)
                 stopped_early = True
                 break
-        train_s = time.perf_counter() - t0
+        train_s = clock() - t0
         om = openloop_metrics(model, val, fin_idx, k=cfg.eval_k, seed=cfg.seed) if cfg.final_eval_samples else {}
         tracker.log_metrics({f"val/{k}": v for k, v in om.items()}, step)
         sps = step * cfg.batch_size / max(train_s, 1e-9)
         final = save_checkpoint(model.eval(), run_dir / "final",
                                 extra={"dataset": train_all.content_hash, "val_dataset": val.content_hash,
-                                       "trainer": "il", "steps": step, "run_id": tracker.run_id, "precision": precision,
+                                       "trainer": "il", "steps": step, "planned_steps": planned,
+                                       "run_id": tracker.run_id, "precision": precision,
                                        "train_seconds": round(train_s, 1), "openloop": om, "config": to_dict(cfg)})
         tracker.log_metrics({"train_seconds": train_s, "samples_per_s_mean": sps}, step)
         tracker.set_tags({"checkpoint": str(final), "stopped_early": stopped_early})
-    log(f"trained {step} steps in {train_s / 60:.1f} min ({sps:.0f} samples/s) -> {final} "
-        f"(total {(time.perf_counter() - t_start) / 60:.1f} min)")
-    return ILResult(final, step, train_s, sps, om, tracker.run_id, stopped_early)
+    fitted = (f", the schedule fitted to the time limit ({planned} planned)"
+              if step < planned and not stopped_early else "")
+    log(f"trained {step} steps in {train_s / 60:.1f} min ({sps:.0f} samples/s){fitted} -> {final} "
+        f"(total {(clock() - t_start) / 60:.1f} min)")
+    return ILResult(final, step, train_s, sps, om, tracker.run_id, stopped_early, planned)
 
 
-__all__ = ["PRECISIONS", "ExpertStream", "ILConfig", "ILResult", "ModelSpec", "TokenizedDemos", "cpu_has_native_bf16",
-           "epoch_order", "load_expert_demos", "lr_at", "resolve_precision", "step_loss", "train_il"]
+__all__ = ["PRECISIONS", "ExpertStream", "ILConfig", "ILResult", "ModelSpec", "ScheduleFit", "TokenizedDemos",
+           "cpu_has_native_bf16", "epoch_order", "fitted_total", "load_expert_demos", "lr_at", "resolve_precision",
+           "step_loss", "train_il"]
