@@ -143,14 +143,14 @@ def test_fitted_total_prices_the_steps_left_at_the_recent_step_time():
     assert fitted_total(50, 400, step_s=2.0, left_s=-5.0) == 51  # out of time: end at the next step
     assert fitted_total(50, 400, step_s=float("nan"), left_s=10.0) == 400  # no timing yet: the plan stands
     t = [0.0]
-    fit = ScheduleFit(planned=1000, limit_s=1000.0, clock=lambda: t[0])
+    fit = ScheduleFit(planned=1000, limit_s=1000.0, clock=lambda: t[0], t0=0.0)
     totals = []
     for step in range(1, 201):  # 10 slow steps (allocation, first batches), then 1 s a step
         t[0] += 5.0 if step <= 10 else 1.0
         if step == 40:  # an evaluation of 20 s every 100 steps: priced at 0.2 s a step, not as one slow step
             t[0] += 20.0
             fit.paused(20.0, 100)
-        totals.append(fit.update(step, 1000, elapsed_s=t[0]))
+        totals.append(fit.update(step, 1000))
     assert totals[:24] == [1000] * 24  # fewer than FIT_MIN_STEPS timed steps (the first FIT_SKIP_STEPS untimed)
     assert totals[29] == 30 + int((970.0 - 70.0) / 1.8)  # 5 slow steps of 25 timed: 1.8 s a step
     # once the slow start has left the FIT_WINDOW, the 710 s left are priced at 1 s + the evaluation's 0.2 s

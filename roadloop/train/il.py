@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,10 +268,8 @@ class ScheduleFit:
     step returns the schedule's last step; ``paused`` reports an evaluation's time and how many steps
     apart evaluations recur, so its cost is priced per step rather than as slow steps."""
 
-    def __init__(self, planned: int, limit_s: float, clock: Callable[[], float]):
-        from collections import deque
-
-        self.planned, self.limit_s, self.clock = planned, limit_s, clock
+    def __init__(self, planned: int, limit_s: float, clock: Callable[[], float], t0: float):
+        self.planned, self.limit_s, self.clock, self.t0 = planned, limit_s, clock, t0  # t0: the limit's start
         self.times: deque[float] = deque(maxlen=FIT_WINDOW)
         self.skip = FIT_SKIP_STEPS
         self.last: float | None = None
@@ -281,8 +280,8 @@ class ScheduleFit:
         self.pause += seconds
         self.eval_per_step = seconds / max(1, every)
 
-    def update(self, step: int, total: int, elapsed_s: float) -> int:
-        """The schedule's last step after ``step`` steps and ``elapsed_s`` seconds of the limit."""
+    def update(self, step: int, total: int) -> int:
+        """The schedule's last step after ``step`` steps (``total`` until enough steps are timed)."""
         now = self.clock()
         if self.last is not None and self.skip <= 0:
             self.times.append(now - self.last - self.pause)
@@ -291,7 +290,7 @@ class ScheduleFit:
         if len(self.times) < FIT_MIN_STEPS:
             return total
         step_s = sum(self.times) / len(self.times) + self.eval_per_step
-        return fitted_total(step, self.planned, step_s, self.limit_s * (1 - FIT_RESERVE) - elapsed_s)
+        return fitted_total(step, self.planned, step_s, self.limit_s * (1 - FIT_RESERVE) - (now - self.t0))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -371,7 +370,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
         t0 = clock() - elapsed
         seen = 0
         tick = clock()
-        fitter = ScheduleFit(planned, 60 * cfg.time_limit_min, clock) if fit else None
+        fitter = ScheduleFit(planned, 60 * cfg.time_limit_min, clock, t0) if fit else None
         stopped_early = False
         order, order_epoch = torch.empty(0, dtype=torch.int64), -1
         while step < total:
@@ -403,7 +402,7 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
             step += 1
             seen += bi.numel()
             if fitter is not None and step < total:
-                new_total = fitter.update(step, total, clock() - t0)
+                new_total = fitter.update(step, total)
                 if new_total < planned and total == planned:
                     log(f"step {step}: the {planned} planned steps do not fit in the {cfg.time_limit_min} min "
                         f"limit; cosine schedule fitted to {new_total} steps (re-fitted as the run goes)")
