@@ -99,7 +99,7 @@ class VLABenchResult:
     text_tokens: float  # mean generated text tokens per decision
 
 
-def run_vla_bench(policy, batch: int, repeats: int = 10, warmup: int = 2) -> VLABenchResult:
+def run_vla_bench(policy, batch: int, repeats: int = 30, warmup: int = 5) -> VLABenchResult:
     """Time ``policy.act`` (a ``VLAPolicy``) on the bench scene at batch ``batch``: everything one
     decision needs (BEV raster of 4 frames, ego history, command, CoC text, 16 action tokens)."""
     from roadloop.policies.base import Observation

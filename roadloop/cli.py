@@ -115,7 +115,7 @@ def _bench_model(policy: str | None, preset: str, device: str = "cpu"):
 def bench_vla(policy: str = typer.Option(None, help="VLA checkpoint directory (default: an untrained model)."),
               preset: str = typer.Option("default", help="Model preset when no checkpoint is given."),
               batch: str = typer.Option("1,16,64", help="Comma-separated batch sizes."),
-              repeats: int = typer.Option(10, help="Timed calls per batch size."),
+              repeats: int = typer.Option(30, help="Timed calls per batch size (after 5 untimed ones)."),
               device: str = typer.Option("cpu", help=_DEVICE_HELP),
               json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
     """Decision latency (batch 1) and batched throughput of the VLA policy: raster + reasoning + trajectory."""

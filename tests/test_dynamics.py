@@ -146,6 +146,27 @@ def test_rollout_matches_repeated_forward(shape):
     assert torch.equal(px, rx) and torch.equal(py, ry) and torch.equal(pv, rv)
 
 
+@pytest.mark.parametrize("shape", [(), (1,), (64,), (3, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rollout_is_bitwise_the_stepwise_integration(shape, dtype):
+    """``unicycle_rollout`` steps only its recurrences in Python and integrates the rest over all
+    steps at once: the result must be the same bits as 64 calls of the one-step model, including
+    stops inside a step (hard braking from low speed), negative input speeds and tight turns."""
+    gen = torch.Generator().manual_seed(11)
+    xy, yaw, v = _states(shape, gen, dtype)
+    v = v - 5.0  # some negative input speeds (treated as 0)
+    a, k = _controls((*shape, 64), gen, dtype)
+    a = a - 2.0  # mostly braking: many plans stop and stay stopped
+    rx, ry, rv = unicycle_rollout(xy, yaw, v, torch.stack((a, k), dim=-1))
+    state = (xy, yaw, v)
+    for t in range(64):
+        state = unicycle_forward(*state, a[..., t], k[..., t])
+        assert torch.equal(state[0], rx[..., t, :]) and torch.equal(state[1], ry[..., t])
+        assert torch.equal(state[2], rv[..., t])
+    if math.prod(shape) >= 64:
+        assert bool((rv == 0).any()) and bool((rv > 0).any())
+
+
 def test_bounds_clipping():
     z = torch.zeros(3)
     xy, v = torch.zeros(3, 2), torch.full((3,), 10.0)

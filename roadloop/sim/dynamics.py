@@ -263,16 +263,31 @@ def unicycle_rollout(
     batch = _check_state(xy, yaw, speed)
     _check_sequence(batch, controls, ("accel", "curvature"))
     accel, curv = _clip_unicycle(controls[..., 0], controls[..., 1], bounds)
-    xs, ys, vs = [], [], []
-    for t in range(controls.shape[-2]):
-        xy, yaw, speed = _unicycle_step(xy, yaw, speed, accel[..., t], curv[..., t], dt)
-        xs.append(xy)
-        ys.append(yaw)
-        vs.append(speed)
-    h = len(xs)
+    h = controls.shape[-2]
     if h == 0:
         return xy.new_zeros((*batch, 0, 2)), yaw.new_zeros((*batch, 0)), speed.new_zeros((*batch, 0))
-    return torch.stack(xs, dim=-2), torch.stack(ys, dim=-1), torch.stack(vs, dim=-1)
+    # The same arithmetic as H calls of ``_unicycle_step``, bit for bit, with only the three
+    # recurrences (speed, wrapped heading, position) stepped in Python and everything else done
+    # once over all H steps: elementwise kernels give the same bits on one element as on many.
+    adt = accel * dt
+    v = [speed.clamp_min(0.0)]
+    for a_t in adt.unbind(-1):
+        v.append((v[-1] + a_t).clamp_min(0.0))
+    v0, v1 = torch.stack(v[:-1], dim=-1), torch.stack(v[1:], dim=-1)  # (..., H) start / end speed of each step
+    v_end = v0 + adt
+    dist = torch.where(v_end >= 0, 0.5 * (v0 + v1) * dt, v0 * v0 / (-2.0 * accel).clamp_min(1e-12))
+    half = 0.5 * curv * dist
+    chord = dist * torch.sinc(half / math.pi)
+    turn = 2.0 * half
+    yaws = [yaw]
+    for turn_t in turn.unbind(-1):
+        yaws.append(wrap_angle(yaws[-1] + turn_t))
+    mid = torch.stack(yaws[:-1], dim=-1) + half
+    step = torch.stack((chord * torch.cos(mid), chord * torch.sin(mid)), dim=-1)  # (..., H, 2)
+    xs = [xy]
+    for step_t in step.unbind(-2):
+        xs.append(xs[-1] + step_t)
+    return torch.stack(xs[1:], dim=-2), torch.stack(yaws[1:], dim=-1), v1
 
 
 def unicycle_controls_from_poses(

@@ -45,6 +45,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,46 @@ class _Cache:
         self.n = 0
 
 
+class _BlockWeights(NamedTuple):
+    """One block's tensors, fetched once per decode: at batch 1 the ``nn.Module`` attribute lookups
+    of a layer cost about as much as its arithmetic (docs/LOG.md, 2026-12-06)."""
+
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    fc1_w: torch.Tensor
+    fc1_b: torch.Tensor
+    fc2_w: torch.Tensor
+    fc2_b: torch.Tensor
+    heads: int
+    eps: float
+    p_drop: float  # dropout probability in effect (0 in eval mode)
+
+
+def _block(x: torch.Tensor, w: _BlockWeights, layer: int, cache: _Cache, mask: torch.Tensor) -> torch.Tensor:
+    """A pre-LN transformer block on x (B, T, d): appends its keys / values at ``cache.n`` of layer
+    ``layer`` and attends over the cache's first n + T slots under ``mask`` (B or 1, 1, T, n + T)."""
+    ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc1_w, fc1_b, fc2_w, fc2_b, heads, eps, p = w
+    B, T, d = x.shape
+    h = F.layer_norm(x, (d,), ln1_w, ln1_b, eps)
+    q, k, v = F.linear(h, qkv_w, qkv_b).view(B, T, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+    n = cache.n
+    kc, vc = cache.k[layer], cache.v[layer]
+    kc.narrow(2, n, T).copy_(k)  # narrow, not kc[:, :, n:n + T]: multi-axis indexing is slow at batch 1
+    vc.narrow(2, n, T).copy_(v)
+    a = F.scaled_dot_product_attention(q, kc.narrow(2, 0, n + T), vc.narrow(2, 0, n + T), attn_mask=mask)
+    a = F.linear(a.transpose(1, 2).reshape(B, T, d), proj_w, proj_b)
+    x = x + (F.dropout(a, p, True) if p > 0 else a)
+    h = F.layer_norm(x, (d,), ln2_w, ln2_b, eps)
+    h = F.linear(F.gelu(F.linear(h, fc1_w, fc1_b)), fc2_w, fc2_b)
+    return x + (F.dropout(h, p, True) if p > 0 else h)
+
+
 class _Block(nn.Module):
     def __init__(self, cfg: VLAConfig):
         super().__init__()
@@ -169,24 +210,14 @@ class _Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: _Cache, mask: torch.Tensor) -> torch.Tensor:
-        # functional calls (not module calls): decoding runs this once per token and layer, where
-        # nn.Module dispatch overhead is a large share of the batch-1 latency
-        B, T, d = x.shape
-        h = F.layer_norm(x, (d,), self.ln1.weight, self.ln1.bias, self.ln1.eps)
-        q, k, v = F.linear(h, self.qkv.weight, self.qkv.bias).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        n = cache.n
-        cache.k[layer][:, :, n:n + T] = k
-        cache.v[layer][:, :, n:n + T] = v
-        a = F.scaled_dot_product_attention(q, cache.k[layer][:, :, :n + T], cache.v[layer][:, :, :n + T],
-                                           attn_mask=mask)
-        a = F.linear(a.transpose(1, 2).reshape(B, T, d), self.proj.weight, self.proj.bias)
-        p = self.drop.p if self.training else 0.0
-        x = x + (F.dropout(a, p, True) if p > 0 else a)
+    def weights(self) -> _BlockWeights:
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        h = F.layer_norm(x, (d,), self.ln2.weight, self.ln2.bias, self.ln2.eps)
-        h = F.linear(F.gelu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
-        return x + (F.dropout(h, p, True) if p > 0 else h)
+        return _BlockWeights(self.ln1.weight, self.ln1.bias, self.qkv.weight, self.qkv.bias, self.proj.weight,
+                             self.proj.bias, self.ln2.weight, self.ln2.bias, fc1.weight, fc1.bias, fc2.weight,
+                             fc2.bias, self.h, self.ln1.eps, self.drop.p if self.training else 0.0)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: _Cache, mask: torch.Tensor) -> torch.Tensor:
+        return _block(x, self.weights(), layer, cache, mask)
 
 
 class VLAModel(nn.Module):
@@ -311,21 +342,30 @@ class VLAModel(nn.Module):
         return e + self.pos_emb[self._p_act + 1 + slots]
 
     # ------------------------------------------------------------------ transformer
-    def _run(self, x: torch.Tensor, cache: _Cache, valid: torch.Tensor) -> torch.Tensor:
-        """Append tokens x (B, T, d) with key validity (B, T) to the cache; return final hidden states."""
-        B, T, _ = x.shape
+    def _decoder_weights(self) -> tuple[list[_BlockWeights], torch.Tensor, torch.Tensor, float]:
+        """The blocks' tensors and the final norm's (weight, bias, eps), for ``_run``: fetched once per
+        decode instead of once per generated token."""
+        return [b.weights() for b in self.blocks], self.ln_f.weight, self.ln_f.bias, self.ln_f.eps
+
+    def _run(self, x: torch.Tensor, cache: _Cache, valid: torch.Tensor,
+             weights: tuple[list[_BlockWeights], torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """Append tokens x (B, T, d) with key validity (B, T) to the cache; return final hidden states.
+        ``weights``: ``_decoder_weights()`` if already fetched."""
+        blocks, ln_w, ln_b, eps = self._decoder_weights() if weights is None else weights
+        B, T, d = x.shape
         n = cache.n
-        cache.valid[:, n:n + T] = valid
+        cache.valid.narrow(1, n, T).copy_(valid)
+        keys = cache.valid.narrow(1, 0, n + T).unsqueeze(1).unsqueeze(1)  # (B, 1, 1, n + T)
         if T == 1:  # decoding step: every cached key is in the past
-            mask = cache.valid[:, None, None, : n + T]
+            mask = keys
         else:
             kpos = torch.arange(n + T, device=x.device)
             qpos = torch.arange(n, n + T, device=x.device)
-            mask = (kpos[None, :] <= qpos[:, None])[None, None] & cache.valid[:, None, None, : n + T]
-        for i, blk in enumerate(self.blocks):
-            x = blk.forward(x, i, cache, mask)
+            mask = (kpos[None, :] <= qpos[:, None])[None, None] & keys
+        for i, w in enumerate(blocks):
+            x = _block(x, w, i, cache, mask)
         cache.n = n + T
-        return self.ln_f(x)
+        return F.layer_norm(x, (d,), ln_w, ln_b, eps)
 
     def _text_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.text_head(h).masked_fill(self.text_forbid, float("-inf"))
@@ -470,48 +510,58 @@ class VLAModel(nn.Module):
         check_greedy_actions(greedy_actions)
         cfg = self.cfg
         greedy = temperature <= 0
+        # every tensor the loop needs, fetched once: per-token module calls and attribute lookups cost
+        # about as much as the arithmetic at batch 1 (the same operations, bit for bit)
+        dw = self._decoder_weights()
+        text_w, text_b, forbid = self.text_head.weight, self.text_head.bias, self.text_forbid
+        emb_text, pos = self.text_emb.weight, self.pos_emb
+        acc_w, acc_b, curv_w, curv_b = self.accel_head.weight, self.accel_head.bias, self.curv_head.weight, \
+            self.curv_head.bias
+        emb_acc, emb_curv, emb_step = self.accel_emb.weight, self.curv_emb.weight, self.step_emb.weight
         pre = self._prefix(obs)
         B, P1, _ = pre.shape
         L = cfg.max_text_len
         cache = _Cache(cfg, B, cfg.seq_len, self.device, pre.dtype)
-        h = self._run(pre, cache, torch.ones(B, P1, dtype=torch.bool, device=self.device))[:, -1]
+        h = self._run(pre, cache, torch.ones(B, P1, dtype=torch.bool, device=self.device), dw).select(1, -1)
+        ones = torch.ones(B, 1, dtype=torch.bool, device=self.device)
         text = torch.full((B, L), tok.PAD_ID, dtype=torch.int64, device=self.device)
         lp_text = torch.zeros(B, device=self.device)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         N = cfg.n_action
         u = None if greedy else self._uniforms(generator, B, L + 2 * N)
         for i in range(L):
-            logits = self._text_logits(h)
-            t = self._pick(logits, temperature, top_p, None if greedy else u[:, i])
+            logits = F.linear(h, text_w, text_b).masked_fill(forbid, float("-inf"))
+            t = self._pick(logits, temperature, top_p, None if greedy else u.select(1, i))
             lp = torch.log_softmax(logits.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
             lp_text += torch.where(done, 0.0, lp)
             t = torch.where(done, tok.PAD_ID, t)
-            text[:, i] = t
+            text.select(1, i).copy_(t)
             done = done | (t == tok.EOS_ID)
             if bool((t == tok.PAD_ID).all()):
                 break  # every row finished: the remaining pad slots are masked keys, skip them
-            x = self.text_emb(t).unsqueeze(1) + self.pos_emb[P1 + i]
-            h = self._run(x, cache, (t != tok.PAD_ID).unsqueeze(1))[:, -1]
-        x = self.text_emb(torch.full((B, 1), tok.ACT_ID, device=self.device)) + self.pos_emb[self._p_act]
-        h = self._run(x, cache, torch.ones(B, 1, dtype=torch.bool, device=self.device))[:, -1]
+            x = F.embedding(t, emb_text).unsqueeze(1) + pos[P1 + i]
+            h = self._run(x, cache, (t != tok.PAD_ID).unsqueeze(1), dw).select(1, -1)
+        x = F.embedding(torch.full((B, 1), tok.ACT_ID, device=self.device), emb_text) + pos[self._p_act]
+        h = self._run(x, cache, ones, dw).select(1, -1)
         acts = torch.zeros(B, N, 2, dtype=torch.int64, device=self.device)
         lp_act = torch.zeros(B, device=self.device)
         mean = greedy and greedy_actions == "mean"
         ca, ck = tok.ACCEL_CENTRES.to(self.device), tok.CURV_CENTRES.to(self.device)
+        p_act = self._p_act
         for j in range(N):
-            la, lk = self.accel_head(h), self.curv_head(h)
+            la, lk = F.linear(h, acc_w, acc_b), F.linear(h, curv_w, curv_b)
             if mean:
                 a = tok.nearest_bin(torch.softmax(la.float(), -1) @ ca, ca)
                 k = tok.nearest_bin(torch.softmax(lk.float(), -1) @ ck, ck)
             else:
-                a = self._pick(la, temperature, top_p, None if greedy else u[:, L + 2 * j])
-                k = self._pick(lk, temperature, top_p, None if greedy else u[:, L + 2 * j + 1])
+                a = self._pick(la, temperature, top_p, None if greedy else u.select(1, L + 2 * j))
+                k = self._pick(lk, temperature, top_p, None if greedy else u.select(1, L + 2 * j + 1))
             lp_act += (torch.log_softmax(la.float(), -1).gather(-1, a.unsqueeze(-1))
                        + torch.log_softmax(lk.float(), -1).gather(-1, k.unsqueeze(-1))).squeeze(-1)
-            acts[:, j, 0], acts[:, j, 1] = a, k
-            if j + 1 < N:
-                x = self._action_emb(acts[:, j:j + 1], j)
-                h = self._run(x, cache, torch.ones(B, 1, dtype=torch.bool, device=self.device))[:, -1]
+            acts[:, j].copy_(torch.stack((a, k), -1))
+            if j + 1 < N:  # as _action_emb(acts[:, j:j + 1], j)
+                x = (F.embedding(a, emb_acc) + F.embedding(k, emb_curv) + emb_step[j]).unsqueeze(1) + pos[p_act + 1 + j]
+                h = self._run(x, cache, ones, dw).select(1, -1)
         return text, acts, lp_text, lp_act
 
 
