@@ -202,9 +202,11 @@ def test_schedule_is_fitted_to_the_time_limit_and_resumes_as_fitted(demos, home,
     with pytest.raises(KeyboardInterrupt):
         train_il(_cfg(demos, tmp_path / "kill", **kw), on_progress=clk.progress, log=lambda m: None, clock=clk)
     clk = _StepClock(2.0)
+    msgs = []
     res = train_il(_cfg(demos, tmp_path / "kill", **kw), resume=True, on_progress=clk.progress,
-                   log=lambda m: None, clock=clk)
+                   log=msgs.append, clock=clk)
     assert res.steps == 30 and not res.stopped_early
+    assert any(f"as fitted before the interruption: 30 of {fitted.planned_steps} planned" in m for m in msgs)
     _assert_same_weights(fitted.checkpoint, res.checkpoint)
 
 

@@ -357,6 +357,8 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     fit = cfg.fit_schedule and cfg.time_limit_min > 0
     if state is not None and fit:  # a schedule fitted before the interruption goes on as fitted
         total = max(step, min(total, int(state["extra"].get("total", total))))
+        if total != planned:
+            log(f"the schedule goes on as fitted before the interruption: {total} of {planned} planned steps")
     tracker, _ = begin_run(cfg, run_dir, prev, {"dataset": train_all.content_hash, "val_dataset": val.content_hash})
     with tracker:
         if state is None:
