@@ -143,18 +143,26 @@ def _check_sequence(batch: tuple[int, ...], controls: torch.Tensor, names: tuple
 # --------------------------------------------------------------------------- unicycle
 
 
-def _unicycle_step(
-    xy: torch.Tensor, yaw: torch.Tensor, speed: torch.Tensor, accel: torch.Tensor, curv: torch.Tensor,
-    dt: float,
+def _step_arc(
+    v0: torch.Tensor, accel: torch.Tensor, curv: torch.Tensor, dt: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One unchecked, unclipped unicycle step (see module docstring)."""
-    v0 = speed.clamp_min(0.0)
+    """Elementwise part of a unicycle step from start speed v0 >= 0: (end speed, half the heading
+    change, chord of the arc travelled), any shape (one step, or all steps of a rollout at once)."""
     v_end = v0 + accel * dt
     v1 = v_end.clamp_min(0.0)
     # stop inside the step: distance v0^2 / 2|a| (the denominator is > 0 in that branch)
     dist = torch.where(v_end >= 0, 0.5 * (v0 + v1) * dt, v0 * v0 / (-2.0 * accel).clamp_min(1e-12))
     half = 0.5 * curv * dist  # half the heading change
     chord = dist * torch.sinc(half / math.pi)  # exact arc chord: 2 sin(half) / curv
+    return v1, half, chord
+
+
+def _unicycle_step(
+    xy: torch.Tensor, yaw: torch.Tensor, speed: torch.Tensor, accel: torch.Tensor, curv: torch.Tensor,
+    dt: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One unchecked, unclipped unicycle step (see module docstring)."""
+    v1, half, chord = _step_arc(speed.clamp_min(0.0), accel, curv, dt)
     mid = yaw + half
     new_xy = xy + torch.stack((chord * torch.cos(mid), chord * torch.sin(mid)), dim=-1)
     return new_xy, wrap_angle(yaw + 2.0 * half), v1
@@ -267,17 +275,13 @@ def unicycle_rollout(
     if h == 0:
         return xy.new_zeros((*batch, 0, 2)), yaw.new_zeros((*batch, 0)), speed.new_zeros((*batch, 0))
     # The same arithmetic as H calls of ``_unicycle_step``, bit for bit, with only the three
-    # recurrences (speed, wrapped heading, position) stepped in Python and everything else done
+    # recurrences (speed, wrapped heading, position) stepped in Python and ``_step_arc`` evaluated
     # once over all H steps: elementwise kernels give the same bits on one element as on many.
     adt = accel * dt
     v = [speed.clamp_min(0.0)]
     for a_t in adt.unbind(-1):
         v.append((v[-1] + a_t).clamp_min(0.0))
-    v0, v1 = torch.stack(v[:-1], dim=-1), torch.stack(v[1:], dim=-1)  # (..., H) start / end speed of each step
-    v_end = v0 + adt
-    dist = torch.where(v_end >= 0, 0.5 * (v0 + v1) * dt, v0 * v0 / (-2.0 * accel).clamp_min(1e-12))
-    half = 0.5 * curv * dist
-    chord = dist * torch.sinc(half / math.pi)
+    v1, half, chord = _step_arc(torch.stack(v[:-1], dim=-1), accel, curv, dt)  # (..., H) each
     turn = 2.0 * half
     yaws = [yaw]
     for turn_t in turn.unbind(-1):
