@@ -52,27 +52,12 @@ def base_modules(rev: str, tmp: Path) -> dict:
 
 def bench_inputs(model, batch: int) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Model inputs of ``roadloop bench vla``'s scene at ``batch`` rows, and the ego (xy, yaw, speed)."""
-    from roadloop.bench import bench_scenario
-    from roadloop.policies.base import Observation
-    from roadloop.policies.vla.observe import quantize_raster
-    from roadloop.policies.vla.policy import VLAPolicy, observation_tensors
-    from roadloop.sim.batching import collate
-    from roadloop.sim.config import SimConfig
-    from roadloop.sim.state import init_state
-    from roadloop.sim.step import step
+    from roadloop.bench import bench_observation
+    from roadloop.policies.vla.policy import VLAPolicy
 
-    uniq = [bench_scenario(s, 32) for s in range(min(batch, 8))]
-    cfg = SimConfig()
-    states = [init_state(collate([uniq[i % len(uniq)] for i in range(batch)]), cfg)]
-    for _ in range(15):
-        states.append(step(states[-1], torch.tensor([[0.2, 0.0]]).expand(batch, 2).contiguous(), cfg))
-    s, hist = states[-1], states[-16:]
-    obs = Observation(state=s, ego_history_xy=torch.stack([h.xy[:, 0] for h in hist], 1),
-                      ego_history_yaw=torch.stack([h.yaw[:, 0] for h in hist], 1),
-                      ego_history_speed=torch.stack([h.speed[:, 0] for h in hist], 1), step=15, recent=tuple(hist))
-    raster = VLAPolicy(model).raster
-    inputs = observation_tensors(list(obs.recent[-raster.frames:]), obs, raster)
-    inputs["bev"], _ = quantize_raster(inputs["bev"], keep_uint8=False)
+    obs = bench_observation(batch)
+    inputs, _ = VLAPolicy(model).model_inputs(obs)
+    s = obs.state
     return inputs, s.xy[:, 0], s.yaw[:, 0], s.speed[:, 0]
 
 

@@ -99,11 +99,10 @@ class VLABenchResult:
     text_tokens: float  # mean generated text tokens per decision
 
 
-def run_vla_bench(policy, batch: int, repeats: int = 30, warmup: int = 5) -> VLABenchResult:
-    """Time ``policy.act`` (a ``VLAPolicy``) on the bench scene at batch ``batch``: everything one
-    decision needs (BEV raster of 4 frames, ego history, command, CoC text, 16 action tokens)."""
+def bench_observation(batch: int):
+    """The observation ``roadloop bench vla`` times: ``batch`` rows of the bench scene (``bench_scenario``
+    seeds 0-7, 32 agents) after 15 steps, with the 16-step ego history and the recent states."""
     from roadloop.policies.base import Observation
-    from roadloop.policies.vla import tokenizer as tok
 
     uniq = [bench_scenario(s, 32) for s in range(min(batch, 8))]
     sc = collate([uniq[i % len(uniq)] for i in range(batch)])
@@ -112,12 +111,19 @@ def run_vla_bench(policy, batch: int, repeats: int = 30, warmup: int = 5) -> VLA
     with torch.inference_mode():
         for _ in range(15):
             states.append(step(states[-1], torch.tensor([[0.2, 0.0]]).expand(batch, 2).contiguous(), cfg))
-    s = states[-1]
     hist = states[-16:]
-    obs = Observation(state=s, ego_history_xy=torch.stack([h.xy[:, 0] for h in hist], 1),
-                      ego_history_yaw=torch.stack([h.yaw[:, 0] for h in hist], 1),
-                      ego_history_speed=torch.stack([h.speed[:, 0] for h in hist], 1), step=15, recent=tuple(hist))
-    policy.reset(s, torch.arange(batch))
+    return Observation(state=states[-1], ego_history_xy=torch.stack([h.xy[:, 0] for h in hist], 1),
+                       ego_history_yaw=torch.stack([h.yaw[:, 0] for h in hist], 1),
+                       ego_history_speed=torch.stack([h.speed[:, 0] for h in hist], 1), step=15, recent=tuple(hist))
+
+
+def run_vla_bench(policy, batch: int, repeats: int = 30, warmup: int = 5) -> VLABenchResult:
+    """Time ``policy.act`` (a ``VLAPolicy``) on the bench scene at batch ``batch``: everything one
+    decision needs (BEV raster of 4 frames, ego history, command, CoC text, 16 action tokens)."""
+    from roadloop.policies.vla import tokenizer as tok
+
+    obs = bench_observation(batch)
+    policy.reset(obs.state, torch.arange(batch))
     times, ntok = [], []
     with torch.inference_mode():
         for i in range(warmup + repeats):

@@ -85,15 +85,20 @@ class VLAPolicy(Policy):
         self._gens = [torch.Generator().manual_seed((int(s) * 1_000_003 + _SEED_SALT) % (2 ** 63))
                       for s in seeds.tolist()]
 
+    def model_inputs(self, obs: Observation) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The model's inputs for ``obs`` (``bev`` on the uint8 grid the model was trained on: the
+        demonstrations'), and the uint8 raster itself when recording (else None)."""
+        frames = list(obs.recent[-self.raster.frames:]) or [obs.state]
+        inputs = observation_tensors(frames, obs, self.raster)
+        inputs["bev"], bev_q = quantize_raster(inputs["bev"], keep_uint8=self.record)
+        return inputs, bev_q
+
     def act(self, obs: Observation) -> PolicyOutput:
         state = obs.state
         B = state.batch_size
         if self._gens is None or len(self._gens) != B:
             self.reset(state, torch.zeros(B, dtype=torch.int64))
-        frames = list(obs.recent[-self.raster.frames:]) or [state]
-        inputs = observation_tensors(frames, obs, self.raster)
-        # the uint8 values the model was trained on (demonstrations); the uint8 raster itself only for the trace
-        inputs["bev"], bev_q = quantize_raster(inputs["bev"], keep_uint8=self.record)
+        inputs, bev_q = self.model_inputs(obs)
         text, acts, lp_text, lp_act = self.model.sample(inputs, self.temperature, self.top_p, self._gens,
                                                              self.greedy_actions)
         if self.record:
