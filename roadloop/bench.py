@@ -195,22 +195,28 @@ def run_data_bench(data: str, mode: str, batches: int = 200, batch_size: int = 6
 # ---------------------------------------------------------------------------------------------
 # Imitation: the model side of a training step per vision-token count and precision (``roadloop bench il``)
 
+LAYOUTS = ("channels_last", "nchw")  # the rasters' memory layout, which the vision stem runs in
+
+
 @dataclass
 class ILStepResult:
     patch: int  # VLAConfig.patch: raster px per vision token side
     vision_tokens: int
     seq_len: int
     precision: str  # resolved: fp32 or bf16
+    layout: str  # the rasters' memory layout: channels_last (as the trainers decode them) or nchw
     params: int
     step_ms: float  # median wall time of one step (forward, backward, clipping, AdamW) over the rounds
     samples_per_s: float  # batch_size / step_ms
 
 
 def run_il_bench(data: str, patches: list[int], precisions: list[str], preset: str = "default", steps: int = 10,
-                 repeats: int = 3, warmup: int = 2, batch_size: int = 64, device: str = "cpu", seed: int = 0
-                 ) -> list[ILStepResult]:
+                 repeats: int = 3, warmup: int = 2, batch_size: int = 64, device: str = "cpu", seed: int = 0,
+                 layouts: tuple[str, ...] = ("channels_last",)) -> list[ILStepResult]:
     """Time ``train_il``'s step (``il.step_loss``, backward, gradient clipping, AdamW) on real
-    demonstrations for each (patch, precision), without the data side (``run_data_bench``):
+    demonstrations for each (patch, precision, layout), without the data side (``run_data_bench``;
+    ``nchw``: the rasters laid out (B, F, C, H, W) in memory, as the trainers decoded them before
+    ``decode_raster(..., channels_last=True)`` and as the live policy renders them):
     ``steps + warmup`` batches are drawn from the first 1,024 decisions and assembled once, then
     each setting runs ``warmup`` untimed steps and ``repeats`` timed rounds of ``steps``, the
     rounds interleaved over the settings so that the machine's drift hits all alike.  Each setting
@@ -228,24 +234,28 @@ def run_il_bench(data: str, patches: list[int], precisions: list[str], preset: s
 
     dev = resolve_device(device, "--device")
     base = VLAConfig.preset(preset)
+    for lay in layouts:
+        if lay not in LAYOUTS:
+            raise RoadloopError(f"layout must be one of {', '.join(LAYOUTS)}, got {lay!r}")
     settings = []
     for patch in patches:
         cfg = dataclasses.replace(base, patch=patch).validate()
         for prec in precisions:
             if prec not in PRECISIONS:
                 raise RoadloopError(f"precision must be one of {', '.join(PRECISIONS)}, got {prec!r}")
-            settings.append((cfg, resolve_precision(prec, dev)))
+            settings += [(cfg, resolve_precision(prec, dev), lay) for lay in layouts]
     demos = load_demos(data, rasters="stream")
     pool = min(len(demos), 1024)
     g = torch.Generator().manual_seed(seed)
     data_t = TokenizedDemos.build(demos, base)
     batches = [data_t.batch(torch.randint(pool, (batch_size,), generator=g)) for _ in range(steps + warmup)]
     batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+    nchw = [{**b, "bev": b["bev"].contiguous()} for b in batches] if "nchw" in layouts else []
     runs = []
-    for cfg, prec in settings:
+    for cfg, prec, lay in settings:
         torch.manual_seed(seed)
         model = VLAModel(cfg).to(dev).train()
-        runs.append((model, adamw(model, 1e-3, 0.01), prec))
+        runs.append((model, adamw(model, 1e-3, 0.01), prec, batches if lay == "channels_last" else nchw))
 
     def one(model, opt, prec: str, batch: dict) -> None:
         loss = step_loss(model, batch, prec)["loss"]
@@ -258,22 +268,22 @@ def run_il_bench(data: str, patches: list[int], precisions: list[str], preset: s
         if torch.device(dev).type == "cuda":
             torch.cuda.synchronize(dev)
 
-    for model, opt, prec in runs:
-        for b in batches[:warmup]:
+    for model, opt, prec, bs in runs:
+        for b in bs[:warmup]:
             one(model, opt, prec, b)
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(max(1, repeats)):
-        for i, (model, opt, prec) in enumerate(runs):
+        for i, (model, opt, prec, bs) in enumerate(runs):
             sync()
             t0 = time.perf_counter()
-            for b in batches[warmup:]:
+            for b in bs[warmup:]:
                 one(model, opt, prec, b)
             sync()
             times[i].append((time.perf_counter() - t0) / max(1, steps))
     out = []
-    for (cfg, prec), (model, _, _), ts in zip(settings, runs, times, strict=True):
+    for (cfg, prec, lay), (model, *_), ts in zip(settings, runs, times, strict=True):
         step_s = statistics.median(ts)
-        out.append(ILStepResult(cfg.patch, cfg.n_patches, cfg.seq_len, prec, param_count(model), 1000 * step_s,
+        out.append(ILStepResult(cfg.patch, cfg.n_patches, cfg.seq_len, prec, lay, param_count(model), 1000 * step_s,
                                 batch_size / step_s))
     return out
 

@@ -228,13 +228,16 @@ def bench_il(data: str = typer.Option(..., "--data", help="Demonstrations to dra
              patches: str = typer.Option("8,16", help="Vision-token sizes to time (VLAConfig.patch: 8 -> 64 tokens, "
                                          "16 -> 16)."),
              precisions: str = typer.Option("fp32,bf16", help="Precisions to time (il.precision: fp32, bf16, auto)."),
+             layouts: str = typer.Option("channels_last", help="Raster memory layouts to time (the vision stem runs "
+                                         "in its input's): channels_last (as the trainers decode) and / or nchw."),
              preset: str = typer.Option("default", help="Model preset the sizes modify."),
              steps: int = typer.Option(10, help="Timed training steps per round."),
              repeats: int = typer.Option(3, help="Rounds per setting, interleaved (median shown)."),
              batch_size: int = typer.Option(64, help="Decisions per step (il.batch_size)."),
              device: str = typer.Option("cpu", help=_DEVICE_HELP),
              json_path: Path = typer.Option(None, "--json", help="Write results as JSON here.")) -> None:
-    """Imitation training step (forward, backward, AdamW) per vision-token count and precision: samples/s."""
+    """Imitation training step (forward, backward, AdamW) per vision-token count, precision and stem layout:
+    samples/s."""
     import torch
 
     from roadloop.bench import run_il_bench
@@ -246,17 +249,20 @@ def bench_il(data: str = typer.Option(..., "--data", help="Demonstrations to dra
     except ValueError as e:
         raise RoadloopError(f"--patches must be comma-separated integers, got {patches!r}") from e
     precs = [x.strip() for x in precisions.split(",") if x.strip()]
-    if not sizes or not precs:
-        raise RoadloopError(f"give at least one --patches and one --precisions value, got {patches!r}, {precisions!r}")
+    lays = tuple(x.strip() for x in layouts.split(",") if x.strip())
+    if not sizes or not precs or not lays:
+        raise RoadloopError(f"give at least one --patches, --precisions and --layouts value, got {patches!r}, "
+                            f"{precisions!r}, {layouts!r}")
     results = run_il_bench(data, sizes, precs, preset=preset, steps=steps, repeats=repeats, batch_size=batch_size,
-                           device=device)
+                           device=device, layouts=lays)
     table = Table(title=f"roadloop bench il: '{preset}' on {device}, batch {batch_size}, {torch.get_num_threads()} "
                   f"threads")
-    for c in ("patch", "vision tokens", "sequence", "precision", "params", "ms / step (median)", "samples/s"):
+    for c in ("patch", "vision tokens", "sequence", "precision", "stem layout", "params", "ms / step (median)",
+              "samples/s"):
         table.add_column(c, justify="right")
     for r in results:
-        table.add_row(str(r.patch), str(r.vision_tokens), str(r.seq_len), r.precision, f"{r.params / 1e6:.2f}M",
-                      f"{r.step_ms:.0f}", f"{r.samples_per_s:.1f}")
+        table.add_row(str(r.patch), str(r.vision_tokens), str(r.seq_len), r.precision, r.layout,
+                      f"{r.params / 1e6:.2f}M", f"{r.step_ms:.0f}", f"{r.samples_per_s:.1f}")
     console.print(table)
     if json_path:
         from dataclasses import asdict

@@ -367,3 +367,32 @@ def test_cli_bench_il_times_each_vision_size_and_precision(demos, tmp_path):
     assert r.exit_code != 0 and "divisible by patch" in r.output
     r = CliRunner().invoke(app, ["bench", "il", "--data", str(demos), "--precisions", " , "])
     assert r.exit_code != 0 and "at least one" in r.output
+    r = CliRunner().invoke(app, ["--threads", "1", "bench", "il", "--data", str(demos), "--preset", "tiny",
+                                 "--patches", "16", "--precisions", "fp32", "--layouts", "channels_last,nchw",
+                                 "--steps", "1", "--repeats", "1", "--batch-size", "4", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())["results"]
+    assert [x["layout"] for x in res] == ["channels_last", "nchw"] and all(x["samples_per_s"] > 0 for x in res)
+    r = CliRunner().invoke(app, ["bench", "il", "--data", str(demos), "--layouts", "nhwc"])
+    assert r.exit_code != 0 and "layout must be one of channels_last, nchw" in r.output
+
+
+def test_the_stem_layout_changes_no_output_beyond_rounding(demos):
+    """The trainers' channels-last rasters (DemoTensors.bev) and the (B, F, C, H, W) layout give the same
+    losses and gradients up to float rounding (the vision stem runs in its input's layout)."""
+    from roadloop.policies.vla.observe import decode_raster
+    from roadloop.train.il import TokenizedDemos
+
+    d = load_demos(str(demos))
+    torch.manual_seed(0)
+    model = VLAModel(VLAConfig(d_model=32, n_layers=1, n_heads=2))
+    batch = TokenizedDemos.build(d, model.cfg).batch(torch.arange(4))
+    assert batch["bev"].reshape(4, -1, 64, 64).is_contiguous(memory_format=torch.channels_last)
+    outs = []
+    for bev in (batch["bev"], decode_raster(d.raster[torch.arange(4)])):
+        model.zero_grad()
+        loss = model.loss({**batch, "bev": bev})["loss"]
+        loss.backward()
+        outs.append((loss.detach(), model.conv[0].weight.grad.clone()))
+    assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-6)

@@ -294,3 +294,38 @@ def test_raster_quantisation_is_the_storage_format_bit_for_bit():
     deq, q = quantize_raster(x, keep_uint8=True)
     assert torch.equal(q, ref_q) and torch.equal(deq, ref_deq) and deq.data_ptr() == x.data_ptr()
     assert quantize_raster(x0.clone())[1] is None
+
+
+def test_channels_last_decoding_is_the_same_values_laid_out_for_the_stem():
+    """decode_raster(channels_last=True) gives decode_raster's values bit for bit (every level of every channel),
+    laid out so that the stem's (B, F*C, H, W) view is channels-last without a copy; the model's vision tokens
+    on either layout agree to float rounding; bad shapes are refused."""
+    from roadloop.policies.vla.model import VLAConfig, VLAModel
+    from roadloop.policies.vla.observe import channels_last_raster, decode_raster
+
+    C = len(CHANNELS)
+    q = torch.arange(256, dtype=torch.uint8).repeat(2 * 4 * C * 8 * 8 // 256 + 1)[:2 * 4 * C * 8 * 8]
+    q = q.view(2, 4, C, 8, 8)
+    q = q[torch.randperm(2)]  # a gathered batch, as DemoTensors.bev decodes
+    ref, cl = decode_raster(q), decode_raster(q, channels_last=True)
+    assert cl.shape == ref.shape and torch.equal(cl, ref)
+    flat = cl.reshape(2, 4 * C, 8, 8)
+    assert flat.data_ptr() == cl.data_ptr() and flat.is_contiguous(memory_format=torch.channels_last)
+    relaid = channels_last_raster(ref)  # a float raster laid out the same way (RoaD's candidates)
+    assert torch.equal(relaid, ref) and relaid.stride() == cl.stride() and channels_last_raster(cl).data_ptr() == \
+        cl.data_ptr()
+    rows = cl[torch.tensor([1, 1, 0])]  # gathered rows keep the layout (openloop's and RoaD's K samples a row)
+    assert rows.reshape(3, 4 * C, 8, 8).is_contiguous(memory_format=torch.channels_last)
+    lead = decode_raster(q.unsqueeze(0).expand(3, -1, -1, -1, -1, -1), channels_last=True)  # (D, B, ...), as GRPO
+    assert torch.equal(lead, ref.expand(3, -1, -1, -1, -1, -1))
+    with pytest.raises(ValueError, match="needs"):
+        decode_raster(q[0, 0, 0], channels_last=True)
+    torch.manual_seed(0)
+    model = VLAModel(VLAConfig(d_model=32, n_layers=1, n_heads=2, raster_size=64, patch=16)).eval()
+    g = torch.Generator().manual_seed(1)
+    bev_q = torch.randint(0, 256, (3, 4, C, 64, 64), dtype=torch.uint8, generator=g)
+    obs = {"history": torch.randn(3, 16, 5, generator=g), "command": torch.tensor([0, 1, 2])}
+    with torch.no_grad():
+        a = model._prefix({**obs, "bev": decode_raster(bev_q)})
+        b = model._prefix({**obs, "bev": decode_raster(bev_q, channels_last=True)})
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

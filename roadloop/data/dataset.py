@@ -302,8 +302,9 @@ class DemoTensors:
         return SceneFacts(**{k: v[idx] for k, v in self.facts.items()})
 
     def bev(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, F, C, H, W) float32 decoded rasters of samples ``idx``."""
-        return decode_raster(self.raster[idx])
+        """(B, F, C, H, W) float32 decoded rasters of samples ``idx``, laid out channels-last in memory
+        (``decode_raster(..., channels_last=True)``: what the VLA model's vision stem reads fastest)."""
+        return decode_raster(self.raster[idx], channels_last=True)
 
     def split(self, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(train, val) sample indices, split by scenario id (``is_val``)."""

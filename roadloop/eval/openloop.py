@@ -92,7 +92,8 @@ def openloop_samples(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | No
         for key, v in score_outputs(demos, bi, text, acts, chunk).items():
             parts[key].append(v.float())
         if k > 0:
-            rep = {key: v.repeat_interleave(k, 0) for key, v in obs.items()}
+            rows = torch.arange(B).repeat_interleave(k)  # gathered rows keep the rasters' channels-last layout
+            rep = {key: v[rows] for key, v in obs.items()}
             gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i) * 101 + j)
                     for i in bi.tolist() for j in range(k)]
             _, sacts, _, _ = model.sample(rep, temperature=temperature, top_p=top_p, generator=gens)

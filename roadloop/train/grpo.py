@@ -562,10 +562,11 @@ def token_advantages(adv: torch.Tensor, text_len: int, n_action_tokens: int, n_e
 
 
 def decode_bev(q: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., C, H, W) -> float32 (``decode_raster``: exactly what the policy saw when acting)."""
+    """uint8 (..., F, C, H, W) -> float32 (``decode_raster``: exactly what the policy saw when acting), laid out
+    channels-last in memory for the vision stem."""
     from roadloop.policies.vla.observe import decode_raster
 
-    return decode_raster(q)
+    return decode_raster(q, channels_last=True)
 
 
 def decision_batch(gb: GroupBatch, flat: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -253,7 +253,7 @@ class ClosestOfK(Policy):
 
     @torch.no_grad()
     def act(self, obs: Observation) -> PolicyOutput:
-        from roadloop.policies.vla.observe import quantize_raster
+        from roadloop.policies.vla.observe import channels_last_raster, quantize_raster
         from roadloop.policies.vla.policy import observation_tensors
 
         state = obs.state
@@ -266,7 +266,10 @@ class ClosestOfK(Policy):
         inputs = observation_tensors(frames, obs, self.raster)
         # the model sees the uint8-quantised raster, as VLAPolicy; bev_q is what is recorded
         inputs["bev"], bev_q = quantize_raster(inputs["bev"], keep_uint8=True)
-        rep = {key: v.repeat_interleave(K, 0) for key, v in inputs.items()}
+        # the B rasters laid out for the vision stem once, then gathered K times each (keeps the layout)
+        inputs["bev"] = channels_last_raster(inputs["bev"])
+        rows = torch.arange(B).repeat_interleave(K)
+        rep = {key: v[rows] for key, v in inputs.items()}
         was = self.model.training
         self.model.eval()
         text, acts, lt, la = self.model.sample(rep, self.temperature, self.top_p, self._gens)

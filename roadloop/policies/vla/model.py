@@ -221,7 +221,13 @@ class _Block(nn.Module):
 
 
 class VLAModel(nn.Module):
-    """Decoder-only VLA transformer (see module docstring).  Device / dtype follow the parameters."""
+    """Decoder-only VLA transformer (see module docstring).  Device / dtype follow the parameters.
+
+    The convolutional stem runs in the memory layout of its input: channels-last where the raster
+    is laid out (B, H, W, F, C) in memory (``decode_raster(..., channels_last=True)``, what the
+    trainers feed it: oneDNN's CPU convolutions are faster on it, docs/LOG.md 2026-12-06), else
+    (B, C, H, W) (the live policy's raster: converting it would cost more than it saves).  The same
+    function either way; the last bits may differ."""
 
     def __init__(self, cfg: VLAConfig | None = None):
         super().__init__()
@@ -322,7 +328,9 @@ class VLAModel(nn.Module):
         B = bev.shape[0]
         C, P, n = cfg.frames * cfg.raster_channels, cfg.patch, cfg.raster_size // cfg.patch
         if cfg.stem == "conv":
-            vis = self.conv(bev.reshape(B, C, cfg.raster_size, cfg.raster_size)).flatten(2).transpose(1, 2)
+            # a view; channels-last when the raster is laid out so (the (B, d, h, w) output is then token-major)
+            x = bev.reshape(B, C, cfg.raster_size, cfg.raster_size)
+            vis = self.conv(x).flatten(2).transpose(1, 2)
         else:
             # the stride = kernel Conv2d as one matmul over unfolded patches (same weights; ~1.7x faster
             # forward + backward on CPU than the convolution)

@@ -447,12 +447,46 @@ def encode_raster(x: torch.Tensor) -> torch.Tensor:
     return raster_levels_(x.float().clone()).to(torch.uint8)
 
 
-def decode_raster(q: torch.Tensor) -> torch.Tensor:
+def decode_raster(q: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 (..., C, H, W) -> float32, the inverse of ``encode_raster`` (error <= 1/255; a signed 0
     comes back as +1/255).  ``VLAPolicy`` passes its live raster through the same quantisation
     (``quantize_raster``), so the model sees exactly the values it was trained on (demonstrations are
-    stored as uint8)."""
-    return levels_to_raster_(q.float())
+    stored as uint8).
+
+    ``channels_last``: q is (..., F, C, H, W) and the result, the same values bit for bit, is laid out
+    in memory as (..., H, W, F, C), i.e. ``reshape(B, F * C, H, W)`` of it is a channels-last batch
+    without a copy.  oneDNN's CPU convolutions run 1.3-2x faster on that layout (the VLA model's
+    vision stem converts its input to it); transposing here, on the uint8 levels before they are
+    widened to float32, moves a quarter of the bytes (docs/LOG.md, 2026-12-06)."""
+    if not channels_last:
+        return levels_to_raster_(q.float())
+    if q.dim() < 4:
+        raise ValueError(f"decode_raster(channels_last=True) needs (..., F, C, H, W) levels, got shape "
+                         f"{tuple(q.shape)}")
+    n = q.dim()
+    lead = tuple(range(n - 4))
+    x = q.permute(*lead, n - 2, n - 1, n - 4, n - 3).contiguous().float()  # (..., H, W, F, C)
+    den, off = _decode_constants(q.shape[-3])
+    x.div_(den).sub_(off)  # the same IEEE operations as levels_to_raster_, per channel
+    return x.permute(*lead, n - 2, n - 1, n - 4, n - 3)
+
+
+def channels_last_raster(x: torch.Tensor) -> torch.Tensor:
+    """(..., F, C, H, W) raster -> the same values laid out (..., H, W, F, C) in memory, as
+    ``decode_raster(..., channels_last=True)`` returns them (no copy when they already are).  Rows
+    gathered from it by an index tensor keep the layout (``repeat_interleave`` does not)."""
+    n = x.dim()
+    perm = (*range(n - 4), n - 2, n - 1, n - 4, n - 3)
+    return x.permute(*perm).contiguous().permute(*perm)
+
+
+def _decode_constants(n_ch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C,) divisor and offset of each channel's levels: 255 / 0, or 127.5 / 1 for the signed channels."""
+    den, off = torch.full((n_ch,), 255.0), torch.zeros(n_ch)
+    for a, b, signed in _channel_runs(n_ch):
+        if signed:
+            den[a:b], off[a:b] = 127.5, 1.0
+    return den, off
 
 
 def quantize_raster(x: torch.Tensor, keep_uint8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
