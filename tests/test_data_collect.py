@@ -30,7 +30,7 @@ def test_collect_writes_shards_and_manifest(fresh):
     assert man.complete and man.n_scenarios == 2 and man.n_samples > 0
     assert len(man.shards) >= 2  # two chunks, several shards of <= 8 samples
     on_disk = json.loads((d / "manifest.json").read_text())
-    assert on_disk["format"] == "roadloop-demos" and on_disk["version"] == 4
+    assert on_disk["format"] == "roadloop-demos" and on_disk["version"] == 5
     assert on_disk["content_hash"] == man.content_hash and on_disk["n_samples"] == man.n_samples
     assert set(on_disk["suites"]) == {"smoke"}
     for s in man.shards:
@@ -124,7 +124,7 @@ def test_tampered_or_corrupt_shard_is_a_clear_error(fresh, tmp_path):
         DemoDataset(tmp_path / "nothing")
     m["version"] = 3  # demonstrations labelled by the previous meta-action rule
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(RoadloopError, match="v3 manifest, but this code reads v4.*collect the demonstrations again"):
+    with pytest.raises(RoadloopError, match="v3 manifest, but this code reads v5.*collect the demonstrations again"):
         DemoDataset(tmp_path / "c")
 
 

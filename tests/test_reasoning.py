@@ -156,3 +156,31 @@ def test_consistency_and_garbage():
         assert parse_coc(junk) is None
     assert grounding_batch(["???"], st).tolist() == [False]
     assert consistency_batch(["???"], lon, lat).tolist() == [False]
+
+
+def test_label_side_is_read_in_the_frame_grounding_accepts():
+    """An agent far from the route (an oncoming car beyond the corner of a left turn: right of the route's
+    line, left of the ego) is labelled by its side of the ego; one near the route by its side of the route.
+    Either label is grounded in the facts it was written from (until format 5 the first was 'on the right')."""
+    import random
+
+    from roadloop.reasoning.checks import _grounded
+    from roadloop.reasoning.labels import SceneFacts, render_text, scene_components
+    from roadloop.reasoning.meta_action import Lateral, Longitudinal
+
+    def facts(near: bool) -> SceneFacts:
+        z = torch.zeros(1, 2)
+        return SceneFacts(kind=torch.tensor([[0, int(AgentType.VEHICLE)]]), valid=torch.tensor([[False, True]]),
+                          dist=torch.tensor([[0.0, 20.0]]), x_ego=torch.tensor([[0.0, 19.5]]),
+                          y_ego=torch.tensor([[0.0, 4.0]]), y_route=torch.tensor([[0.0, -9.0]]),
+                          gap=torch.tensor([[0.0, 18.0]]), near_route=torch.tensor([[False, near]]),
+                          in_corridor=torch.tensor([[False, True]]), intrudes=z.bool(), speed=torch.tensor([[0, 8.0]]),
+                          accel=z, crossing=z.bool(), light_gap=torch.full((1, 1), 1e9),
+                          light_state=torch.full((1, 1), -1), junction_gap=torch.full((1,), 1e9))
+
+    for near, side in ((False, "left"), (True, "right")):
+        f = facts(near)
+        comps = scene_components(f, 0)
+        assert comps["leader"].side == side
+        text = render_text(list(comps.values()), Longitudinal.SLOW_DOWN, Lateral.TURN_LEFT, random.Random(0))
+        assert f"on the {side}" in text and _grounded(parse_coc(text), f, 0), text

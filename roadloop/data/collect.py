@@ -75,8 +75,9 @@ from roadloop.sim.dynamics import ActionBounds, unicycle_controls_from_poses
 from roadloop.sim.geometry import wrap_angle
 
 FORMAT = "roadloop-demos"
-VERSION = 4  # 2: facts_* arrays, 2 Hz default; 3: junction, speed_limit and speed raster channels;
-# 4: lateral labels by the relative "heading is back" rule (reasoning.meta_action; a road curve is never a lane change)
+VERSION = 5  # 2: facts_* arrays, 2 Hz default; 3: junction, speed_limit and speed raster channels;
+# 4: lateral labels by the relative "heading is back" rule (reasoning.meta_action; a road curve is never a lane change);
+# 5: an agent's side in the CoC label read in the ego frame when it is not near the route (reasoning.labels._lateral)
 MANIFEST = "manifest.json"
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 FACT_FIELDS = tuple(f.name for f in dataclasses.fields(SceneFacts))
