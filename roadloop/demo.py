@@ -275,6 +275,14 @@ def build_suites(cfg: DemoConfig, out: Path, hooks: Hooks) -> tuple[dict[str, Pa
     return dirs, st
 
 
+def demos_stage_key(suite_hash: str, max_steps: int | None) -> str:
+    """Key of the demonstrations stage: its suite, rollout length and the demonstrations format, so that
+    a demo folder collected by code that wrote another format is collected again, not read and refused."""
+    from roadloop.data.collect import VERSION
+
+    return _key({"suite": suite_hash, "max_steps": max_steps, "format": VERSION})
+
+
 def collect_demos(cfg: DemoConfig, train_dir: Path, out: Path, hooks: Hooks) -> tuple[Path, str, Stage]:
     """Expert demonstrations on ``demo-train`` (``out/data/train``); resumes an interrupted collection."""
     from roadloop.data.collect import collect, load_manifest
@@ -283,7 +291,7 @@ def collect_demos(cfg: DemoConfig, train_dir: Path, out: Path, hooks: Hooks) -> 
     t0 = time.perf_counter()
     d = out / "data" / "train"
     suite_hash = load_suite(train_dir).content_hash
-    key = _key({"suite": suite_hash, "max_steps": cfg.max_steps})
+    key = demos_stage_key(suite_hash, cfg.max_steps)
     st = Stage("expert demonstrations", reused=_fresh(d, key))
     if not st.reused:
         _mark(d, key, done=False)

@@ -135,6 +135,20 @@ def test_stage_keys(tmp_path):
     assert not _fresh(d, "b") and not d.exists()  # other inputs: cleared
 
 
+def test_demonstrations_stage_is_collected_again_for_a_new_format(monkeypatch):
+    """A demo folder whose demonstrations an older format wrote gets a stale key (collected again, not
+    read and refused by ``load_manifest``)."""
+    import importlib
+
+    from roadloop.demo import demos_stage_key
+
+    collect = importlib.import_module("roadloop.data.collect")  # the package exports the function of that name
+    now = demos_stage_key("abc", 80)
+    assert demos_stage_key("abc", 80) == now and demos_stage_key("abd", 80) != now != demos_stage_key("abc", 40)
+    monkeypatch.setattr(collect, "VERSION", collect.VERSION - 1)
+    assert demos_stage_key("abc", 80) != now
+
+
 def _rep(rows: list[tuple[str, float, float, float]]) -> EvalReport:
     rs = [RolloutSummary(f"{sid}#0@p", sid, "fam", 0, False, "", {"score": s, "collision_at_fault": c, "offroad": o})
           for sid, s, c, o in rows]
