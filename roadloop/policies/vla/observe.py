@@ -456,7 +456,7 @@ def decode_raster(q: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     ``channels_last``: q is (..., F, C, H, W) and the result, the same values bit for bit, is laid out
     in memory as (..., H, W, F, C), i.e. ``reshape(B, F * C, H, W)`` of it is a channels-last batch
     without a copy.  oneDNN's CPU convolutions run 1.3-2x faster on that layout (the VLA model's
-    vision stem converts its input to it); transposing here, on the uint8 levels before they are
+    vision stem runs in its input's layout); transposing here, on the uint8 levels before they are
     widened to float32, moves a quarter of the bytes (docs/LOG.md, 2026-12-06)."""
     if not channels_last:
         return levels_to_raster_(q.float())
@@ -466,7 +466,7 @@ def decode_raster(q: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     n = q.dim()
     lead = tuple(range(n - 4))
     x = q.permute(*lead, n - 2, n - 1, n - 4, n - 3).contiguous().float()  # (..., H, W, F, C)
-    den, off = _decode_constants(q.shape[-3])
+    den, off = (t.to(x.device) for t in _decode_constants(q.shape[-3]))
     x.div_(den).sub_(off)  # the same IEEE operations as levels_to_raster_, per channel
     return x.permute(*lead, n - 2, n - 1, n - 4, n - 3)
 
