@@ -463,12 +463,9 @@ def decode_raster(q: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     if q.dim() < 4:
         raise ValueError(f"decode_raster(channels_last=True) needs (..., F, C, H, W) levels, got shape "
                          f"{tuple(q.shape)}")
-    n = q.dim()
-    lead = tuple(range(n - 4))
-    x = q.permute(*lead, n - 2, n - 1, n - 4, n - 3).contiguous().float()  # (..., H, W, F, C)
-    den, off = (t.to(x.device) for t in _decode_constants(q.shape[-3]))
-    x.div_(den).sub_(off)  # the same IEEE operations as levels_to_raster_, per channel
-    return x.permute(*lead, n - 2, n - 1, n - 4, n - 3)
+    x = channels_last_raster(q).float()  # .float() keeps the layout
+    den, off = (t.to(x.device).view(-1, 1, 1) for t in _decode_constants(q.shape[-3]))
+    return x.div_(den).sub_(off)  # the same IEEE operations as levels_to_raster_, per channel
 
 
 def channels_last_raster(x: torch.Tensor) -> torch.Tensor:
