@@ -294,3 +294,33 @@ def test_policy_drives_a_rollout():
     assert res.policy.startswith("vla@")
     with pytest.raises(RoadloopError, match="greedy_actions must be one of"):
         VLAPolicy(_model(), greedy_actions="argmax")
+
+
+def test_policy_observation_is_the_stored_raster_laid_out_by_batch_size():
+    """VLAPolicy's raster is quantize_raster(render_bev(...)) bit for bit, drawn channels-last from
+    CHANNELS_LAST_MIN_BATCH scenes up (NCHW below), and what it records is that raster's uint8 levels; a
+    recording rollout's decisions equal a non-recording one's."""
+    from roadloop.policies.base import Observation
+    from roadloop.policies.vla.observe import encode_raster, quantize_raster, render_bev
+    from roadloop.policies.vla.policy import CHANNELS_LAST_MIN_BATCH
+    from roadloop.rollout import RolloutConfig, rollout
+    from roadloop.sim.batching import collate
+    from roadloop.sim.state import init_state
+    from roadloop.testing.scenes import lead_vehicle_scene
+
+    pol = VLAPolicy(_model(), record=True)
+    for B in (1, CHANNELS_LAST_MIN_BATCH):
+        state = init_state(collate([lead_vehicle_scene(gap=10.0 + 5 * i) for i in range(B)]))
+        obs = Observation(state, state.xy[:, 0:1].repeat(1, 16, 1), state.yaw[:, 0:1].repeat(1, 16),
+                          state.speed[:, 0:1].repeat(1, 16), step=0, recent=(state,))
+        inputs, q = pol.model_inputs(obs)
+        raw = render_bev([state], pol.raster)
+        assert torch.equal(inputs["bev"], quantize_raster(raw.clone())[0]) and torch.equal(q, encode_raster(raw))
+        laid_out = inputs["bev"].permute(0, 3, 4, 1, 2).is_contiguous()
+        assert laid_out == (B >= CHANNELS_LAST_MIN_BATCH) and inputs["bev"].is_contiguous() == (not laid_out)
+    batch = collate([lead_vehicle_scene(gap=10.0 + 5 * i) for i in range(CHANNELS_LAST_MIN_BATCH)])
+    seeds = torch.arange(CHANNELS_LAST_MIN_BATCH)
+    cfg = RolloutConfig(max_steps=11, replan_every=5)
+    a = rollout(VLAPolicy(_model(), record=True), batch, seeds, cfg)
+    b = rollout(VLAPolicy(_model()), batch, seeds, cfg)
+    assert torch.equal(a.logp, b.logp) and a.reasoning == b.reasoning

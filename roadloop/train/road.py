@@ -253,7 +253,7 @@ class ClosestOfK(Policy):
 
     @torch.no_grad()
     def act(self, obs: Observation) -> PolicyOutput:
-        from roadloop.policies.vla.observe import channels_last_raster, quantize_raster
+        from roadloop.policies.vla.observe import encode_raster
         from roadloop.policies.vla.policy import observation_tensors
 
         state = obs.state
@@ -263,11 +263,10 @@ class ClosestOfK(Policy):
         expert_out = self.expert.act(obs)
         expert_xy = expert_out.plan_xy  # (B, 64, 2)
         frames = list(obs.recent[-self.raster.frames:]) or [state]
-        inputs = observation_tensors(frames, obs, self.raster)
-        # the model sees the uint8-quantised raster, as VLAPolicy; bev_q is what is recorded
-        inputs["bev"], bev_q = quantize_raster(inputs["bev"], keep_uint8=True)
-        # the B rasters laid out for the vision stem once, then gathered K times each (keeps the layout)
-        inputs["bev"] = channels_last_raster(inputs["bev"])
+        # the uint8-grid raster, as VLAPolicy's (bev_q is what is recorded), drawn channels-last for the vision
+        # stem: its B rows are gathered K times each below, which keeps the layout
+        inputs = observation_tensors(frames, obs, self.raster, channels_last=True)
+        bev_q = encode_raster(inputs["bev"])
         rows = torch.arange(B).repeat_interleave(K)
         rep = {key: v[rows] for key, v in inputs.items()}
         was = self.model.training

@@ -21,6 +21,11 @@ Measured (2-core CPU, ``torch.set_num_threads(1)``, ``python -m roadloop.policie
 66-73 ms per call (the 10-channel raster: 2.9-3.2 / 57-77 ms in the same minutes; ~320-450 ms
 before the ragged lane query).  At B=64 about a third is the lane query, a third writing the
 output (mostly first-touch page faults) and the rest the splats, crosswalks and glue.
+
+The live policy draws what its model sees in one call: ``render_bev(quantized=True)`` puts the
+values on the uint8 grid of the stored demonstrations at the source (bit for bit the stored-and-
+decoded raster), and ``channels_last=True`` writes them in the memory layout the vision stem runs
+fastest on (from ``policy.CHANNELS_LAST_MIN_BATCH`` scenes up).
 """
 
 from __future__ import annotations
@@ -132,19 +137,22 @@ def _window(k: int, centre_rc: torch.Tensor, cfg: RasterConfig
     return rows, cols, ((n * (1.0 - cfg.ego_offset) - 0.5 - rows) * r).float(), ((n / 2 - 0.5 - cols) * r).float()
 
 
-def _window_hits(hit: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(window, pixel) pairs of ``hit`` (N, k, k) that lie in the image -> their flat buffer index and window id."""
+def _window_hits(hit: torch.Tensor, base: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n: int,
+                 pix_stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(window, pixel) pairs of ``hit`` (N, k, k) that lie in the image -> their flat buffer index
+    ``base + pixel * pix_stride`` and window id."""
     hit = hit & ((rows >= 0) & (rows < n))[:, :, None] & ((cols >= 0) & (cols < n))[:, None, :]
     w, i, j = hit.nonzero().unbind(1)
-    return base.index_select(0, w) + rows[w, i] * n + cols[w, j], w
+    pix = rows[w, i] * n + cols[w, j]
+    return base.index_select(0, w) + (pix if pix_stride == 1 else pix * pix_stride), w
 
 
 def _splat_segments(img: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, radius: float,
-                    value: torch.Tensor, valid: torch.Tensor, cfg: RasterConfig) -> None:
+                    value: torch.Tensor, valid: torch.Tensor, cfg: RasterConfig, pix_stride: int = 1) -> None:
     """Paint pixels within ``radius`` m of segments a-b (..., 2) (ego frame) with ``value`` (...), amax.
 
-    ``img`` is the flat image buffer (N,); ``base`` (...) the offset of each segment's H*W plane.
+    ``img`` is the flat image buffer (N,); ``base`` (...) the offset of each segment's H*W plane
+    (its pixel 0), ``pix_stride`` the distance between neighbouring pixels of a plane.
     Only valid segments whose window meets the image are tested; windows are separable (row and
     column coordinates (N, k) broadcast to (N, k, k)) and only the hit pixels are scattered.
     """
@@ -164,16 +172,17 @@ def _splat_segments(img: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: t
     t = ((apx * abx)[:, :, None] + (apy * aby)[:, None, :]) / (abx * abx + aby * aby).clamp_min(1e-9)[:, :, None]
     t = t.clamp_(0.0, 1.0)
     d2 = (apx[:, :, None] - t * abx[:, :, None]) ** 2 + (apy[:, None, :] - t * aby[:, :, None]) ** 2
-    flat, w = _window_hits(d2 <= radius * radius, base.reshape(-1).index_select(0, sel), rows, cols, cfg.size)
+    flat, w = _window_hits(d2 <= radius * radius, base.reshape(-1).index_select(0, sel), rows, cols, cfg.size,
+                           pix_stride)
     img.scatter_reduce_(0, flat, value.reshape(-1).index_select(0, sel).index_select(0, w).to(img.dtype), "amax")
 
 
 def _box_hits(base: torch.Tensor, centre: torch.Tensor, yaw: torch.Tensor, half_len: torch.Tensor,
-              half_wid: torch.Tensor, valid: torch.Tensor, cfg: RasterConfig
+              half_wid: torch.Tensor, valid: torch.Tensor, cfg: RasterConfig, pix_stride: int = 1
               ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Pixels inside oriented boxes (ego frame centre (..., 2), yaw (...), half sizes (...)).
 
-    Returns their flat buffer index ``base + pixel`` (M,) and the flat index (M,) of the box each
+    Returns their flat buffer index ``base + pixel * pix_stride`` (M,) and the flat index (M,) of the box each
     hit belongs to (into the ``...`` items), or None when no valid box meets the image.
     """
     if centre.numel() == 0 or not bool(valid.any()):
@@ -192,7 +201,7 @@ def _box_hits(base: torch.Tensor, centre: torch.Tensor, yaw: torch.Tensor, half_
     u = (c * dx)[:, :, None] + (s * dy)[:, None, :]
     v = (-s * dx)[:, :, None] + (c * dy)[:, None, :]
     hit = (u.abs_() <= pick(half_len)[:, None, None]) & (v.abs_() <= pick(half_wid)[:, None, None])
-    flat, w = _window_hits(hit, pick(base), rows, cols, cfg.size)
+    flat, w = _window_hits(hit, pick(base), rows, cols, cfg.size, pix_stride)
     return flat, sel.index_select(0, w)
 
 
@@ -329,13 +338,22 @@ def _light_values(state: SimState, t: int) -> torch.Tensor:
     return torch.where(ok, _LIGHT_VALUE[ls.clamp(0, 3)], 0.0)
 
 
-def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None) -> torch.Tensor:
+def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None, *, quantized: bool = False,
+               channels_last: bool = False) -> torch.Tensor:
     """BEV raster (B, frames, C, H, W) float32 in [0, 1] (lane_cos / lane_sin in [-1, 1], see below).
 
     ``state_history``: the last states, oldest first (the last one is "now"); if fewer than
     ``cfg.frames`` are given the oldest is repeated.  All frames are drawn in the current ego
     frame.  Channels: ``CHANNELS``.  lane_cos / lane_sin are the cos / sin of the lane heading
     relative to the ego heading and may be negative (oncoming lanes); 0 off road.
+
+    ``quantized``: the values on the uint8 storage grid, ``quantize_raster(render_bev(...))[0]`` bit for
+    bit, but quantised at the source: each map channel once per scene (not per frame) and the painted
+    values (speeds, light states) before they are painted; the uint8 levels are ``encode_raster`` of
+    it.  ``channels_last``: the same values laid out in memory as (B, H, W, frames, C), the layout of
+    ``decode_raster(..., channels_last=True)``, so the vision stem's (B, frames * C, H, W) view is
+    channels-last without a copy (drawn so, not converted: a converted or in-place-quantised raster of
+    that layout costs more than the stem saves; docs/LOG.md 2026-12-06).
     """
     cfg = cfg or RasterConfig()
     F, n = cfg.frames, cfg.size
@@ -345,22 +363,31 @@ def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None) -
     B, A = now.xy.shape[:2]
     C, HW = len(CHANNELS), n * n
     ego_xy, ego_yaw = now.xy[:, 0], now.yaw[:, 0]
+    q = _quantized_ if quantized else (lambda v, signed=False: v)
+    # flat offset of pixel 0 of plane (b, f, ch) and the step between a plane's pixels, in the
+    # (B, F, C, HW) buffer or the channels-last (B, HW, F, C) one
+    ps = F * C if channels_last else 1
+    b_ = torch.arange(B).view(B, 1, 1)
+    f_ = torch.arange(F).view(1, F, 1)
+    offset = (lambda ch: b_ * (HW * F * C) + f_ * C + ch) if channels_last else \
+        (lambda ch: ((b_ * F + f_) * C + ch) * HW)  # ch: int or (B, 1, A) -> (B, F, 1 or A)
 
-    # map channels and route: the same in every frame, drawn once into a (B, C, HW) plane set
-    # (the per-frame channels stay 0 there) that is then copied to every frame
-    one = torch.zeros(B, C, HW)
+    # map channels and route: the same in every frame, drawn once into one frame's plane set (the
+    # per-frame channels stay 0 there) that is then copied to every frame
+    one = torch.zeros(B, HW, C) if channels_last else torch.zeros(B, C, HW)
+    planes = one.transpose(1, 2) if channels_last else one  # (B, C, HW) view
     for name, v in _map_channels(now, cfg).items():
-        one[:, CH[name]] = v
-    # route: segments of the route polyline in view
+        planes[:, CH[name]] = q(v, CH[name] in SIGNED_CHANNELS) if name in _GRADED_MAP_CH else v
+    # route: segments of the route polyline in view (value 1, on the grid)
     reach = cfg.size * cfg.resolution * math.hypot(max(cfg.ego_offset, 1.0 - cfg.ego_offset), 0.5) + 2.0
     rxy, _, rvalid = route_window(now, reach, reach)
     rl = _to_ego(rxy, ego_xy, ego_yaw)
     seg_ok = rvalid[:, 1:] & rvalid[:, :-1]
-    base = (torch.arange(B)[:, None] * (C * HW) + CH["route"] * HW).expand(B, seg_ok.shape[1])
-    _splat_segments(one.view(-1), base, rl[:, :-1], rl[:, 1:], ROUTE_TOL, torch.ones(base.shape), seg_ok, cfg)
-    img = one.unsqueeze(1).repeat(1, F, 1, 1)  # (B, F, C, HW)
+    base = (torch.arange(B)[:, None] * (C * HW) + CH["route"] * (1 if channels_last else HW)).expand(B, seg_ok.shape[1])
+    _splat_segments(one.view(-1), base, rl[:, :-1], rl[:, 1:], ROUTE_TOL, torch.ones(base.shape), seg_ok, cfg,
+                    C if channels_last else 1)
+    img = one.unsqueeze(2).repeat(1, 1, F, 1) if channels_last else one.unsqueeze(1).repeat(1, F, 1, 1)
     flat = img.view(-1)
-    plane = lambda ch: (torch.arange(B)[:, None] * F + torch.arange(F)[None, :]) * (C * HW) + ch * HW  # (B, F)
 
     # stop lines with their light state at each frame's step
     m = now.static.scenario.map
@@ -368,9 +395,9 @@ def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None) -
     vals = torch.stack([_light_values(s, int(s.t)) for s in hist], 1)  # (B, F, K)
     K = vals.shape[-1]
     if K:
-        base = plane(CH["light"])[:, :, None].expand(B, F, K)
+        base = offset(CH["light"]).expand(B, F, K)
         _splat_segments(flat, base, sl[:, None, :, 0].expand(B, F, K, 2), sl[:, None, :, 1].expand(B, F, K, 2),
-                        STOP_LINE_TOL, vals, vals > 0, cfg)
+                        STOP_LINE_TOL, q(vals.clone()) if quantized else vals, vals > 0, cfg, ps)
 
     # agents of every frame, in the current ego frame
     ag = now.static.scenario.agents
@@ -380,20 +407,23 @@ def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None) -
     loc = _to_ego(xy.view(B, F * A, 2), ego_xy, ego_yaw).view(B, F, A, 2)
     ryaw = wrap_angle(yaw - ego_yaw.view(B, 1, 1))
     kind_ch = torch.tensor([CH["vehicles"], CH["vru"], CH["vru"], CH["static"]])[ag.kind.clamp(0, 3)]  # (B, A)
-    base = (torch.arange(B).view(B, 1, 1) * F + torch.arange(F).view(1, F, 1)) * (C * HW) \
-        + kind_ch.view(B, 1, A) * HW
+    base = offset(kind_ch.view(B, 1, A))
     # boxes smaller than a pixel are grown to half a pixel (+eps) per side so they never vanish
     grow = 0.5 * cfg.resolution + 1e-3
     hl = (0.5 * ag.length).clamp_min(grow).view(B, 1, A).expand(B, F, A)
     hw = (0.5 * ag.width).clamp_min(grow).view(B, 1, A).expand(B, F, A)
-    hits = _box_hits(base, loc, ryaw, hl, hw, present, cfg)
+    hits = _box_hits(base, loc, ryaw, hl, hw, present, cfg, ps)
     if hits is not None:
         idx, box = hits
         flat.index_fill_(0, idx, 1.0)
-        # the same pixels in the speed plane, valued by each box's own speed at that frame
-        speed = torch.stack([s.speed for s in hist], 1).abs().div_(SPEED_SCALE).clamp_(0.0, 1.0)  # (B, F, A)
-        shift = (CH["speed"] - kind_ch).view(B, 1, A).expand(B, F, A).reshape(-1).index_select(0, box) * HW
+        # the same pixels in the speed plane, valued by each box's own speed at that frame (quantising
+        # before the max is the same as after: the rounding is monotonic)
+        speed = q(torch.stack([s.speed for s in hist], 1).abs().div_(SPEED_SCALE).clamp_(0.0, 1.0))  # (B, F, A)
+        step = 1 if channels_last else HW
+        shift = (CH["speed"] - kind_ch).view(B, 1, A).expand(B, F, A).reshape(-1).index_select(0, box) * step
         flat.scatter_reduce_(0, idx + shift, speed.reshape(-1).index_select(0, box), "amax")
+    if channels_last:
+        return img.view(B, n, n, F, C).permute(0, 3, 4, 1, 2)
     return img.view(B, F, C, n, n)
 
 
@@ -401,6 +431,16 @@ def render_bev(state_history: list[SimState], cfg: RasterConfig | None = None) -
 # uint8 storage of rasters (demonstrations, post-training traces) -- and what the policy sees
 
 SIGNED_CHANNELS = (CH["lane_cos"], CH["lane_sin"])  # stored as round(127.5 (x + 1))
+# map channels with values between the levels 0 and 1 (the others hold exactly 0 or 1, on the grid already)
+_GRADED_MAP_CH = ("lane_cos", "lane_sin", "speed_limit")
+
+
+def _quantized_(v: torch.Tensor, signed: bool = False) -> torch.Tensor:
+    """In place: values -> the nearest value of the uint8 grid, by the same IEEE operations (so the same bits)
+    as ``raster_levels_`` then ``levels_to_raster_``.  Returns ``v``."""
+    if signed:
+        return v.clamp_(-1.0, 1.0).add_(1.0).mul_(127.5).round_().div_(127.5).sub_(1.0)
+    return v.clamp_(0.0, 1.0).mul_(255.0).round_().div_(255.0)
 
 
 def _channel_runs(n_ch: int) -> list[tuple[int, int, bool]]:
@@ -441,10 +481,28 @@ def levels_to_raster_(q: torch.Tensor) -> torch.Tensor:
     return q
 
 
+_ENCODE_CHUNK = 1 << 20  # float32 elements a chunk of encode_raster's rows holds (4 MB of temporaries)
+
+
 def encode_raster(x: torch.Tensor) -> torch.Tensor:
     """(..., C, H, W) float in [0, 1] ([-1, 1] for lane_cos / lane_sin) -> uint8: channels in [0, 1]
-    as ``round(255 x)``, lane_cos / lane_sin as ``round(127.5 (x + 1))``.  ``x`` is left as it is."""
-    return raster_levels_(x.float().clone()).to(torch.uint8)
+    as ``round(255 x)``, lane_cos / lane_sin as ``round(127.5 (x + 1))``, by the operations of
+    ``raster_levels_`` (so the same levels).  ``x`` is left as it is; the result has its memory layout.
+    Chunks of leading rows with per-channel constants: the temporaries stay small whatever the layout (a
+    channels-last raster's channel slices are strided; whole-batch float temporaries cost more in first-touch
+    page faults than the arithmetic)."""
+    x = x if x.dtype == torch.float32 else x.float()
+    out = torch.empty_like(x, dtype=torch.uint8)
+    if x.numel() == 0:
+        return out
+    lo, hi, off, scale = (t.to(x.device).view(-1, 1, 1) for t in _encode_constants(x.shape[-3]))
+    if x.dim() < 4:
+        out.copy_(torch.clamp(x, lo, hi).add_(off).mul_(scale).round_())
+        return out
+    rows = max(1, _ENCODE_CHUNK // max(1, x[0].numel()))
+    for i in range(0, x.shape[0], rows):
+        out[i:i + rows].copy_(torch.clamp(x[i:i + rows], lo, hi).add_(off).mul_(scale).round_())
+    return out
 
 
 def decode_raster(q: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -475,6 +533,16 @@ def channels_last_raster(x: torch.Tensor) -> torch.Tensor:
     n = x.dim()
     perm = (*range(n - 4), n - 2, n - 1, n - 4, n - 3)
     return x.permute(*perm).contiguous().permute(*perm)
+
+
+def _encode_constants(n_ch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(C,) lower and upper bound, offset and scale of each channel's levels: clamp to [0, 1] and x 255, or
+    clamp to [-1, 1], + 1 and x 127.5 (signed; + 0 elsewhere changes nothing but the sign of a zero)."""
+    lo, hi, off, scale = torch.zeros(n_ch), torch.ones(n_ch), torch.zeros(n_ch), torch.full((n_ch,), 255.0)
+    for a, b, signed in _channel_runs(n_ch):
+        if signed:
+            lo[a:b], off[a:b], scale[a:b] = -1.0, 1.0, 127.5
+    return lo, hi, off, scale
 
 
 def _decode_constants(n_ch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -614,9 +682,17 @@ def _bench() -> None:
         for _ in range(5):
             render_bev(hist)
         print(f"B={B} agents={st.num_agents}: {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms per render_bev")
+        t0 = time.perf_counter()
+        for _ in range(5):
+            render_bev(hist, quantized=True, channels_last=B > 1)
+        print(f"B={B}: {(time.perf_counter() - t0) / 5 * 1e3:.1f} ms per render_bev(quantized=True, "
+              f"channels_last={B > 1}) (the policy's)")
         x = render_bev(hist)
+        xc = render_bev(hist, quantized=True, channels_last=True)
         for name, f in (("quantize_raster (in place, with a copy)", lambda r: quantize_raster(r.clone(), True)),
-                        ("encode_raster + decode_raster", lambda r: decode_raster(encode_raster(r)))):
+                        ("encode_raster + decode_raster", lambda r: decode_raster(encode_raster(r))),
+                        ("encode_raster of the channels-last raster (a recording policy)",
+                         lambda r: encode_raster(xc))):
             f(x)
             t0 = time.perf_counter()
             for _ in range(5):

@@ -21,7 +21,7 @@ from roadloop.policies.vla.observe import (
     RasterConfig,
     command_index,
     ego_history_features,
-    quantize_raster,
+    encode_raster,
     render_bev,
     route_command,
 )
@@ -29,12 +29,21 @@ from roadloop.sim import dynamics
 from roadloop.sim.datatypes import SimState
 
 _SEED_SALT = 0x5EED_F00D
+# from this batch size up the live raster is drawn channels-last for the vision stem (oneDNN's convolutions:
+# 1.5-2x faster on it at batch 64, about even at 4, 0.1-0.5 ms slower at 1-2; docs/LOG.md 2026-12-06)
+CHANNELS_LAST_MIN_BATCH = 4
 
 
-def observation_tensors(history: list[SimState], obs: Observation, raster: RasterConfig) -> dict[str, torch.Tensor]:
-    """Model inputs from a state history (oldest first, last = now) and the observation."""
-    return {"bev": render_bev(history, raster), "history": ego_history_features(obs),
-            "command": command_index(route_command(obs.state))}
+def observation_tensors(history: list[SimState], obs: Observation, raster: RasterConfig,
+                        channels_last: bool | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs from a state history (oldest first, last = now) and the observation.  ``bev`` is on the
+    uint8 grid of the demonstrations (``render_bev(quantized=True)``: the model sees exactly the values it
+    was trained on), laid out channels-last when ``channels_last`` (None: from ``CHANNELS_LAST_MIN_BATCH``
+    scenes up); ``encode_raster(bev)`` gives its uint8 levels."""
+    if channels_last is None:
+        channels_last = obs.state.batch_size >= CHANNELS_LAST_MIN_BATCH
+    return {"bev": render_bev(history, raster, quantized=True, channels_last=channels_last),
+            "history": ego_history_features(obs), "command": command_index(route_command(obs.state))}
 
 
 @dataclass
@@ -43,7 +52,7 @@ class DecisionRecord:
     post-training learners: re-scoring the same tokens under new weights gives exact ratios."""
 
     step: int  # simulator step
-    bev: torch.Tensor  # (B, F, C, H, W) uint8 (``roadloop.data.collect.encode_raster``; decode_raster)
+    bev: torch.Tensor  # (B, F, C, H, W) uint8 (``encode_raster``; any memory layout; decode_raster)
     history: torch.Tensor  # (B, 16, 5) float32
     command: torch.Tensor  # (B,) int64
     text: torch.Tensor  # (B, L) int64 sampled text ids (tokens, <eos>, pads)
@@ -90,8 +99,7 @@ class VLAPolicy(Policy):
         demonstrations'), and the uint8 raster itself when recording (else None)."""
         frames = list(obs.recent[-self.raster.frames:]) or [obs.state]
         inputs = observation_tensors(frames, obs, self.raster)
-        inputs["bev"], bev_q = quantize_raster(inputs["bev"], keep_uint8=self.record)
-        return inputs, bev_q
+        return inputs, (encode_raster(inputs["bev"]) if self.record else None)
 
     def act(self, obs: Observation) -> PolicyOutput:
         state = obs.state
@@ -111,4 +119,4 @@ class VLAPolicy(Policy):
                             reasoning=tok.decode_batch(text.cpu()), logp=(lp_text + lp_act).float().cpu())
 
 
-__all__ = ["DecisionRecord", "VLAPolicy", "observation_tensors"]
+__all__ = ["CHANNELS_LAST_MIN_BATCH", "DecisionRecord", "VLAPolicy", "observation_tensors"]
