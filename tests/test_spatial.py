@@ -168,8 +168,10 @@ def test_index_matches_brute_force_on_random_maps():
         pick = torch.randint(0, len(lane_pts), (Q // 2,), generator=g)
         pts[i, : Q // 2] = lane_pts[pick] + (torch.rand(Q // 2, 2, generator=g) * 2 - 1) * 3.0
     yaw = (torch.rand(3, Q, generator=g) * 2 - 1) * math.pi
+    pts[1, -3:] = float("nan")  # off road, never an error
     on, ok, lane = spatial.lane_query(pts, yaw, idx)
-    assert torch.equal(spatial.on_road(pts, idx), on)
+    assert not on[1, -3:].any()
+    assert torch.equal(spatial.on_road(pts, idx), on)  # the ragged query (cell_pairs) agrees with the windowed one
     total_on = 0
     for i, sc in enumerate(scenes):
         w_on, w_ok, w_lane, amb = brute_force(pts[i], yaw[i], sc.map)
@@ -185,6 +187,7 @@ def test_index_matches_brute_force_on_random_maps():
     idx2 = spatial.build_lane_index(batch.map, cell_size=6.0, n_fast=1)
     for a_, b_ in zip(spatial.lane_query(pts, yaw, idx2), (on, ok, lane), strict=True):
         assert torch.equal(a_, b_)
+    assert torch.equal(spatial.on_road(pts, idx2), on)
 
 
 def test_index_layout_and_options():

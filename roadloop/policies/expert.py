@@ -372,13 +372,16 @@ class Expert(Policy):
         B, P, H, _ = pxy.shape
         A = fxy.shape[2]
         L, W = ag.length, ag.width
-        # broad phase on all (B, P, H, A)
-        d = pxy.unsqueeze(3) - fxy.unsqueeze(1)  # (B, P, H, A, 2)
+        # broad phase on all (B, P, H, A): squared centre distances, x and y apart (no (..., 2) temporaries;
+        # dx dx + dy dy is the bits of the sum over the last axis of d * d)
+        dx = pxy[..., 0].unsqueeze(3) - fxy[..., 0].unsqueeze(1)  # (B, P, H, A)
+        dy = pxy[..., 1].unsqueeze(3) - fxy[..., 1].unsqueeze(1)
+        d2 = dx.mul_(dx).add_(dy.mul_(dy))
         r = 0.5 * torch.sqrt(L * L + W * W)  # (B, A)
         reach = (r[:, :1] + 0.6 + r).view(B, 1, 1, A)
         pres = fpres.unsqueeze(1).clone()  # (B, 1, H, A)
         pres[..., 0] = False
-        cand = ((d * d).sum(-1) < reach * reach) & pres
+        cand = (d2 < reach * reach) & pres
         hit = torch.zeros(B, P, H, A, dtype=torch.bool)
         buf = torch.zeros(B, P, H, A, dtype=torch.bool)
         k = cand.nonzero()

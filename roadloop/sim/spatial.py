@@ -5,8 +5,9 @@ lane's half width plus ``ON_ROAD_TOL``.  ``build_lane_index`` (numpy, once per b
 the segments, merges straight runs (exactly, within ``MERGE_TOL``), and buckets them in a
 uniform grid per scenario: each cell lists the segments whose capsule may reach it.  A query
 reads its cell's candidate list (a fixed-size window of ``n_fast`` entries; the few points
-whose cell holds more get a second pass) and computes exact point-segment distances, so its
-cost does not depend on the number of lanes.
+whose cell holds more get a second pass; ``on_road`` and the VLA raster read exactly each cell's
+entries instead, ``cell_pairs``) and computes exact point-segment distances, so its cost does not
+depend on the number of lanes.
 
 Layout (ragged, so a batch mixing small and city-scale maps wastes no memory on padding): the
 segments of all B scenarios are concatenated (S segments + one empty sentinel row), as are
@@ -276,12 +277,60 @@ def _query(points: torch.Tensor, yaw: torch.Tensor | None, index: LaneIndex, nea
     return res
 
 
+class CellPairs(NamedTuple):
+    """Every (point, candidate segment) pair of a ragged query (E pairs, E = the points' candidate counts)."""
+
+    point: torch.Tensor  # (E,) int64 flat point index (b * P + p)
+    seg: torch.Tensor  # (E,) int64 candidate segment
+    d2: torch.Tensor  # (E,) float32 m^2, squared distance from the point to the segment
+    r2: torch.Tensor  # (E,) float32 m^2, the segment's capsule radius squared: inside iff d2 <= r2
+
+
+def cell_pairs(x: torch.Tensor, y: torch.Tensor, index: LaneIndex) -> CellPairs:
+    """Capsule distances of points x, y (B, P) m to exactly the candidates of each point's grid cell.
+
+    The cells, the clamping of outside points to a border cell and the distance arithmetic are
+    ``_query``'s / ``_scan``'s operation for operation (so the same bits), but *ragged*: a point meets
+    its cell's ``count`` candidates (mean ~1.3 for points on and near a road) instead of a fixed window
+    of ``n_fast`` (~15), and overflow cells need no second pass.  Callers reduce per point
+    (``on_road``: any inside; the VLA raster's nearest lane: a deterministic min).
+    """
+    B, P = x.shape
+    M = B * P
+    inv = 1.0 / index.cell_size
+    dims = index.grid_dims.to(x.dtype)
+    gx = ((x - index.origin[:, 0:1]) * inv).floor_().nan_to_num_(0.0).clamp_min_(0.0)
+    gy = ((y - index.origin[:, 1:2]) * inv).floor_().nan_to_num_(0.0).clamp_min_(0.0)
+    gx = torch.minimum(gx, dims[:, 0:1] - 1)  # outside points read a border cell (empty: off road)
+    gy = torch.minimum(gy, dims[:, 1:2] - 1)
+    cell = (torch.addcmul(gx, gy, dims[:, 0:1]).long() + index.cell_offset.unsqueeze(1)).view(-1)
+    start = index.cell_table[:, 0].index_select(0, cell)
+    count = index.cell_table[:, 1].index_select(0, cell)
+    E = int(count.sum())
+    pid = torch.repeat_interleave(torch.arange(M, device=x.device), count, output_size=E)  # (E,) point of each pair
+    # entry of pair e = start[pid] + (e - first pair of pid)
+    shift = torch.repeat_interleave(start.sub_(torch.cumsum(count, 0).sub_(count)), count, output_size=E)
+    cand = index.cell_entries.index_select(0, shift.add_(torch.arange(E, device=x.device)))  # (E,) segment ids
+    f = [index.seg_pack[i].index_select(0, cand) for i in range(6)]  # ax, ay, dx, dy, 1/|d|^2, r^2
+    apx = x.reshape(-1).index_select(0, pid).sub_(f[0])
+    apy = y.reshape(-1).index_select(0, pid).sub_(f[1])
+    dx, dy = f[2], f[3]
+    t = torch.addcmul(apx * dx, apy, dy).mul_(f[4]).clamp_(0.0, 1.0)
+    qx, qy = apx.sub_(t * dx), apy.sub_(t * dy)
+    return CellPairs(pid, cand, torch.addcmul(qx * qx, qy, qy), f[5])
+
+
 def on_road(points: torch.Tensor, index: LaneIndex) -> torch.Tensor:
     """points (B, P, 2) m -> (B, P) bool: within half width + tol of some lane segment.
 
-    Points outside the scenario's grid are off road (no capsule reaches there).
+    Points outside the scenario's grid are off road (no capsule reaches there).  Ragged
+    (``cell_pairs``): the same answer as the windowed ``_query``, with a tenth of its distance tests.
     """
-    return _query(points, None, index, nearest=False).on.view(points.shape[:2])
+    B, P = points.shape[:2]
+    pr = cell_pairs(points[..., 0], points[..., 1], index)
+    on = torch.zeros(B * P, dtype=torch.bool, device=points.device)
+    on[pr.point[pr.d2 <= pr.r2]] = True  # writes only True: duplicates agree, deterministic
+    return on.view(B, P)
 
 
 def lane_query(points: torch.Tensor, yaw: torch.Tensor, index: LaneIndex
