@@ -486,9 +486,9 @@ def encode_raster(x: torch.Tensor) -> torch.Tensor:
 
 def decode_raster(q: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 (..., C, H, W) -> float32, the inverse of ``encode_raster`` (error <= 1/255; a signed 0
-    comes back as +1/255).  ``VLAPolicy`` passes its live raster through the same quantisation
-    (``quantize_raster``), so the model sees exactly the values it was trained on (demonstrations are
-    stored as uint8).
+    comes back as +1/255).  ``VLAPolicy`` draws its live raster on the same grid
+    (``render_bev(quantized=True)``, bit for bit ``quantize_raster`` of the raw raster), so the model sees
+    exactly the values it was trained on (demonstrations are stored as uint8).
 
     ``channels_last``: q is (..., F, C, H, W) and the result, the same values bit for bit, is laid out
     in memory as (..., H, W, F, C), i.e. ``reshape(B, F * C, H, W)`` of it is a channels-last batch
