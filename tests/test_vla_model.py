@@ -324,3 +324,24 @@ def test_policy_observation_is_the_stored_raster_laid_out_by_batch_size():
     a = rollout(VLAPolicy(_model(), record=True), batch, seeds, cfg)
     b = rollout(VLAPolicy(_model()), batch, seeds, cfg)
     assert torch.equal(a.logp, b.logp) and a.reasoning == b.reasoning
+
+
+def test_sample_repeat_shares_the_prefix_and_gives_the_repeated_rows_samples():
+    """sample(obs, repeat=K) (RoaD's K candidates of each row) gives the samples of the observations repeated K
+    times with the same per-row generators: the same tokens, log-likelihoods to float rounding; bad counts refused."""
+    m = _model()
+    obs, K = _obs(B=3), 4
+    seeds = range(100, 100 + 3 * K)
+    rep = {k: v.repeat_interleave(K, 0) for k, v in obs.items()}
+    for temperature in (1.0, 0.0):
+        a = m.sample(obs, temperature, generator=[torch.Generator().manual_seed(s) for s in seeds], repeat=K)
+        b = m.sample(rep, temperature, generator=[torch.Generator().manual_seed(s) for s in seeds])
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        torch.testing.assert_close(a[2], b[2])
+        torch.testing.assert_close(a[3], b[3])
+    sampled = m.sample(obs, 1.0, generator=[torch.Generator().manual_seed(s) for s in seeds], repeat=K)[0]
+    assert len({tuple(t.tolist()) for t in sampled[:K]}) > 1  # the K samples of a row differ
+    with pytest.raises(RoadloopError, match="generators for 12 sampled rows"):
+        m.sample(obs, generator=[torch.Generator() for _ in range(3)], repeat=K)
+    with pytest.raises(RoadloopError, match="repeat must be >= 1"):
+        m.sample(obs, repeat=0)

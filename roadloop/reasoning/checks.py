@@ -13,8 +13,9 @@ can be scored.  Garbage never raises: it scores False / False.
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -79,7 +80,7 @@ class MentionedComponent:
 class ParsedCoC:
     lon: Longitudinal  # KEEP_SPEED when only a lateral phrase is given
     lat: Lateral  # KEEP_LANE when only a longitudinal phrase is given
-    components: list[MentionedComponent] = field(default_factory=list)
+    components: tuple[MentionedComponent, ...] = ()
     claims_clear: bool = False
 
 
@@ -106,8 +107,17 @@ def decision_spans(text: str) -> list[tuple[int, int]]:
 
 
 def parse_coc(text: object) -> ParsedCoC | None:
-    """Parse free text (any object; non-strings give None) into a ``ParsedCoC``."""
-    if not isinstance(text, str) or not text.strip():
+    """Parse free text (any object; non-strings give None) into a ``ParsedCoC`` (immutable).  Memoised on
+    the text: the grounding and consistency checks of a decision parse the same text, and sampled texts
+    repeat (RoaD's K candidates of a scene, the steps of a rollout)."""
+    if not isinstance(text, str):
+        return None
+    return _parse_coc(text)
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse_coc(text: str) -> ParsedCoC | None:
+    if not text.strip():
         return None
     t = " " + re.sub(r"\s+", " ", text.lower().replace("’", "'")) + " "
     t = t.replace("right of way", "priority")
@@ -144,7 +154,7 @@ def parse_coc(text: object) -> ParsedCoC | None:
             if len(hits) > 1:  # several kinds in one clause: details go to the first only
                 side, dist_m, st = None, None, None
     return ParsedCoC(lon if lon is not None else Longitudinal.KEEP_SPEED,
-                     lat if lat is not None else Lateral.KEEP_LANE, comps, bool(_CLEAR_RE.search(t)))
+                     lat if lat is not None else Lateral.KEEP_LANE, tuple(comps), bool(_CLEAR_RE.search(t)))
 
 
 def _dist_ok(stated: float | None, actual: torch.Tensor) -> torch.Tensor:

@@ -263,15 +263,13 @@ class ClosestOfK(Policy):
         expert_out = self.expert.act(obs)
         expert_xy = expert_out.plan_xy  # (B, 64, 2)
         frames = list(obs.recent[-self.raster.frames:]) or [state]
-        # the uint8-grid raster, as VLAPolicy's (bev_q is what is recorded), drawn channels-last for the vision
-        # stem: its B rows are gathered K times each below, which keeps the layout
-        inputs = observation_tensors(frames, obs, self.raster, channels_last=True)
+        # the uint8-grid raster, as VLAPolicy's (bev_q is what is recorded); the K candidates of a row share
+        # its prefix (vision stem, history, command: computed once, cached keys / values repeated)
+        inputs = observation_tensors(frames, obs, self.raster)
         bev_q = encode_raster(inputs["bev"])
-        rows = torch.arange(B).repeat_interleave(K)
-        rep = {key: v[rows] for key, v in inputs.items()}
         was = self.model.training
         self.model.eval()
-        text, acts, lt, la = self.model.sample(rep, self.temperature, self.top_p, self._gens)
+        text, acts, lt, la = self.model.sample(inputs, self.temperature, self.top_p, self._gens, repeat=K)
         self.model.train(was)
         text, acts = text.cpu(), acts.cpu()
         ctrl = tok.dequantize(acts, self.model.cfg.action_chunk)  # (B K, 64, 2)

@@ -157,6 +157,20 @@ class _Cache:
         self.valid = torch.zeros(B, smax, dtype=torch.bool, device=device)
         self.n = 0
 
+    def repeat_rows(self, r: int) -> None:
+        """Each row becomes r consecutive rows (B -> B r), with its first ``n`` (filled) slots; the other
+        slots are left unset (a slot is written before anything reads it)."""
+        n = self.n
+
+        def rep(t: torch.Tensor, dim: int) -> torch.Tensor:
+            out = t.new_empty((t.shape[0] * r, *t.shape[1:]))
+            out.narrow(dim, 0, n).copy_(t.narrow(dim, 0, n).repeat_interleave(r, 0))
+            return out
+
+        self.k = [rep(k, 2) for k in self.k]
+        self.v = [rep(v, 2) for v in self.v]
+        self.valid = rep(self.valid, 1)
+
 
 class _BlockWeights(NamedTuple):
     """One block's tensors, fetched once per decode: at batch 1 the ``nn.Module`` attribute lookups
@@ -502,8 +516,8 @@ class VLAModel(nn.Module):
 
     @torch.no_grad()
     def sample(self, obs: dict, temperature: float = 1.0, top_p: float = 0.95,
-               generator: torch.Generator | list[torch.Generator] | None = None, greedy_actions: str = "mean"
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | list[torch.Generator] | None = None, greedy_actions: str = "mean",
+               repeat: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Autoregressive decoding with a KV cache.
 
         ``generator``: one CPU generator for the batch, or one per row (results then do not depend on
@@ -512,10 +526,16 @@ class VLAModel(nn.Module):
         chunk's distribution, the minimum-squared-error choice; each chunk still conditions on the
         bins chosen before it) or ``mode`` (the most likely bin).  ``mean`` keeps the plan with the
         text more often (docs/LOG.md: open-loop consistency +4-5 points).
+        ``repeat`` = r: r samples of each observation row (RoaD's K candidates), rows b r .. b r + r - 1
+        of the outputs (and of a per-row ``generator`` list); the prefix (vision stem, history, command)
+        and its pass through the blocks run once per observation, its cached keys / values are repeated
+        (the samples equal those of the observations repeated r times, up to float rounding).
         Returns text_ids (B, L) (tokens, ``<eos>``, pads), action_tokens (B, N, 2), logp_text (B,),
         logp_action (B,) (log-likelihood under the model, = ``log_prob``).
         """
         check_greedy_actions(greedy_actions)
+        if repeat < 1:
+            raise RoadloopError(f"VLAModel.sample: repeat must be >= 1, got {repeat}")
         cfg = self.cfg
         greedy = temperature <= 0
         # every tensor the loop needs, fetched once: per-token module calls and attribute lookups cost
@@ -531,6 +551,12 @@ class VLAModel(nn.Module):
         L = cfg.max_text_len
         cache = _Cache(cfg, B, cfg.seq_len, self.device, pre.dtype)
         h = self._run(pre, cache, torch.ones(B, P1, dtype=torch.bool, device=self.device), dw).select(1, -1)
+        if repeat > 1:
+            cache.repeat_rows(repeat)
+            h = h.repeat_interleave(repeat, 0)
+            B *= repeat
+        if isinstance(generator, list | tuple) and len(generator) != B:
+            raise RoadloopError(f"VLAModel.sample: {len(generator)} generators for {B} sampled rows")
         ones = torch.ones(B, 1, dtype=torch.bool, device=self.device)
         text = torch.full((B, L), tok.PAD_ID, dtype=torch.int64, device=self.device)
         lp_text = torch.zeros(B, device=self.device)
