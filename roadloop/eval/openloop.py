@@ -92,11 +92,10 @@ def openloop_samples(model: VLAModel, demos: DemoTensors, idx: torch.Tensor | No
         for key, v in score_outputs(demos, bi, text, acts, chunk).items():
             parts[key].append(v.float())
         if k > 0:
-            rows = torch.arange(B).repeat_interleave(k)  # gathered rows keep the rasters' channels-last layout
-            rep = {key: v[rows] for key, v in obs.items()}
             gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(i) * 101 + j)
                     for i in bi.tolist() for j in range(k)]
-            _, sacts, _, _ = model.sample(rep, temperature=temperature, top_p=top_p, generator=gens)
+            # k samples of each decision; they share its prefix (vision stem and prefix pass once per decision)
+            _, sacts, _, _ = model.sample(obs, temperature=temperature, top_p=top_p, generator=gens, repeat=k)
             s_xy = plans_from_tokens(sacts, demos.speed[bi].repeat_interleave(k), chunk).view(B, k, -1, 2)
             serr = torch.linalg.vector_norm(s_xy - demos.waypoints[bi].unsqueeze(1), dim=-1)  # (B, k, 64)
             parts["min_ade"].append(serr.mean(-1).amin(1))

@@ -238,10 +238,10 @@ class VLAModel(nn.Module):
     """Decoder-only VLA transformer (see module docstring).  Device / dtype follow the parameters.
 
     The convolutional stem runs in the memory layout of its input: channels-last where the raster
-    is laid out (B, H, W, F, C) in memory (``decode_raster(..., channels_last=True)``, what the
-    trainers feed it: oneDNN's CPU convolutions are faster on it, docs/LOG.md 2026-12-06), else
-    (B, C, H, W) (the live policy's raster: converting it would cost more than it saves).  The same
-    function either way; the last bits may differ."""
+    is laid out (B, H, W, F, C) in memory (``decode_raster(..., channels_last=True)`` in the trainers,
+    ``render_bev(..., channels_last=True)`` in the live policy from ``CHANNELS_LAST_MIN_BATCH`` scenes
+    up: oneDNN's CPU convolutions are faster on it, docs/LOG.md 2026-12-06), else (B, C, H, W) (the
+    live policy's smaller batches).  The same function either way; the last bits may differ."""
 
     def __init__(self, cfg: VLAConfig | None = None):
         super().__init__()
