@@ -23,6 +23,7 @@ from roadloop.train.il import (
     ModelSpec,
     ScheduleFit,
     TokenizedDemos,
+    WeightAverage,
     cpu_has_native_bf16,
     fitted_total,
     resolve_precision,
@@ -208,6 +209,54 @@ def test_schedule_is_fitted_to_the_time_limit_and_resumes_as_fitted(demos, home,
     assert res.steps == 30 and not res.stopped_early
     assert any(f"as fitted before the interruption: 30 of {fitted.planned_steps} planned" in m for m in msgs)
     _assert_same_weights(fitted.checkpoint, res.checkpoint)
+
+
+def test_weight_average_is_the_bias_corrected_ema_of_the_steps():
+    """After t updates the average is sum_s d^(t-s) w_s / sum_s d^(t-s) over the weights after each step
+    (the first update copies); it survives a state_dict round trip; bad decays are refused."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    d = 0.9
+    avg = WeightAverage(net, d)
+    seen = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        seen.append([p.detach().clone() for p in net.parameters()])
+        avg.update()
+    w = torch.tensor([d ** (len(seen) - 1 - s) for s in range(len(seen))], dtype=torch.float64)
+    w = w / w.sum()
+    for i, p in enumerate(avg.model.parameters()):
+        want = sum(float(w[s]) * seen[s][i].double() for s in range(len(seen)))
+        torch.testing.assert_close(p.double(), want, rtol=1e-6, atol=1e-6)
+    assert avg.updates == 5
+    other = WeightAverage(net, d)
+    other.load_state_dict(avg.state_dict())
+    for a, b in zip(avg.model.parameters(), other.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="decay must be in"):
+            WeightAverage(net, bad)
+
+
+def test_weight_averaged_run_evaluates_and_resumes_with_the_average(demos, home, tmp_path):
+    """``ema_decay``: ``final`` holds the average (not the last weights), the trainer checkpoint both; a cut
+    run resumes to the uninterrupted run's average bit for bit; changing the decay on resume is refused."""
+    kw = dict(epochs=6.0, ema_decay=0.9)
+    full = train_il(_cfg(demos, tmp_path / "full", **kw), log=lambda m: None)
+    _, meta = load_checkpoint(full.checkpoint)
+    assert meta["extra"]["weights"].startswith("ema 0.9 over ")
+    avg, _ = load_checkpoint(full.checkpoint)
+    raw, _ = load_checkpoint(sorted((tmp_path / "full").glob("ckpt-*"))[-1])
+    assert any(not torch.equal(v, raw.state_dict()[k]) for k, v in avg.state_dict().items())
+    _interrupt_at_step_15(demos, tmp_path / "cut", **kw)
+    with pytest.raises(ConfigError, match="ema_decay=0.9, this config has 0.5"):
+        train_il(_cfg(demos, tmp_path / "cut", epochs=6.0, ema_decay=0.5), resume=True, log=lambda m: None)
+    res = train_il(_cfg(demos, tmp_path / "cut", **kw), resume=True, log=lambda m: None)
+    _assert_same_weights(full.checkpoint, res.checkpoint)
+    with pytest.raises(ConfigError, match="ema_decay must be in"):
+        _cfg(demos, tmp_path / "r", ema_decay=1.0).validate()
 
 
 def test_no_final_evaluation_still_writes_the_final_checkpoint(demos, home, tmp_path):

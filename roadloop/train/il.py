@@ -38,6 +38,13 @@ that fits its plan is untouched, step for step.  The number of steps of a fitted
 machine's speed, so two runs agree bit for bit only when neither was fitted (``fit_schedule=false``
 or ``time_limit_min=0`` for a run that must); the checkpoint records ``steps`` and
 ``planned_steps``.  The limit still stops any run that overruns it (``stopped_early``).
+
+Weight averaging: with ``ema_decay`` = d > 0 the run keeps an exponential moving average of the weights
+(Polyak averaging; ``WeightAverage``), bias-corrected so that after t steps it is the average of the
+weights after every step so far, the one s steps back weighted by d^s (no warm-up constant: the first
+update copies, the second averages two).  The in-training and final open-loop evaluations and
+``<out>/final`` then hold the average; the trainer checkpoints hold both (the average in ``extra``, so a
+resumed run goes on with it bit for bit).  Measured in docs/LOG.md (2026-12-07).
 """
 
 from __future__ import annotations
@@ -47,9 +54,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch.optim.swa_utils import AveragedModel
 
 from roadloop.config import resolve_device, to_dict
 from roadloop.data.dataset import RASTER_MODES, DemoTensors, load_demos, stream_epoch_order
@@ -124,6 +133,7 @@ class ILConfig:
     seed: int = 0
     device: str = "cpu"  # cpu, cuda, cuda:N or auto (CUDA when available)
     max_bad_steps: int = 20
+    ema_decay: float = 0.0  # weight average (module docstring): per-step decay d in [0, 1); 0: off
     track: bool = True
     experiment: str = "roadloop-il"
 
@@ -138,6 +148,8 @@ class ILConfig:
             raise ConfigError(f"il.epochs and il.lr must be > 0, got {self.epochs}, {self.lr}")
         if not self.decision_weight > 0:
             raise ConfigError(f"il.decision_weight must be > 0, got {self.decision_weight}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"il.ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"il.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.data_loading not in RASTER_MODES:
@@ -293,6 +305,44 @@ class ScheduleFit:
         return fitted_total(step, self.planned, step_s, self.limit_s * (1 - FIT_RESERVE) - (now - self.t0))
 
 
+def _ema_update(decay: float, avg: list[torch.Tensor], cur: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+    """One bias-corrected EMA step (``AveragedModel``'s ``multi_avg_fn``): after t = n_averaged + 1 updates
+    avg = sum_s d^(t-s) w_s / sum_s d^(t-s), i.e. lerp(avg, w_t, (1 - d) / (1 - d^t))."""
+    t = int(n_averaged) + 1
+    torch._foreach_lerp_(avg, cur, (1.0 - decay) / (1.0 - decay ** t))
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters (module docstring), on
+    ``torch.optim.swa_utils.AveragedModel``; ``model`` is the averaged copy, ``update()`` after each
+    optimizer step, ``state_dict()`` / ``load_state_dict()`` for trainer checkpoints."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self._avg = AveragedModel(model, multi_avg_fn=partial(_ema_update, decay), use_buffers=False)
+        self._src = model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The averaged model (same class and config as the trained one)."""
+        return self._avg.module
+
+    @property
+    def updates(self) -> int:
+        return int(self._avg.n_averaged)
+
+    def update(self) -> None:
+        self._avg.update_parameters(self._src)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self._avg.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._avg.load_state_dict(state)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch (a pure function of seed and epoch, so resuming replays it)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
@@ -354,6 +404,20 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     steps_per_epoch = max(1, train_idx.numel() // cfg.batch_size)
     total = planned = max(1, int(round(cfg.epochs * steps_per_epoch)))
     step, elapsed, state = restore(run_dir, model, opt, resume, "step", total, log)
+    ema = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if state is not None:
+        saved = state["extra"].get("ema_decay", 0.0)
+        if saved != cfg.ema_decay:
+            raise ConfigError(f"{run_dir}: the run was checkpointed with il.ema_decay={saved}, this config has "
+                              f"{cfg.ema_decay}; resume with the same weight average")
+        if ema is not None:
+            ema.load_state_dict(state["extra"]["ema"])
+
+    def extra() -> dict:
+        out = {"elapsed": clock() - t0, "total": total}
+        return out if ema is None else {**out, "ema_decay": cfg.ema_decay, "ema": ema.state_dict()}
+
+    eval_model = model if ema is None else ema.model  # what the evaluations and ``final`` hold
     fit = cfg.fit_schedule and cfg.time_limit_min > 0
     if state is not None and fit:  # a schedule fitted before the interruption goes on as fitted
         total = max(step, min(total, int(state["extra"].get("total", total))))
@@ -401,6 +465,8 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
             bad_run = 0
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            if ema is not None:
+                ema.update()
             step += 1
             seen += bi.numel()
             if fitter is not None and step < total:
@@ -423,26 +489,28 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
                     on_progress(step, total, m)
             if step % cfg.ckpt_every == 0 or step == total:
                 good.snapshot(step)
-                save_train_state(run_dir, step, model, opt, extra={"elapsed": clock() - t0, "total": total}, keep=2)
+                save_train_state(run_dir, step, model, opt, extra=extra(), keep=2)
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 te = clock()
-                om = openloop_metrics(model, val, ev_idx, k=cfg.eval_k, seed=cfg.seed)
+                om = openloop_metrics(eval_model, val, ev_idx, k=cfg.eval_k, seed=cfg.seed)
                 if fitter is not None:
                     fitter.paused(clock() - te, cfg.eval_every)
                 tracker.log_metrics({f"val/{k}": v for k, v in om.items()}, step)
                 log(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in om.items() if k != "n"))
             if cfg.time_limit_min > 0 and clock() - t0 > 60 * cfg.time_limit_min and step < total:
                 log(f"time limit {cfg.time_limit_min} min reached at step {step}/{total}: stopping")
-                save_train_state(run_dir, step, model, opt, extra={"elapsed": clock() - t0, "total": total}, keep=2)
+                save_train_state(run_dir, step, model, opt, extra=extra(), keep=2)
                 stopped_early = True
                 break
         train_s = clock() - t0
-        om = openloop_metrics(model, val, fin_idx, k=cfg.eval_k, seed=cfg.seed) if cfg.final_eval_samples else {}
+        om = openloop_metrics(eval_model, val, fin_idx, k=cfg.eval_k, seed=cfg.seed) if cfg.final_eval_samples else {}
         tracker.log_metrics({f"val/{k}": v for k, v in om.items()}, step)
         sps = step * cfg.batch_size / max(train_s, 1e-9)
-        final = save_checkpoint(model.eval(), run_dir / "final",
+        final = save_checkpoint(eval_model.eval(), run_dir / "final",
                                 extra={"dataset": train_all.content_hash, "val_dataset": val.content_hash,
                                        "trainer": "il", "steps": step, "planned_steps": planned,
+                                       "weights": "last" if ema is None else
+                                       f"ema {cfg.ema_decay} over {ema.updates} steps",
                                        "run_id": tracker.run_id, "precision": precision,
                                        "train_seconds": round(train_s, 1), "openloop": om, "config": to_dict(cfg)})
         tracker.log_metrics({"train_seconds": train_s, "samples_per_s_mean": sps}, step)
@@ -455,5 +523,5 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
 
 
 __all__ = ["PRECISIONS", "ExpertStream", "ILConfig", "ILResult", "ModelSpec", "ScheduleFit", "TokenizedDemos",
-           "cpu_has_native_bf16", "epoch_order", "fitted_total", "load_expert_demos", "lr_at", "resolve_precision",
-           "step_loss", "train_il"]
+           "WeightAverage", "cpu_has_native_bf16", "epoch_order", "fitted_total", "load_expert_demos", "lr_at",
+           "resolve_precision", "step_loss", "train_il"]
