@@ -245,9 +245,8 @@ def test_weight_averaged_run_evaluates_and_resumes_with_the_average(demos, home,
     run resumes to the uninterrupted run's average bit for bit; changing the decay on resume is refused."""
     kw = dict(epochs=6.0, ema_decay=0.9)
     full = train_il(_cfg(demos, tmp_path / "full", **kw), log=lambda m: None)
-    _, meta = load_checkpoint(full.checkpoint)
+    avg, meta = load_checkpoint(full.checkpoint)
     assert meta["extra"]["weights"].startswith("ema 0.9 over ")
-    avg, _ = load_checkpoint(full.checkpoint)
     raw, _ = load_checkpoint(sorted((tmp_path / "full").glob("ckpt-*"))[-1])
     assert any(not torch.equal(v, raw.state_dict()[k]) for k, v in avg.state_dict().items())
     _interrupt_at_step_15(demos, tmp_path / "cut", **kw)

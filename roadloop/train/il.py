@@ -320,7 +320,6 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0 < decay < 1:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
-        self.decay = decay
         self._avg = AveragedModel(model, multi_avg_fn=partial(_ema_update, decay), use_buffers=False)
         self._src = model
 
