@@ -127,7 +127,9 @@ def test_streamed_rasters_train_and_resume(demos, home, tmp_path):
 @pytest.mark.parametrize("stem,patch", [("patch", None), ("conv", 8)])
 def test_bf16_training_and_the_vision_stems(demos, home, tmp_path, stem, patch):
     """precision=bf16 (autocast) learns and saves fp32 weights; model.stem / model.patch pick the vision tokens."""
-    res = train_il(_cfg(demos, tmp_path / "bf16", epochs=20.0, precision="bf16",
+    # 10 epochs: the loss ends at 0.36-0.37 of its start with either stem (0.22 after 20); bf16 is emulated
+    # (slow) on a CPU without native bf16
+    res = train_il(_cfg(demos, tmp_path / "bf16", epochs=10.0, precision="bf16",
                         model=ModelSpec("tiny", stem=stem, patch=patch)), log=lambda m: None)
     losses = [v for _, v in read_metrics(res.run_id, "loss")]
     assert losses[-1] < 0.6 * losses[0]
@@ -359,7 +361,7 @@ def test_cli_train_then_closed_loop_eval(demos, home, tmp_path):
                                  "eval_every=0", "final_eval_samples=8", "eval_k=2", "--data", str(demos),
                                  "--val-data", str(demos), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    assert "decision_acc" in r.output and str(out / "final") in r.output
+    assert "decision_acc" in r.output and str(out / "final") in "".join(r.output.split())  # rich wraps long paths
     pol = get_policy(str(out / "final"))
     assert isinstance(pol, VLAPolicy) and pol.replan_every == 5
     rj = tmp_path / "eval.json"
