@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -8,8 +10,11 @@ import torch
 # spin-wait far longer than they save
 torch.set_num_threads(1)
 os.environ.setdefault("ROADLOOP_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "roadloop-test"))
-# trackers, the registry and the rollout store write under ROADLOOP_HOME: never the user's ~/.roadloop
-os.environ.setdefault("ROADLOOP_HOME", tempfile.mkdtemp(prefix="roadloop-test-home-"))
+# trackers, the registry and the rollout store write under ROADLOOP_HOME: never the user's (~/.roadloop or
+# an exported ROADLOOP_HOME).  A fresh folder per test process (each xdist worker imports this file
+# itself), removed when the process ends.
+os.environ["ROADLOOP_HOME"] = tempfile.mkdtemp(prefix="roadloop-test-home-")
+atexit.register(shutil.rmtree, os.environ["ROADLOOP_HOME"], ignore_errors=True)
 for _var in ("MLFLOW_TRACKING_URI", "ROADLOOP_TRACKING_URI", "ROADLOOP_REGISTRY_DB"):
     os.environ.pop(_var, None)
 
