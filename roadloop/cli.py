@@ -440,14 +440,17 @@ def eval_openloop_cmd(policy: str = typer.Option(..., help="VLA checkpoint direc
 def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of the reference policy (roadloop eval "
                                              "--json); several suites: a.json,b.json."),
                 after: str = typer.Argument(..., help="Evaluation JSON(s) of the candidate, same suites and seeds."),
-                json_path: Path = typer.Option(None, "--json", help="Write the rows as JSON here.")) -> None:
+                json_path: Path = typer.Option(None, "--json", help="Write the rows as JSON here."),
+                by_family: bool = typer.Option(False, "--by-family", help="Also the score and incident changes "
+                                               "within each scenario family.")) -> None:
     """Paired comparison of two policies' closed-loop evaluations: per metric, the change over the rollouts
     both drove (same scenario, same seed) with its 95% interval; a change whose interval holds 0 is noise."""
-    from roadloop.eval.compare import compare_reports, load_reports, rows_to_json
+    from roadloop.eval.compare import MIN_FAMILY_PAIRS, compare_by_family, compare_reports, load_reports, rows_to_json
     from roadloop.io import atomic_write_text, json_clean
 
     b, a = load_reports(before), load_reports(after)
     rows = compare_reports(b, a)
+    fam_rows, few = compare_by_family(b, a) if by_family else (None, {})
     names = [", ".join(sorted({r.policy for r in reps})) for reps in (b, a)]
     t = Table(title=f"{names[0]} -> {names[1]} ({rows[0].n} paired rollouts; 95% intervals of the paired change)")
     for c in ("metric", "before", "after", "change", "relative", "verdict"):
@@ -459,8 +462,28 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
                   f"{100 * r.relative:+.0f}%" if math.isfinite(r.relative) else "-",
                   f"[{style}]{r.verdict}[/]" if style else r.verdict)
     console.print(t)
+    if fam_rows is not None:
+        ft = Table(title="per family (paired rollouts; 95% intervals)")
+        for c in ("family", "n", "score", "score change", "incident", "incident change"):
+            ft.add_column(c, justify="left" if c == "family" else "right")
+
+        def cell(r) -> tuple[str, str]:
+            pct = r.kind == "rate"
+            style = {"better": "green", "worse": "red"}.get(r.verdict, "")
+            ch = _fmt_change(r.change, r.halfwidth, pct)
+            return f"{_fmt(r.before, pct=pct)} -> {_fmt(r.after, pct=pct)}", f"[{style}]{ch}[/]" if style else ch
+
+        for f, rs in fam_rows.items():
+            by = {r.metric: r for r in rs}
+            cells = [x for m in ("score", "incident") for x in (cell(by[m]) if m in by else ("-", "-"))]
+            ft.add_row(f, str(rs[0].n), *cells)
+        console.print(ft)
+        if few:
+            console.print(f"fewer than {MIN_FAMILY_PAIRS} pairs, left out: "
+                          + ", ".join(f"{f} ({n})" for f, n in few.items()))
     if json_path:
-        atomic_write_text(json_path, json.dumps(json_clean(rows_to_json(rows, b, a)), indent=2))  # NaN -> null
+        doc = rows_to_json(rows, b, a, fam_rows)
+        atomic_write_text(json_path, json.dumps(json_clean(doc), indent=2))  # NaN -> null
         console.print(f"wrote {json_path}")
 
 

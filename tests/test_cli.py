@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from roadloop.cli import app
@@ -89,3 +90,34 @@ def test_compare_pairs_two_evaluations(tmp_path):
     assert r.exit_code != 0 and "not a roadloop eval --json file" in " ".join(r.output.split())
     r = runner.invoke(app, ["compare", str(tmp_path / "missing.json"), str(paths["expert", 0])])
     assert r.exit_code != 0 and "no such evaluation JSON" in " ".join(r.output.split())
+    # --by-family: smoke holds one scenario per family, too few pairs for a family's interval
+    r = runner.invoke(app, ["compare", str(paths["route-idm", 0]), str(paths["expert", 0]), "--by-family",
+                            "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "fewer than 5 pairs, left out" in " ".join(r.output.split()) and "cut_in(1)" in "".join(r.output.split())
+    assert json.loads(out.read_text(), parse_constant=_strict)["families"] == {}
+
+
+def test_compare_by_family_pairs_within_each_family():
+    from roadloop.eval.compare import compare_by_family
+    from roadloop.eval.evaluate import EvalReport, RolloutSummary
+
+    def report(policy: str, scores: dict[str, list[float]], offroad: dict[str, list[int]]) -> EvalReport:
+        rollouts = [RolloutSummary(f"{f}/{i}#0@{policy}", f"{f}/{i}", f, 0, False, "",
+                                   {"score": v, "collision_at_fault": 0.0, "offroad": float(offroad[f][i])})
+                    for f, vs in scores.items() for i, v in enumerate(vs)]
+        return EvalReport(policy, "s", "h", 0, {}, {}, rollouts, 0, float("nan"))
+
+    before = report("a", {"merge": [0.2, 0.4, 0.5, 0.1, 0.3, 0.6], "cut_in": [0.5] * 6, "roundabout": [0.1] * 3},
+                    {"merge": [1, 1, 0, 1, 0, 0], "cut_in": [0] * 6, "roundabout": [1] * 3})
+    after = report("b", {"merge": [0.6, 0.5, 0.9, 0.4, 0.3, 0.8], "cut_in": [0.4, 0.5, 0.3, 0.5, 0.2, 0.5],
+                         "roundabout": [0.9] * 3},
+                   {"merge": [0, 0, 0, 1, 0, 0], "cut_in": [0, 1, 1, 0, 1, 0], "roundabout": [0] * 3})
+    rows, few = compare_by_family([before], [after])
+    assert few == {"roundabout": 3} and sorted(rows) == ["cut_in", "merge"]
+    merge = {r.metric: r for r in rows["merge"]}
+    assert merge["score"].n == 6 and merge["score"].change == pytest.approx((0.4 + 0.1 + 0.4 + 0.3 + 0 + 0.2) / 6)
+    assert merge["score"].verdict == "better" and merge["incident"].change == pytest.approx(-2 / 6)
+    cut = {r.metric: r for r in rows["cut_in"]}
+    assert cut["incident"].before == 0.0 and cut["incident"].after == pytest.approx(0.5)
+    assert cut["score"].change == pytest.approx(-0.6 / 6) and cut["score"].verdict == "within noise"

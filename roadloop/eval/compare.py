@@ -9,10 +9,14 @@ interval).  A change whose interval holds 0 is "within noise".
 The rows (``COMPARE_METRICS``) are the evaluation's per-rollout metrics plus ``incident``: an at-fault
 collision or an off-road excursion, counted once (the GRPO issue's safety target).  Failed rollouts and
 non-finite values (e.g. reasoning metrics of a policy without text) leave their pair out.
+
+``compare_by_family`` (``roadloop compare --by-family``) gives the score and incident rows within each
+scenario family, where post-training's gains and losses usually differ most.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -124,22 +128,46 @@ class PairedRow:
 
 
 def compare_reports(before: Sequence[EvalReport], after: Sequence[EvalReport],
-                    metrics: Sequence[tuple[str, str]] = COMPARE_METRICS) -> list[PairedRow]:
-    """One ``PairedRow`` per metric with at least ``MIN_PAIRS`` pairs.  Raises ``RoadloopError`` when the two
-    sides share fewer than ``MIN_PAIRS`` (scenario, seed) rollouts."""
+                    metrics: Sequence[tuple[str, str]] = COMPARE_METRICS, min_pairs: int = MIN_PAIRS
+                    ) -> list[PairedRow]:
+    """One ``PairedRow`` per metric with at least ``min_pairs`` pairs.  Raises ``RoadloopError`` when the two
+    sides share fewer than ``min_pairs`` (scenario, seed) rollouts."""
     rows = []
     pairs = paired_metrics(before, after)
     for name, kind in metrics:
         vb, va = paired_diffs(before, after, metric_value(name), pairs)
-        if len(vb) < MIN_PAIRS:
+        if len(vb) < max(2, min_pairs):
             continue
         change, hw = mean_and_halfwidth([a - b for a, b in zip(va, vb, strict=True)])
         rows.append(PairedRow(name, kind, len(vb), sum(vb) / len(vb), sum(va) / len(va), change, hw,
                               verdict(change, hw, kind)))
     if not rows:
-        raise RoadloopError(f"the two evaluations share fewer than {MIN_PAIRS} (scenario, seed) rollouts "
+        raise RoadloopError(f"the two evaluations share fewer than {min_pairs} (scenario, seed) rollouts "
                             f"without failure: evaluate both policies on the same suites with the same --seed")
     return rows
+
+
+FAMILY_METRICS: tuple[tuple[str, str], ...] = (("score", "up"), ("incident", "rate"))
+MIN_FAMILY_PAIRS = 5
+
+
+def compare_by_family(before: Sequence[EvalReport], after: Sequence[EvalReport],
+                      metrics: Sequence[tuple[str, str]] = FAMILY_METRICS, min_pairs: int = MIN_FAMILY_PAIRS
+                      ) -> tuple[dict[str, list[PairedRow]], dict[str, int]]:
+    """``compare_reports`` within each scenario family (of the ``after`` rollouts): ({family: rows} for the
+    families with at least ``min_pairs`` pairs, {family: pairs} for the others).  The intervals are the same
+    normal approximation over fewer pairs: coarse for a family of a few scenarios."""
+    fams = sorted({r.family for rep in after for r in rep.rollouts})
+    rows, few = {}, {}
+    for f in fams:
+        b = [dataclasses.replace(rep, rollouts=[r for r in rep.rollouts if r.family == f]) for rep in before]
+        a = [dataclasses.replace(rep, rollouts=[r for r in rep.rollouts if r.family == f]) for rep in after]
+        n = len(paired_metrics(b, a))
+        if n < max(2, min_pairs):
+            few[f] = n
+            continue
+        rows[f] = compare_reports(b, a, metrics, min_pairs=min_pairs)
+    return rows, few
 
 
 def load_reports(paths: str | Sequence[str | Path]) -> list[EvalReport]:
@@ -163,7 +191,15 @@ def load_reports(paths: str | Sequence[str | Path]) -> list[EvalReport]:
     return out
 
 
-def rows_to_json(rows: Sequence[PairedRow], before: Sequence[EvalReport], after: Sequence[EvalReport]) -> dict:
-    return {"before": [{"policy": r.policy, "suite": r.suite, "seed": r.seed} for r in before],
-            "after": [{"policy": r.policy, "suite": r.suite, "seed": r.seed} for r in after],
-            "rows": [asdict(r) | {"relative": r.relative} for r in rows]}
+def rows_to_json(rows: Sequence[PairedRow], before: Sequence[EvalReport], after: Sequence[EvalReport],
+                 families: dict[str, list[PairedRow]] | None = None) -> dict:
+    """The JSON ``roadloop compare --json`` writes; ``families`` (``compare_by_family``) adds per-family rows."""
+    def js(rs: Sequence[PairedRow]) -> list[dict]:
+        return [asdict(r) | {"relative": r.relative} for r in rs]
+
+    out = {"before": [{"policy": r.policy, "suite": r.suite, "seed": r.seed} for r in before],
+           "after": [{"policy": r.policy, "suite": r.suite, "seed": r.seed} for r in after],
+           "rows": js(rows)}
+    if families is not None:
+        out["families"] = {f: js(rs) for f, rs in families.items()}
+    return out
