@@ -462,7 +462,7 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
                   f"{100 * r.relative:+.0f}%" if math.isfinite(r.relative) else "-",
                   f"[{style}]{r.verdict}[/]" if style else r.verdict)
     console.print(t)
-    if fam_rows is not None:
+    if fam_rows:
         ft = Table(title="per family (paired rollouts; 95% intervals)")
         for c in ("family", "n", "score", "score change", "incident", "incident change"):
             ft.add_column(c, justify="left" if c == "family" else "right")
@@ -478,9 +478,9 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
             cells = [x for m in ("score", "incident") for x in (cell(by[m]) if m in by else ("-", "-"))]
             ft.add_row(f, str(rs[0].n), *cells)
         console.print(ft)
-        if few:
-            console.print(f"fewer than {MIN_FAMILY_PAIRS} pairs, left out: "
-                          + ", ".join(f"{f} ({n})" for f, n in few.items()))
+    if few:
+        console.print(f"per family: fewer than {MIN_FAMILY_PAIRS} pairs, left out: "
+                      + ", ".join(f"{f} ({n})" for f, n in few.items()))
     if json_path:
         doc = rows_to_json(rows, b, a, fam_rows)
         atomic_write_text(json_path, json.dumps(json_clean(doc), indent=2))  # NaN -> null
