@@ -58,19 +58,60 @@ def test_forty_percent_progress_scores_half():
     assert float(m["offroad"][0]) == 0.0 and float(m["collision_any"][0]) == 0.0
 
 
-def test_distance_to_log_truncates_progress():
-    # log covers 40 m; a stopped ego falls 4 m behind after 1 s: only the progress until then counts
-    T = 60
+def _log_scene(log_xy: np.ndarray, sid: str):
+    """A straight 300 m route along y = 0; the logged ego drives ``log_xy`` (T, 2) (no warm-up)."""
+    T = len(log_xy)
     b = ScenarioBuilder(T)
     ln = b.add_lane(straight((0, 0), (300, 0)))
     b.set_route([ln])
+    v = np.linalg.norm(np.diff(log_xy, axis=0), axis=-1) / 0.1
+    yaw = float(np.arctan2(*(log_xy[1] - log_xy[0])[::-1]))
+    b.add_agent(log_xy, yaw, np.append(v, v[-1]))
+    return collate([b.build(ScenarioMeta(sid, "test", 0, "test", warmup_steps=0))])
+
+
+def test_falling_behind_on_the_logged_path_does_not_truncate():
+    # AlpaSim closes the score window on the distance to the logged *path* (dist_to_gt_trajectory), not to
+    # where the log was at that time: at half the log's speed the ego ends 15 m behind it, on its path
+    T = 61
     t = np.arange(T) * 0.1
-    b.add_agent(np.stack((20 + 4.0 * t, 0 * t), 1), 0.0, 4.0)
-    batch = collate([b.build(ScenarioMeta("test/trunc", "test", 0, "test", warmup_steps=0))])
-    ro = rollout(RouteSpeed(0.0), batch)
+    batch = _log_scene(np.stack((20 + 5.0 * t, 0 * t), 1), "test/behind")
+    ro = rollout(RouteSpeed(2.5), batch)
     m = compute_metrics(ro, batch)
-    assert float(m["progress"][0]) < 0.1
-    assert float(m["score"][0]) < 0.15
+    assert float(m["dist_to_log_path"][0]) < 0.05
+    assert float(ro.checks.dist_to_log[-1, 0]) > 14.0  # the time-matched gap
+    assert abs(float(m["progress"][0]) - 0.5) < 0.02  # the whole horizon counts
+    assert abs(float(m["score"][0]) - 0.625) < 0.03
+
+
+def test_leaving_the_logged_path_sideways_truncates_progress():
+    # the log drives 1 s along the route at 5 m/s, then veers off at 3 m per 4 m forward (5 m/s along it); the
+    # ego keeps to the route at 5 m/s and is 3 m/s x (t - 1 s) from the log's path: 4 m at t = 2.33 s, and only
+    # the progress until then counts
+    T = 61
+    t = np.arange(T) * 0.1
+    u = np.clip(t - 1.0, 0.0, None)
+    batch = _log_scene(np.stack((20 + 5.0 * np.minimum(t, 1.0) + 4.0 * u, 3.0 * u), 1), "test/aside")
+    ro = rollout(RouteSpeed(5.0), batch)
+    m = compute_metrics(ro, batch)
+    assert float(m["offroad"][0]) == 0.0
+    assert float(m["dist_to_log_path"][0]) >= 4.0
+    log_travel = 5.0 + 4.0 * 5.0  # the log's progress along the route over the horizon
+    assert abs(float(m["progress"][0]) - 5.0 * 2.4 / log_travel) < 0.03  # kept until state 24 (t = 2.4 s)
+    assert float(m["score"][0]) < 0.65
+
+
+def test_distance_to_path_by_hand():
+    from roadloop.eval.metrics import distance_to_path
+
+    path = torch.tensor([[[0.0, 0.0], [10.0, 0.0], [10.0, 10.0], [99.0, 99.0]]])
+    valid = torch.tensor([[True, True, True, False]])  # the last vertex is not part of the path
+    pts = torch.tensor([[[5.0, 3.0]], [[12.0, 5.0]], [[-3.0, -4.0]], [[60.0, 60.0]]])
+    d = distance_to_path(pts, path, valid, chunk=3)
+    assert torch.allclose(d[:, 0], torch.tensor([3.0, 2.0, 5.0, (50.0 ** 2 + 50.0 ** 2) ** 0.5]))
+    lone = distance_to_path(pts[:1], path, torch.tensor([[False, True, False, False]]))
+    assert torch.allclose(lone, torch.tensor([[(25.0 + 9.0) ** 0.5]]))
+    assert torch.isnan(distance_to_path(pts[:1], path, torch.zeros(1, 4, dtype=torch.bool))).all()
 
 
 def test_failed_rollout_is_marked_and_others_survive():

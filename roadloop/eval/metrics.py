@@ -7,7 +7,11 @@ NaN and are counted separately.
 AlpaSim scene score (REFERENCE 1.5), per rollout:
   * drop the warm-up steps (log replay, not scored);
   * truncate after the first off-road or collision step and after the first step with
-    distance to the log >= 4 m;
+    distance to the log >= 4 m: the distance from the ego centre to the logged ego's *path* (the
+    polyline of its whole recorded trajectory), AlpaSim's ``dist_to_gt_trajectory``.  Not the
+    distance to where the log was at that time (AlpaSim's ``dist_to_gt_location``, our metric
+    ``dist_to_log``): driving slower or faster than the log along its path does not close the window,
+    leaving the path sideways does;
   * 0 if an at-fault collision or off-road occurred (in the kept window); otherwise
     min(clamp(progress, 0, 1) / 0.8, 1), where progress is the ego's arc length along the route
     over the kept window divided by the arc length the logged ego covered over the whole
@@ -24,6 +28,7 @@ import torch
 from roadloop.errors import UnknownNameError
 from roadloop.rollout import Rollout
 from roadloop.sim.datatypes import AgentType, Scenario
+from roadloop.sim.geometry import point_segment_distance
 from roadloop.sim.state import _project_on_route
 
 DIST_TO_LOG_TRUNCATE = 4.0  # m
@@ -47,6 +52,25 @@ class MetricSpec:
     description: str
 
 
+def distance_to_path(xy: torch.Tensor, path: torch.Tensor, valid: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """Distance (T, B) m from points xy (T, B, 2) to each batch row's polyline path (B, L, 2), through its
+    ``valid`` (B, L) vertices only (a segment needs both ends valid; a lone valid vertex counts as a
+    point); NaN where a row has no valid vertex.  ``chunk`` time steps at a time bound the (chunk, B, L)
+    temporaries."""
+    pa, pb = path[:, :-1].unsqueeze(0), path[:, 1:].unsqueeze(0)  # (1, B, L-1, 2)
+    seg_ok = (valid[:, :-1] & valid[:, 1:]).unsqueeze(0)
+    inf = torch.tensor(float("inf"), dtype=xy.dtype)
+    out = []
+    for t0 in range(0, xy.shape[0], chunk):
+        p = xy[t0:t0 + chunk].unsqueeze(2)  # (t, B, 1, 2)
+        d_seg, _ = point_segment_distance(p, pa, pb)
+        d = torch.where(seg_ok, d_seg, inf).amin(-1) if path.shape[1] > 1 else torch.full(p.shape[:2], inf)
+        d_pt = torch.where(valid.unsqueeze(0), torch.linalg.vector_norm(p - path.unsqueeze(0), dim=-1), inf)
+        out.append(torch.minimum(d, d_pt.amin(-1)))
+    d = torch.cat(out) if out else xy.new_zeros((0, xy.shape[1]))
+    return torch.where(valid.any(-1).unsqueeze(0), d, torch.full_like(d, float("nan")))
+
+
 class EpisodeView:
     """Lazily computed per-rollout quantities shared by the metrics (each (B,) or (T, B))."""
 
@@ -57,7 +81,11 @@ class EpisodeView:
         T, B = ro.num_steps, ro.batch_size
         self.T, self.B = T, B
         scored = ro.scored.view(T, 1).expand(T, B)
-        incident = c.offroad | c.collision | (torch.nan_to_num(c.dist_to_log, nan=0.0) >= DIST_TO_LOG_TRUNCATE)
+        ag = scenarios.agents
+        # (T, B) m, step t: the ego at state t + 1 to the logged ego's whole path (NaN: no log)
+        self.dist_to_path = distance_to_path(ro.xy[1:, :, 0], ag.xy[:, 0], ag.valid[:, 0])
+        off_path = torch.nan_to_num(self.dist_to_path, nan=0.0) >= DIST_TO_LOG_TRUNCATE
+        incident = c.offroad | c.collision | off_path
         first = torch.where((incident & scored).any(0), (incident & scored).to(torch.int8).argmax(0),
                             torch.full((B,), T - 1))
         steps = torch.arange(T).view(T, 1)
@@ -238,6 +266,9 @@ for _spec in [
     MetricSpec("dist_to_log", lambda v: torch.where(v.keep, torch.nan_to_num(v.ro.checks.dist_to_log, nan=0.0),
                torch.zeros_like(v.ro.checks.dist_to_log)).sum(0) / v.keep.sum(0).clamp_min(1), "m", "[0, inf)",
                "mean", "mean distance to the logged ego over the kept window"),
+    MetricSpec("dist_to_log_path", lambda v: torch.where(v.keep, torch.nan_to_num(v.dist_to_path, nan=0.0),
+               torch.zeros_like(v.dist_to_path)).amax(0), "m", "[0, inf)", "mean",
+               "largest distance to the logged ego's path over the kept window"),
     MetricSpec("km", _km, "km", "[0, inf)", "sum", "distance driven in the scored steps"),
     MetricSpec("reasoning_consistency", _reasoning_consistency, "-", "[0, 1]", "mean",
                "share of decisions whose reasoning text states the plan's meta-actions (NaN: no text)"),

@@ -26,7 +26,7 @@ since the recording is one consistent, collision-free world.  The log plan comes
 controls (``unicycle_controls_from_poses``), so it is executed exactly rather than through the
 pure-pursuit tracker; every other row of the batch gets the controls the tracker would give.
 Raw procedural scenarios (log only at step 0) never offer it, so their recordings are
-unchanged.  This is what the AlpaSim score asks for: it truncates at 4 m from the log.
+unchanged.  The AlpaSim score rewards it: its window closes 4 m from the logged path.
 
 It sees ground truth (that is what privileged means).  The chosen plan is returned together
 with a short reasoning string naming the deciding factor.

@@ -16,7 +16,7 @@ term                unit   range        meaning
 score               -      [0, 1]       the AlpaSim scene score itself (``roadloop.eval.metrics``):
                                         0 on an at-fault collision or off-road, else progress over
                                         the kept window / 0.8, capped at 1; the window ends where the
-                                        ego falls >= 4 m from its log, so slowness costs score
+                                        ego is >= 4 m from its logged path (AlpaSim's truncation)
 progress            -      [0, 1]       ego route progress over the AlpaSim-kept window / the logged
                                         ego's over the scored horizon (1 when the log moves < 5 m);
                                         clamped to [0, 1] as in the AlpaSim score
@@ -25,7 +25,7 @@ collision           -      {0, 1}       an at-fault collision (front or lateral;
 offroad             -      {0, 1}       a corner of the ego box left the drivable area
 dist_to_log         m      [0, inf)     XY-RMSE between the ego and its logged position over the
                                         AlpaSim-kept window (truncated at the first incident or
-                                        4 m from the log, so in practice <= 4 m); 0 without a log
+                                        4 m from the logged path); 0 without a log
 comfort             -      {0, 1}       any nuPlan comfort bound exceeded
 red_light           -      {0, 1}       crossed a stop line on red
 wrong_way           -      {0, 1}       drove against the lane direction
@@ -50,8 +50,8 @@ Presets:
   grounding x 0.5, consistency x 0.5 (combined with the driving reward, as Alpamayo-R1 found
   reasoning-only rewards hurt driving).  Measured (docs/LOG.md): the policy learned that stopping
   is safe and nearly free, since -0.01 x RMSE barely punishes falling behind the log.
-* ``default`` is score-aligned: the AlpaSim score x 4 (so falling > 4 m behind the log, which ends
-  the score's window, costs what the evaluation charges for it), collision x -4 and off-road x -3
+* ``default`` is score-aligned: the AlpaSim score x 4 (so slow progress and leaving the logged path,
+  which ends the score's window, cost what the evaluation charges for them), collision x -4 and off-road x -3
   on top of the score's own 0, red light x -3, wrong way x -1, grounding x 0.5, consistency x 0.5,
   and no comfort term: nuPlan's comfort bounds include a -4.05 m/s^2 deceleration, so the term charges
   the emergency braking that avoids a crash.  Measured (docs/LOG.md, 2026-11-22), two training seeds
@@ -66,14 +66,13 @@ at-fault collision / off-road (``local_incident_reward``), group-normalised with
 rewards: the decisions that led into the incident carry it, not the ones 15 s earlier.
 
 Log gap (``log_gap``, off by default): a per-decision term, ``log_gap`` x the growth of the ego's
-distance to its logged position (capped at the score's 4 m) from the decision to ``log_gap_window_s``
-later (``log_gap_reward``).  The AlpaSim score counts progress only until the ego is 4 m from its log,
-and most of the score the imitation policy loses is lost that way, by rollouts without any incident
-(LOG, 2026-11-22); the per-rollout score tells all ~14 decisions of a rollout that it happened, this
-term tells each decision how much its own plan (and the next few) opened or closed the gap.  It is
-potential-based shaping (Ng et al. 1999, potential -``log_gap`` x gap): summed over a rollout's
-decisions it is close to ``log_gap`` x the gap's growth over the rollout.  Group-normalised per
-decision, with the local incident rewards.
+distance to its logged position at that time (capped at 4 m) from the decision to ``log_gap_window_s``
+later (``log_gap_reward``): how much each decision's plan (and the next few) opened or closed the gap to
+the log's pace.  It is potential-based shaping (Ng et al. 1999, potential -``log_gap`` x gap): summed over
+a rollout's decisions it is close to ``log_gap`` x the gap's growth over the rollout.  Group-normalised
+per decision, with the local incident rewards.  It was written when roadloop's score window closed on
+this time-matched gap (LOG, 2026-11-22); since 2026-12-07 the window closes, as AlpaSim's does, on the
+distance to the logged *path* (``roadloop.eval.metrics``), so the term asks for more than the score does.
 
 A rollout the policy failed (it raised or returned NaN; its metrics are NaN) gets the worst driving
 reward the weights allow (every negative indicator term on, progress 0).
@@ -229,8 +228,8 @@ def local_incident_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
 
 def log_gap_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
     """(D, B) per-decision log-gap reward: ``log_gap`` x (g(t_d + W) - g(t_d)), g the ego's distance to its
-    logged position capped at the score's 4 m (``DIST_TO_LOG_TRUNCATE``; farther, the score's window has
-    closed), at the decision's state and ``log_gap_window_s`` (W) later (at most the last state).
+    logged position at that time capped at 4 m (``DIST_TO_LOG_TRUNCATE``), at the decision's state and
+    ``log_gap_window_s`` (W) later (at most the last state).
     Potential-based shaping (Ng et al. 1999) of the score's window: summed over a rollout's decisions
     it is about ``log_gap`` x the gap's growth over the rollout, and each decision gets the part that its
     own plan and the next few make.  0 where the log is not valid (no logged ego), and for failed rollouts.
