@@ -126,8 +126,8 @@ class RewardConfig:
     consistency: float | None = None  # x text decision == plan meta-actions {0, 1}, per decision
     credit: str = "rollout"  # rollout: incidents weigh on the whole rollout; local: on the decisions before them
     credit_window_s: float = 3.0  # local credit: decisions up to this long before an incident carry its penalty
-    log_gap: float = 0.0  # x growth (m) of the ego's distance to its log over each decision's next
-    # ``log_gap_window_s``, capped at the score's 4 m: a per-decision shaping of the score's window (0: off)
+    log_gap: float = 0.0  # x growth (m) of the ego's distance to its logged position at the time over each
+    # decision's next ``log_gap_window_s``, capped at 4 m: a per-decision shaping of the log's pace (0: off)
     log_gap_window_s: float = 2.0
 
     @staticmethod
