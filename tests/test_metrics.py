@@ -112,6 +112,8 @@ def test_distance_to_path_by_hand():
     lone = distance_to_path(pts[:1], path, torch.tensor([[False, True, False, False]]))
     assert torch.allclose(lone, torch.tensor([[(25.0 + 9.0) ** 0.5]]))
     assert torch.isnan(distance_to_path(pts[:1], path, torch.zeros(1, 4, dtype=torch.bool))).all()
+    one = distance_to_path(pts[:1], path[:, :1], valid[:, :1])  # a one-vertex path
+    assert torch.allclose(one, torch.tensor([[34.0 ** 0.5]]))
 
 
 def test_failed_rollout_is_marked_and_others_survive():

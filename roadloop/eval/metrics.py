@@ -59,12 +59,12 @@ def distance_to_path(xy: torch.Tensor, path: torch.Tensor, valid: torch.Tensor, 
     temporaries."""
     pa, pb = path[:, :-1].unsqueeze(0), path[:, 1:].unsqueeze(0)  # (1, B, L-1, 2)
     seg_ok = (valid[:, :-1] & valid[:, 1:]).unsqueeze(0)
-    inf = torch.tensor(float("inf"), dtype=xy.dtype)
+    inf = float("inf")
     out = []
     for t0 in range(0, xy.shape[0], chunk):
         p = xy[t0:t0 + chunk].unsqueeze(2)  # (t, B, 1, 2)
         d_seg, _ = point_segment_distance(p, pa, pb)
-        d = torch.where(seg_ok, d_seg, inf).amin(-1) if path.shape[1] > 1 else torch.full(p.shape[:2], inf)
+        d = torch.where(seg_ok, d_seg, inf).amin(-1) if path.shape[1] > 1 else p.new_full(p.shape[:2], inf)
         d_pt = torch.where(valid.unsqueeze(0), torch.linalg.vector_norm(p - path.unsqueeze(0), dim=-1), inf)
         out.append(torch.minimum(d, d_pt.amin(-1)))
     d = torch.cat(out) if out else xy.new_zeros((0, xy.shape[1]))
