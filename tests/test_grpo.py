@@ -835,3 +835,21 @@ def test_final_checkpoint_is_registered_as_a_candidate(toy, tmp_path, monkeypatc
     assert mv.lineage["code"]["source_sha256"] and mv.weights_sha256
     assert reg.champion() is None  # registering never promotes
     assert res.checkpoint.is_dir()
+
+
+def test_failed_rollout_reward_is_below_every_real_rollout():
+    # the XY-RMSE to the log has no upper bound (the score's window closes on the distance to the logged path,
+    # not to the log's position): an ego that stops 6 s behind a 10 m/s log is tens of metres from it, and a
+    # failed rollout must still get less
+    from roadloop.rollout import rollout
+    from roadloop.sim.batching import collate
+    from roadloop.testing.policies import NaNOnScenario
+    from roadloop.train.rewards import driving_reward
+
+    batch = collate([build(straight_road(num_steps=60, ego_speed=10.0, sid=f"toy/s{i}")[0]) for i in range(2)])
+    ro = rollout(NaNOnScenario(bad=0, at=20, speed=0.0), batch, torch.tensor([0, 0]))
+    assert ro.failed.tolist() == [True, False]
+    cfg = RewardConfig(preset="progress_safety", progress=0.0, collision=0.0, offroad=0.0).validate()
+    total, terms = driving_reward(ro, batch, cfg)
+    assert float(terms["dist_to_log"][1]) < -0.04  # more than 4 m of RMSE at -0.01 / m
+    assert float(total[0]) <= float(total[1])

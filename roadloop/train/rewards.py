@@ -75,7 +75,9 @@ this time-matched gap (LOG, 2026-11-22); since 2026-12-07 the window closes, as 
 distance to the logged *path* (``roadloop.eval.metrics``), so the term asks for more than the score does.
 
 A rollout the policy failed (it raised or returned NaN; its metrics are NaN) gets the worst driving
-reward the weights allow (every negative indicator term on, progress 0).
+reward the weights allow (every negative indicator term on, progress 0, and the XY-RMSE to the log of
+the batch's farthest rollout, at least 4 m: the RMSE has no upper bound since the score's window no
+longer closes 4 m from where the log was).
 """
 
 from __future__ import annotations
@@ -194,7 +196,8 @@ def driving_reward(ro: Rollout, scenarios: Scenario, cfg: RewardConfig,
     rollout_terms = [v for k, v in terms.items() if not (cfg.credit == "local" and k in LOCAL_TERMS)]
     total = torch.stack(rollout_terms).sum(0)
     worst = sum(min(w[k], 0.0) for k in DRIVING_TERMS if k not in ("score", "progress", "dist_to_log"))
-    worst += 4.0 * min(w["dist_to_log"], 0.0)
+    far = torch.where(ro.failed, 0.0, torch.nan_to_num(raw["dist_to_log"], nan=0.0)).amax() if len(ro.failed) else 0.0
+    worst += max(4.0, float(far)) * min(w["dist_to_log"], 0.0)
     total = torch.where(ro.failed | ~torch.isfinite(total), torch.full_like(total, worst), total)
     return total, terms
 
