@@ -233,7 +233,7 @@ def log_gap_reward(ro: Rollout, cfg: RewardConfig) -> torch.Tensor:
     """(D, B) per-decision log-gap reward: ``log_gap`` x (g(t_d + W) - g(t_d)), g the ego's distance to its
     logged position at that time capped at 4 m (``DIST_TO_LOG_TRUNCATE``), at the decision's state and
     ``log_gap_window_s`` (W) later (at most the last state).
-    Potential-based shaping (Ng et al. 1999) of the score's window: summed over a rollout's decisions
+    Potential-based shaping (Ng et al. 1999) of the gap to the log's pace: summed over a rollout's decisions
     it is about ``log_gap`` x the gap's growth over the rollout, and each decision gets the part that its
     own plan and the next few make.  0 where the log is not valid (no logged ego), and for failed rollouts.
     All zeros when ``log_gap`` is 0."""
