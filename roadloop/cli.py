@@ -394,6 +394,7 @@ def eval_openloop_cmd(policy: str = typer.Option(..., help="VLA checkpoint direc
     from roadloop.eval.openloop import openloop_samples, summarize_openloop
     from roadloop.io import atomic_write_text
     from roadloop.policies.vla.model import load_checkpoint
+    from roadloop.train.il import check_demo_raster
 
     if k < 0 or samples < 0 or batch_size < 1:
         raise RoadloopError(f"--k and --samples must be >= 0 and --batch-size >= 1, got {k}, {samples}, {batch_size}")
@@ -401,12 +402,7 @@ def eval_openloop_cmd(policy: str = typer.Option(..., help="VLA checkpoint direc
         raise RoadloopError(f"--top-p must be in (0, 1] and --temperature >= 0, got {top_p}, {temperature}")
     model, _ = load_checkpoint(policy, resolve_device(device, "--device"))
     demos = load_demos(data, rasters="stream")  # index order reads each shard once: rasters stay small
-    cfg = model.cfg
-    want = (cfg.frames, cfg.raster_channels, cfg.raster_size, cfg.raster_size)
-    got = tuple(demos.raster.shape[1:])
-    if got != want:
-        raise RoadloopError(f"{data}: rasters are {got} (frames, channels, H, W) but the checkpoint {policy} "
-                            f"expects {want}")
+    check_demo_raster(demos, model.cfg, f"{data} (checkpoint {policy})")
     n = len(demos)
     idx = torch.arange(n)
     if 0 < samples < n:
@@ -717,12 +713,23 @@ def data_collect(suites: str = typer.Option("train", help="Comma-separated suite
                  max_steps: int = typer.Option(None, "--max-steps", help="Closed-loop steps per rollout (tests)."),
                  batch_size: int = typer.Option(32, "--batch-size", help="Scenarios per rollout batch (= chunk)."),
                  shard_size: int = typer.Option(512, "--shard-size", help="Samples per shard at most."),
+                 raster_resolution: float = typer.Option(0.75, "--raster-resolution",
+                                                         help="Raster metres per pixel (64 px a side)."),
+                 raster_ego_offset: float = typer.Option(0.15, "--raster-ego-offset",
+                                                         help="Share of the raster behind the ego (0.75 m / 0.15: "
+                                                              "41 m ahead)."),
                  resume: bool = typer.Option(True, "--resume/--no-resume",
                                              help="Skip chunks already in the manifest.")) -> None:
     """Drive the expert in closed loop and write demonstration shards + manifest.json."""
     import time
 
     from roadloop.data.collect import collect
+    from roadloop.policies.vla.observe import RasterConfig
+
+    try:
+        raster = RasterConfig(resolution=raster_resolution, ego_offset=raster_ego_offset)
+    except ValueError as err:
+        raise RoadloopError(f"--raster-resolution / --raster-ego-offset: {err}") from None
 
     names = [x.strip() for x in suites.split(",") if x.strip()]
     replan_every = _replan_every(replan_hz)
@@ -731,7 +738,8 @@ def data_collect(suites: str = typer.Option("train", help="Comma-separated suite
         task = bar.add_task("collect", total=None)
         man = collect(names, out.expanduser(), shard_size=shard_size, every=every, max_scenarios=max_scenarios,
                       on_progress=lambda done, total: bar.update(task, completed=done, total=total),
-                      resume=resume, batch_size=batch_size, max_steps=max_steps, replan_every=replan_every)
+                      resume=resume, batch_size=batch_size, max_steps=max_steps, replan_every=replan_every,
+                      raster=raster)
     dt = time.perf_counter() - t0
     console.print(f"{man.n_samples} samples from {man.n_scenarios} scenarios in {len(man.shards)} shards, "
                   f"hash {man.content_hash[:16]} -> {out} ({dt:.1f} s this run, "

@@ -241,3 +241,25 @@ def test_cli_data_collect_and_info(tmp_path):
     assert "content hash" in r.output and "match" in r.output
     r = CliRunner().invoke(app, ["data", "info", str(tmp_path / "none")])
     assert r.exit_code == 2
+
+
+def test_raster_geometry_is_recorded_and_collections_must_share_it(fresh, tmp_path):
+    """``collect(raster=...)``: the manifest records the view, the rasters hold it, and collections recorded
+    with different views are not combined."""
+    from roadloop.data.dataset import load_demos
+    from roadloop.policies.vla.observe import RasterConfig
+
+    d, _ = fresh
+    far = RasterConfig(resolution=1.0, ego_offset=0.1)  # 57.6 m ahead instead of 40.8
+    assert far.ahead == pytest.approx(57.6) and RasterConfig().ahead == pytest.approx(40.8)
+    man = collect(["smoke"], tmp_path / "far", **KW, raster=far)
+    assert man.config["raster"] == {"size": 64, "resolution": 1.0, "ego_offset": 0.1, "frames": 4}
+    near_demos, far_demos = load_demos(d), load_demos(tmp_path / "far")
+    assert near_demos.raster_geometry == RasterConfig().geometry() and far_demos.raster_geometry == far.geometry()
+    assert near_demos.scenario_id == far_demos.scenario_id and near_demos.text == far_demos.text  # same drives
+    assert not torch.equal(near_demos.raster, far_demos.raster)  # seen through another view
+    with pytest.raises(RoadloopError, match="different rasters cannot be combined"):
+        load_demos(f"{d},{tmp_path / 'far'}")
+    for bad in (dict(resolution=0.0), dict(resolution=float("nan")), dict(ego_offset=1.0), dict(ego_offset=-0.1)):
+        with pytest.raises(ValueError, match="RasterConfig"):
+            RasterConfig(**bad)

@@ -446,3 +446,25 @@ def test_the_stem_layout_changes_no_output_beyond_rounding(demos):
         outs.append((loss.detach(), model.conv[0].weight.grad.clone()))
     assert torch.allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     assert torch.allclose(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_imitation_learns_the_view_its_demonstrations_hold(demos, home, tmp_path):
+    """Demonstrations recorded with a longer view train a model that reads (and drives with) that view;
+    data recorded with another view is refused wherever a model meets it."""
+    from roadloop.policies.vla.observe import RasterConfig
+    from roadloop.train.il import check_demo_raster, load_expert_demos
+
+    far = RasterConfig(resolution=1.0, ego_offset=0.1)
+    far_dir = tmp_path / "far"
+    collect(["smoke"], far_dir, every=5, max_scenarios=4, batch_size=4, max_steps=40, raster=far)
+    res = train_il(_cfg(far_dir, tmp_path / "run", epochs=1.0, final_eval_samples=0), log=lambda m: None)
+    model, _ = load_checkpoint(res.checkpoint)
+    assert (model.cfg.raster_resolution, model.cfg.raster_ego_offset) == (1.0, 0.1)
+    assert model.cfg.raster_config() == far and VLAPolicy(model).raster == far  # it drives with the view it learned
+    check_demo_raster(load_demos(far_dir), model.cfg, "far")
+    with pytest.raises(RoadloopError, match=r"recorded at 0.75 m/px .* the model reads 1.0 m/px"):
+        load_expert_demos(str(demos), model.cfg, "road.expert_data")
+    with pytest.raises(RoadloopError, match=r"il.val_data .*recorded at 0.75 m/px"):
+        train_il(_cfg(far_dir, tmp_path / "r2", val_data=str(demos), epochs=1.0), log=lambda m: None)
+    with pytest.raises(RoadloopError, match="VLAConfig.raster_ego_offset .* must be in"):
+        VLAConfig(raster_ego_offset=1.5).validate()

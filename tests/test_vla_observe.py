@@ -364,3 +364,21 @@ def test_quantised_channels_last_render_is_the_quantised_raster_bit_for_bit():
     assert torch.equal(encode_raster(ref_q), encode_raster(ref))  # every stored level survives the round trip
     levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 256).expand(C, 4, 256).contiguous()
     assert torch.equal(encode_raster(decode_raster(levels)), levels)
+
+
+def test_raster_geometry_sets_how_far_ahead_the_view_reaches():
+    """A car 50 m ahead is outside the default view (40.8 m ahead) and inside a 1 m/px one (57.6 m)."""
+    b = ScenarioBuilder(20)
+    lane = b.add_lane(straight((0, 0), (200, 0)), 3.5, 15.0)
+    b.set_route([lane])
+    b.add_agent([(10.0, 0.0)], 0.0, 0.0)
+    b.add_agent([(60.0, 0.0)], 0.0, 0.0)
+    st = _state(b.build(ScenarioMeta("test/far", "test", 0, "test", warmup_steps=0)))
+    near = render_bev([st], CFG)[0, -1, CH["vehicles"]]
+    far_cfg = RasterConfig(resolution=1.0, ego_offset=0.1)
+    far = render_bev([st], far_cfg)[0, -1, CH["vehicles"]]
+    ego_row = far_cfg.size * (1 - far_cfg.ego_offset) - 0.5  # 57.1
+    assert near[: int(EGO_ROW) - 4].sum() == 0  # only the ego
+    r_lead = round(ego_row - 50.0 / far_cfg.resolution)  # ~7
+    assert far[r_lead, 31] == 1 and far[r_lead, 32] == 1
+    assert far[round(ego_row), 31] == 1  # the ego, 6.4 m above the bottom edge

@@ -270,7 +270,7 @@ def _prepare_dir(out: Path, resume: bool, manifest: Manifest) -> Manifest:
 def collect(suite_names: list[str], out_dir: str | Path, shard_size: int = 512, every: int = 5,
             max_scenarios: int | None = None, on_progress: Callable[[int, int], None] | None = None,
             resume: bool = True, batch_size: int = 32, stop_after_chunks: int | None = None,
-            max_steps: int | None = None, replan_every: int = 5) -> Manifest:
+            max_steps: int | None = None, replan_every: int = 5, raster: RasterConfig | None = None) -> Manifest:
     """Drive the expert over the suites' scenarios and write demonstration shards to ``out_dir``.
 
     ``max_scenarios``: first N scenarios of the suites (in suite order, suites concatenated).
@@ -279,6 +279,8 @@ def collect(suite_names: list[str], out_dir: str | Path, shard_size: int = 512, 
     ``replan_every``: the expert's decision period in 0.1 s steps (5 = 2 Hz); ``every`` should be
     a multiple of it (samples are taken at decision steps).
     ``stop_after_chunks``: process at most this many new chunks, then return (partial manifest).
+    ``raster``: the raster's size and geometry (default ``RasterConfig()``, 41 m ahead); the manifest records
+    it, and a model trained on the collection reads the same (``roadloop train il`` takes it from there).
     Returns the manifest (also written to ``out_dir/manifest.json``).
     """
     from roadloop.scenarios.suites import load_suite
@@ -308,11 +310,10 @@ def collect(suite_names: list[str], out_dir: str | Path, shard_size: int = 512, 
         raise RoadloopError(f"suites {suite_names} hold no scenarios")
     order = sorted(range(len(items)), key=lambda i: (items[i][1].num_steps, i))
     chunks = [[items[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
-    rc = RasterConfig()
+    rc = raster or RasterConfig()
     config = {"every": every, "batch_size": batch_size, "shard_size": shard_size, "max_scenarios": max_scenarios,
               "max_steps": max_steps, "replan_every": replan_every, "history_steps": HISTORY_STEPS,
-              "raster": {"size": rc.size, "resolution": rc.resolution, "ego_offset": rc.ego_offset,
-                         "frames": rc.frames}}
+              "raster": rc.geometry()}
     man = _prepare_dir(out, resume, Manifest(suites=hashes, config=config, code_version=_git_commit(),
                                              n_scenarios=len(items), n_chunks=len(chunks)))
     done = {int(c["index"]) for c in man.chunks}

@@ -25,7 +25,7 @@ import hashlib
 import math
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from torch.utils.data import Dataset, Subset
 
 from roadloop.data.collect import FACT_FIELDS, decode_raster, load_manifest, verify_shard
 from roadloop.errors import RoadloopError
+from roadloop.policies.vla.observe import RasterConfig
 from roadloop.reasoning.labels import SceneFacts
 
 STR_KEYS = ("text", "scenario_id", "family", "suite")
@@ -65,6 +66,13 @@ def _open(p: Path) -> np.lib.npyio.NpzFile:
 def is_val(scenario_id: str, val_fraction: float) -> bool:
     """Deterministic split: the scenario is in val if the first 8 hex digits of sha256(id) fall below the fraction."""
     return int(hashlib.sha256(scenario_id.encode()).hexdigest()[:8], 16) < val_fraction * 2**32
+
+
+def manifest_raster(manifest) -> dict[str, float | int]:
+    """The raster geometry a collection was recorded with (``RasterConfig.geometry``; the default's fields
+    where its manifest lacks them)."""
+    got = manifest.config.get("raster") if isinstance(manifest.config, dict) else None
+    return {**RasterConfig().geometry(), **(got if isinstance(got, dict) else {})}
 
 
 class DemoDataset(Dataset):
@@ -293,6 +301,8 @@ class DemoTensors:
     family: list[str]
     suite: list[str]
     content_hash: str = ""
+    # the raster's size, resolution (m / px), ego_offset and frames (``RasterConfig.geometry``)
+    raster_geometry: dict = field(default_factory=lambda: RasterConfig().geometry())
 
     def __len__(self) -> int:
         return int(self.command.shape[0])
@@ -366,6 +376,11 @@ def load_demos(directory: str | Path | list[str | Path], rasters: str = "memory"
             raise RoadloopError(f"{ds.dir}: rasters are {tuple(first[1:])}, those of {sets[0].dir} {shape}; "
                                 f"collections recorded with different rasters cannot be combined")
         shape = tuple(first[1:])
+        geo = manifest_raster(ds.manifest)
+        if geo != manifest_raster(sets[0].manifest):
+            raise RoadloopError(f"{ds.dir}: rasters recorded with {geo}, those of {sets[0].dir} with "
+                                f"{manifest_raster(sets[0].manifest)}; collections recorded with different rasters "
+                                f"cannot be combined")
         paths += ds.paths
         sizes += [int(e["n"]) for e in ds.manifest.shards]
     seen: dict[str, Path] = {}
@@ -413,8 +428,9 @@ def load_demos(directory: str | Path | list[str | Path], rasters: str = "memory"
                        waypoints_speed=cat("waypoints_speed").float(), controls=cat("controls").float(),
                        lon=cat("lon").long(), lat=cat("lat").long(), step=cat("step").long(), facts=facts,
                        text=strs("text"), scenario_id=strs("scenario_id"), family=strs("family"),
-                       suite=strs("suite"), content_hash=content_hash)
+                       suite=strs("suite"), content_hash=content_hash,
+                       raster_geometry=manifest_raster(sets[0].manifest))
 
 
 __all__ = ["DemoDataset", "DemoTensors", "RASTER_MODES", "ShardRasters", "available_memory", "collate_samples",
-           "is_val", "load_demos", "shard_epoch_order", "stream_epoch_order"]
+           "is_val", "load_demos", "manifest_raster", "shard_epoch_order", "stream_epoch_order"]

@@ -49,6 +49,7 @@ resumed run goes on with it bit for bit).  Measured in docs/LOG.md (2026-12-07).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -208,11 +209,38 @@ def load_expert_demos(data: str, vcfg: VLAConfig, key: str, rasters: str = "memo
         raise RoadloopError(f"{key} {data}: {err}") from None
     if len(demos) == 0:
         raise RoadloopError(f"{key} {data}: no demonstrations")
+    check_demo_raster(demos, vcfg, f"{key} {data}")
+    return demos
+
+
+def check_demo_raster(demos: DemoTensors, vcfg: VLAConfig, where: str) -> None:
+    """``RoadloopError`` (prefixed ``where``) unless ``demos``' rasters are the ones the model ``vcfg`` reads:
+    the same shape (frames, channels, H, W) and the same geometry (m per pixel, share behind the ego), so that
+    a model never learns from, or is scored on, a view it does not see when it drives."""
     F, C, H, W = demos.raster.shape[1:]
     if (F, C, H, W) != (vcfg.frames, vcfg.raster_channels, vcfg.raster_size, vcfg.raster_size):
-        raise RoadloopError(f"{key} {data}: rasters are {F} frames x {C} channels x {H} x {W} but the model reads "
+        raise RoadloopError(f"{where}: rasters are {F} frames x {C} channels x {H} x {W} but the model reads "
                             f"{vcfg.frames} x {vcfg.raster_channels} x {vcfg.raster_size} x {vcfg.raster_size}")
-    return demos
+    want = vcfg.raster_config().geometry()
+    got = demos.raster_geometry
+    if any(abs(float(got[k]) - float(want[k])) > 1e-9 for k in ("resolution", "ego_offset")):
+        raise RoadloopError(f"{where}: rasters recorded at {got['resolution']} m/px with {got['ego_offset']} of the "
+                            f"image behind the ego, but the model reads {want['resolution']} m/px and "
+                            f"{want['ego_offset']}; collect the demonstrations with the model's raster "
+                            f"(roadloop data collect --raster-resolution / --raster-ego-offset)")
+
+
+def data_model_config(vcfg: VLAConfig, demos: DemoTensors) -> VLAConfig:
+    """``vcfg`` reading the raster ``demos`` were recorded with (its size and geometry; ``RoadloopError`` if
+    the frame count differs): imitation learns the view its demonstrations hold."""
+    g = demos.raster_geometry
+    if int(g["frames"]) != vcfg.frames:
+        raise RoadloopError(f"the demonstrations hold {g['frames']} raster frames, the model reads {vcfg.frames}")
+    try:
+        return dataclasses.replace(vcfg, raster_size=int(g["size"]), raster_resolution=float(g["resolution"]),
+                                   raster_ego_offset=float(g["ego_offset"])).validate()
+    except (TypeError, ValueError) as err:
+        raise RoadloopError(f"the demonstrations' raster {g} does not fit the model: {err}") from None
 
 
 class ExpertStream:
@@ -369,13 +397,15 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     run_dir, prev = open_run_dir(cfg.out, resume)
     stream = cfg.data_loading == "stream"
     train_all = load_demos(cfg.data, rasters=cfg.data_loading, cache_shards=cfg.stream_window + 2)
-    vcfg = cfg.model_config()
+    vcfg = data_model_config(cfg.model_config(), train_all)
+    check_demo_raster(train_all, vcfg, cfg.data)
     if prev and prev.get("dataset") != train_all.content_hash:
         raise RoadloopError(f"{cfg.data}: dataset hash {train_all.content_hash[:12]} differs from the one this run "
                             f"started on ({str(prev.get('dataset'))[:12]}); not resuming on other data")
     data = TokenizedDemos.build(train_all, vcfg, cfg.decision_weight)
     if cfg.val_data:
         val = load_demos(cfg.val_data, rasters=cfg.data_loading, cache_shards=cfg.stream_window + 2)
+        check_demo_raster(val, vcfg, f"il.val_data {cfg.val_data}")
         train_idx = torch.arange(len(train_all))
         val_idx = torch.arange(len(val))
     else:

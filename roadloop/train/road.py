@@ -218,7 +218,6 @@ class ClosestOfK(Policy):
                  top_p: float = 1.0, horizon: int = 20, select: str = "ade", text_target: str = "own",
                  guide: float = 1.0, record: str = "candidate"):
         from roadloop.policies.expert import Expert
-        from roadloop.policies.vla.observe import RasterConfig
 
         self.model = model
         self.expert = expert or Expert()
@@ -238,7 +237,7 @@ class ClosestOfK(Policy):
         self._coins: list[torch.Generator] = []
         self._seeds = torch.zeros(0, dtype=torch.int64)
         self.version = "road"
-        self.raster = RasterConfig(size=model.cfg.raster_size, frames=model.cfg.frames)
+        self.raster = model.cfg.raster_config()
         self.records: list[dict[str, torch.Tensor]] = []
         self._gens: list[torch.Generator] | None = None
 

@@ -54,7 +54,7 @@ from torch import nn
 from roadloop.errors import RoadloopError
 from roadloop.io import atomic_write_bytes
 from roadloop.policies.vla import tokenizer as tok
-from roadloop.policies.vla.observe import CHANNELS, COMMANDS
+from roadloop.policies.vla.observe import CHANNELS, COMMANDS, RasterConfig
 
 FORMAT = "roadloop-vla/1"
 STEMS = ("conv", "patch")
@@ -78,6 +78,10 @@ class VLAConfig:
     raster_channels: int = len(CHANNELS)
     frames: int = 4
     raster_size: int = 64
+    # the raster's geometry (``observe.RasterConfig``): m per pixel, and the share of the image behind the ego;
+    # the default 0.75 m / 0.15 sees 41 m ahead.  Imitation takes both from its demonstrations.
+    raster_resolution: float = 0.75
+    raster_ego_offset: float = 0.15
     patch: int = 16  # raster px per vision token side: 16 -> 4 x 4 tokens, 8 -> 8 x 8
     history_steps: int = 16
     history_features: int = 5
@@ -105,6 +109,12 @@ class VLAConfig:
             raise RoadloopError(f"VLAConfig.raster_channels is {self.raster_channels} but the observation code draws "
                                 f"{len(CHANNELS)} channels ({', '.join(CHANNELS)}): a model for an older raster "
                                 f"format; train it again on newly collected demonstrations")
+        if not (self.raster_resolution > 0 and math.isfinite(self.raster_resolution)):
+            raise RoadloopError(f"VLAConfig.raster_resolution must be a positive number of m per pixel, got "
+                                f"{self.raster_resolution}")
+        if not 0 <= self.raster_ego_offset < 1:
+            raise RoadloopError(f"VLAConfig.raster_ego_offset (the share of the raster behind the ego) must be in "
+                                f"[0, 1), got {self.raster_ego_offset}")
         if self.stem not in STEMS:
             raise RoadloopError(f"VLAConfig.stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
         if self.stem == "conv" and self.patch not in (8, 16, 32):
@@ -114,6 +124,11 @@ class VLAConfig:
             raise RoadloopError(f"VLAConfig.action_chunk ({self.action_chunk}) must divide plan_steps "
                                 f"({self.plan_steps})")
         return self
+
+    def raster_config(self) -> RasterConfig:
+        """The raster this model reads: its size, geometry and frames (``observe.render_bev``)."""
+        return RasterConfig(size=self.raster_size, resolution=self.raster_resolution,
+                            ego_offset=self.raster_ego_offset, frames=self.frames)
 
     @property
     def n_action(self) -> int:

@@ -85,6 +85,25 @@ class RasterConfig:
     ego_offset: float = 0.15  # fraction of the image behind the ego: 41 m ahead (>= the 40 m CoC label range)
     frames: int = 4  # current + frames-1 past states at 10 Hz
 
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.frames < 1:
+            raise ValueError(f"RasterConfig: size and frames must be >= 1, got {self.size}, {self.frames}")
+        if not (self.resolution > 0 and math.isfinite(self.resolution)):
+            raise ValueError(f"RasterConfig: resolution must be a positive number of m per pixel, "
+                             f"got {self.resolution}")
+        if not 0 <= self.ego_offset < 1:
+            raise ValueError(f"RasterConfig: ego_offset (share of the image behind the ego) must be in [0, 1), "
+                             f"got {self.ego_offset}")
+
+    @property
+    def ahead(self) -> float:
+        """How far ahead of the ego the image reaches (m)."""
+        return self.size * self.resolution * (1.0 - self.ego_offset)
+
+    def geometry(self) -> dict[str, float | int]:
+        """The fields a demonstration manifest records (``roadloop data collect``), JSON-ready."""
+        return {"size": self.size, "resolution": self.resolution, "ego_offset": self.ego_offset, "frames": self.frames}
+
 
 # ---------------------------------------------------------------------------------------------
 # pixel <-> ego-frame geometry

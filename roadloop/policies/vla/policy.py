@@ -81,7 +81,7 @@ class VLAPolicy(Policy):
         self.greedy_actions = check_greedy_actions(greedy_actions)
         self.version = version or state_hash(model)[:12]
         cfg = model.cfg
-        self.raster = RasterConfig(size=cfg.raster_size, frames=cfg.frames)
+        self.raster = cfg.raster_config()
         self._gens: list[torch.Generator] | None = None
 
     @classmethod
