@@ -399,6 +399,9 @@ def train_il(cfg: ILConfig, resume: bool = False, on_progress: Callable[[int, in
     train_all = load_demos(cfg.data, rasters=cfg.data_loading, cache_shards=cfg.stream_window + 2)
     vcfg = data_model_config(cfg.model_config(), train_all)
     check_demo_raster(train_all, vcfg, cfg.data)
+    rc = vcfg.raster_config()
+    if rc != VLAConfig().raster_config():
+        log(f"the demonstrations' raster: {rc.size} px at {rc.resolution} m/px, {rc.ahead:.1f} m ahead of the ego")
     if prev and prev.get("dataset") != train_all.content_hash:
         raise RoadloopError(f"{cfg.data}: dataset hash {train_all.content_hash[:12]} differs from the one this run "
                             f"started on ({str(prev.get('dataset'))[:12]}); not resuming on other data")
