@@ -131,6 +131,41 @@ def test_corrupt_and_locked_store_errors(tmp_path):
     assert uri in msg and "another process holds a lock" in msg
 
 
+def _open_new_store(uri: str, barrier, out) -> None:
+    """In a child process: wait for the others, then open the store and log a run (``out``: 'ok' or the error)."""
+    from roadloop.train import tracking
+
+    tracking._import_mlflow()  # the slow import before the barrier, so that the openings meet
+    barrier.wait(timeout=120)
+    try:
+        t = tracking.Tracker("race", uri=uri)
+        t.log_metrics({"x": 1.0}, 0)
+        t.finish()
+        out.put("ok")
+    except Exception as e:  # noqa: BLE001 - the parent asserts on the message
+        out.put(f"{type(e).__name__}: {e}")
+
+
+def test_runs_started_side_by_side_on_a_new_store_both_open_it(tmp_path):
+    """Four processes that open the same new SQLite store at once all succeed (the first creates its tables
+    while the others wait on ``<db>.lock``); without the lock some fail ('table ... already exists',
+    'duplicate column name', a migration that finds no row)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    n = 4
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_open_new_store, args=(uri, barrier, out)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=300) for _ in range(n)]
+    for p in procs:
+        p.join(timeout=60)
+    assert results == ["ok"] * n, results
+    assert len(tk._client(uri).search_runs([tk._client(uri).get_experiment_by_name("race").experiment_id])) == n
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 

@@ -26,6 +26,8 @@ Behaviour worth knowing:
 * Metrics: non-finite values (NaN / inf) are not sent (MLflow charts break on them); each is counted in
   ``Tracker.nonfinite`` and recorded in the run tag ``roadloop.nonfinite.<key>`` = ``"<count> (last step
   <step>)"``, so they stay visible in the UI.
+* Opening a SQLite store holds the file lock ``<db>.lock`` (``filelock``): the first process to open a new
+  store creates its tables, and two runs started side by side on a fresh machine would otherwise both try.
 * Store failures (corrupt or non-SQLite file at the path, locked database, unreachable server) raise
   ``RoadloopError`` naming the URI, never a raw SQLAlchemy traceback.  A locked SQLite database first
   waits for MLflow's 20 s busy timeout.
@@ -164,6 +166,26 @@ def _guard(uri: str, what: str):
         raise
 
 
+STORE_OPEN_TIMEOUT = 120.0  # s to wait for another process that is creating or migrating the same SQLite store
+
+
+@contextmanager
+def _store_open_lock(db: Path | None):
+    """Hold ``<db>.lock`` (an OS file lock, ``filelock``) while opening a SQLite store; no-op for other stores."""
+    if db is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    path = db.expanduser().with_name(db.name + ".lock")
+    try:
+        with FileLock(str(path), timeout=STORE_OPEN_TIMEOUT):
+            yield
+    except Timeout:
+        raise RoadloopError(f"MLflow tracking store sqlite:///{db}: another process held {path} for "
+                            f"{STORE_OPEN_TIMEOUT:.0f} s while opening the store") from None
+
+
 def _client(uri: str):
     """One MlflowClient per URI per process (MLflow caches the SQLAlchemy store by URI as well)."""
     with _lock:
@@ -177,7 +199,9 @@ def _client(uri: str):
                 db.expanduser().parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise RoadloopError(f"MLflow tracking store {uri}: cannot create {db.parent}: {e}") from e
-        with _quiet_warnings(), _guard(uri, "opening the store"):
+        # a new SQLite store is created (tables, migrations) by whichever process opens it first; two processes
+        # doing that at once fail with "table ... already exists": opening is serialised by a lock file beside it
+        with _store_open_lock(db), _quiet_warnings(), _guard(uri, "opening the store"):
             c = MlflowClient(tracking_uri=uri)
             # MlflowClient opens the store lazily in some configurations: touch it now so that a bad store
             # fails here, with one clear message.
