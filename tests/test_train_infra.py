@@ -163,6 +163,11 @@ def test_runs_started_side_by_side_on_a_new_store_both_open_it(tmp_path):
     for p in procs:
         p.join(timeout=60)
     assert results == ["ok"] * n, results
+    # a lock file that cannot be created (a directory is in its place): a one-line error naming it
+    (tmp_path / "other" / "mlflow.db.lock").mkdir(parents=True)
+    with pytest.raises(RoadloopError, match=r"cannot create the lock file .*mlflow\.db\.lock") as ei:
+        tk.Tracker("x", uri=f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}")
+    assert "\n" not in str(ei.value)
     assert len(tk._client(uri).search_runs([tk._client(uri).get_experiment_by_name("race").experiment_id])) == n
 
 

@@ -184,6 +184,9 @@ def _store_open_lock(db: Path | None):
     except Timeout:
         raise RoadloopError(f"MLflow tracking store sqlite:///{db}: another process held {path} for "
                             f"{STORE_OPEN_TIMEOUT:.0f} s while opening the store") from None
+    except OSError as e:  # after Timeout, which is one
+        raise RoadloopError(f"MLflow tracking store sqlite:///{db}: cannot create the lock file {path}: {e} (check "
+                            f"the path and its permissions, or point ROADLOOP_TRACKING_URI elsewhere)") from None
 
 
 def _client(uri: str):
