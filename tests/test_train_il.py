@@ -466,5 +466,5 @@ def test_imitation_learns_the_view_its_demonstrations_hold(demos, home, tmp_path
         load_expert_demos(str(demos), model.cfg, "road.expert_data")
     with pytest.raises(RoadloopError, match=r"il.val_data .*recorded at 0.75 m/px"):
         train_il(_cfg(far_dir, tmp_path / "r2", val_data=str(demos), epochs=1.0), log=lambda m: None)
-    with pytest.raises(RoadloopError, match="VLAConfig.raster_ego_offset .* must be in"):
+    with pytest.raises(RoadloopError, match=r"VLAConfig.raster_\*: RasterConfig: ego_offset .* must be in"):
         VLAConfig(raster_ego_offset=1.5).validate()

@@ -109,12 +109,10 @@ class VLAConfig:
             raise RoadloopError(f"VLAConfig.raster_channels is {self.raster_channels} but the observation code draws "
                                 f"{len(CHANNELS)} channels ({', '.join(CHANNELS)}): a model for an older raster "
                                 f"format; train it again on newly collected demonstrations")
-        if not (self.raster_resolution > 0 and math.isfinite(self.raster_resolution)):
-            raise RoadloopError(f"VLAConfig.raster_resolution must be a positive number of m per pixel, got "
-                                f"{self.raster_resolution}")
-        if not 0 <= self.raster_ego_offset < 1:
-            raise RoadloopError(f"VLAConfig.raster_ego_offset (the share of the raster behind the ego) must be in "
-                                f"[0, 1), got {self.raster_ego_offset}")
+        try:
+            self.raster_config()  # RasterConfig checks the raster's size, geometry and frames
+        except ValueError as err:
+            raise RoadloopError(f"VLAConfig.raster_*: {err}") from None
         if self.stem not in STEMS:
             raise RoadloopError(f"VLAConfig.stem must be one of {', '.join(STEMS)}, got {self.stem!r}")
         if self.stem == "conv" and self.patch not in (8, 16, 32):
