@@ -317,6 +317,8 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
                                              "default: the policy's own (10 Hz, 2 Hz for the VLA policy)."),
              temperature: float = typer.Option(None, help="Sampling temperature of a learned policy (0: greedy; "
                                                "default: the policy's own, 1.0 with top-p 0.95)."),
+             top_p: float = typer.Option(None, "--top-p", help="Nucleus of a learned policy's sampling, in (0, 1] "
+                                         "(default: the policy's own)."),
              traffic: str = typer.Option("sim", help="Who moves the other agents: 'sim' (roadloop's traffic "
                                          "models) or 'sumo' (live SUMO co-simulation; SUMO suites only)."),
              agents: str = typer.Option("log", help="With --traffic sim: 'log' (each agent's own model, log "
@@ -330,10 +332,12 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
     from roadloop.sim.backend import with_agent_model
 
     pol = get_policy(policy, device=device)
-    if temperature is not None:
-        if not hasattr(pol, "temperature"):
-            raise RoadloopError(f"--temperature applies to sampling policies; '{policy}' is deterministic")
-        pol.temperature = float(temperature)
+    decoding = {k: float(v) for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None}
+    if decoding:
+        if "temperature" not in pol.settings():
+            raise RoadloopError(f"--{'temperature' if temperature is not None else 'top-p'} applies to sampling "
+                                f"policies; '{policy}' is deterministic")
+        pol.apply_settings(decoding)
     every = pol.replan_every if replan_hz is None else _replan_every(replan_hz)
     if traffic not in ("sim", "sumo"):
         raise RoadloopError(f"--traffic must be 'sim' or 'sumo', got '{traffic}'")

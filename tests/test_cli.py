@@ -121,3 +121,52 @@ def test_compare_by_family_pairs_within_each_family():
     cut = {r.metric: r for r in rows["cut_in"]}
     assert cut["incident"].before == 0.0 and cut["incident"].after == pytest.approx(0.5)
     assert cut["score"].change == pytest.approx(-0.6 / 6) and cut["score"].verdict == "within noise"
+
+
+def test_compare_pairs_seed_independent_policies_once_per_scenario():
+    """Two greedy (or rule-based) evaluations under seeds 0 and 1 hold each rollout twice: compare pairs each
+    scenario once; where one side samples, every (scenario, seed) pair is its own draw and stays."""
+    from roadloop.eval.compare import compare_reports
+    from roadloop.eval.evaluate import EvalReport, RolloutSummary
+
+    def report(policy: str, seed: int, scores: list[float], det: bool) -> EvalReport:
+        rollouts = [RolloutSummary(f"f/{i}#{seed}@{policy}", f"f/{i}", "f", seed, False, "",
+                                   {"score": v, "collision_at_fault": 0.0, "offroad": 0.0})
+                    for i, v in enumerate(scores)]
+        return EvalReport(policy, "s", "h", seed, {}, {}, rollouts, 0, float("nan"), extra={"seed_independent": det})
+
+    a = [0.1 * i for i in range(12)]
+    b = [0.1 * i + (0.2 if i % 2 else 0.0) for i in range(12)]
+    greedy_a = [report("a", s, a, True) for s in (0, 1)]
+    greedy_b = [report("b", s, b, True) for s in (0, 1)]
+    row = compare_reports(greedy_a, greedy_b)[0]
+    assert row.metric == "score" and row.n == 12 and row.change == pytest.approx(0.1)
+    assert row.halfwidth == pytest.approx(compare_reports(greedy_a[:1], greedy_b[:1])[0].halfwidth)
+    sampled_b = [report("b", s, b, False) for s in (0, 1)]
+    assert compare_reports(greedy_a, sampled_b)[0].n == 24
+
+
+def test_eval_decoding_options_name_the_decoding(tmp_path, monkeypatch):
+    """`roadloop eval --temperature/--top-p` set a learned policy's decoding, which is part of its version (and
+    of every rollout id); a deterministic policy and out-of-range values are clear errors."""
+    import torch
+
+    from roadloop.policies.vla.model import VLAConfig, VLAModel, save_checkpoint
+
+    monkeypatch.setenv("ROADLOOP_HOME", str(tmp_path / "home"))
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(VLAModel(VLAConfig(d_model=32, n_layers=1, n_heads=2, max_text_len=8, raster_size=32,
+                                       patch=8)).eval(), ckpt)
+    js = tmp_path / "e.json"
+    r = runner.invoke(app, ["eval", "--policy", str(ckpt), "--suite", "smoke", "--temperature", "0.6",
+                            "--top-p", "0.98", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(js.read_text())
+    assert d["policy"].endswith("+t0.6p0.98") and d["rollouts"][0]["rollout_id"].endswith("+t0.6p0.98")
+    assert d["extra"]["policy_settings"] == {"temperature": 0.6, "top_p": 0.98, "greedy_actions": "mean"}
+    assert d["extra"]["seed_independent"] is False
+    r = runner.invoke(app, ["eval", "--policy", "expert", "--suite", "smoke", "--top-p", "0.9"])
+    assert r.exit_code == 2 and "--top-p applies to sampling policies" in " ".join(r.output.split())
+    r = runner.invoke(app, ["eval", "--policy", str(ckpt), "--suite", "smoke", "--top-p", "1.5"])
+    assert r.exit_code == 2 and "top_p must be in (0, 1]" in " ".join(r.output.split())

@@ -330,7 +330,9 @@ def _paired_report(base: EvalReport, coll: list[int], off: list[int], score: lis
     n = len(rows)
     overall = {**base.overall, "collision_at_fault": Stat(sum(coll) / n, (0.0, 1.0), n),
                "offroad": Stat(sum(off) / n, (0.0, 1.0), n), "score": Stat(sum(score) / n, (0.0, 1.0), n)}
-    return dataclasses.replace(base, rollouts=rows, overall=overall, n_failed=0)
+    # outcomes that differ per seed: a sampling policy's (a seed-independent one's seeds would be copies)
+    return dataclasses.replace(base, rollouts=rows, overall=overall, n_failed=0,
+                               extra={**base.extra, "seed_independent": False})
 
 
 def test_verdict_uses_paired_intervals_when_rollouts_pair_up(data: DemoReportData):

@@ -5,6 +5,7 @@ The toy task: a micro VLA model (random weights, so its curvature tokens are nea
 leaves the road in most rollouts) on three straight two-lane roads, 4 s rollouts."""
 
 import copy
+import math
 import os
 import re
 import signal
@@ -563,6 +564,29 @@ def test_road_round_lowers_the_imitation_loss_on_its_own_rollouts(toy, tmp_path)
     assert all(not torch.equal(v, init[k]) for k, v in model.state_dict().items() if k in ("accel_head.weight",
                                                                                         "curv_head.weight"))
     assert meta["extra"]["trainer"] == "road" and (Path(cfg.out) / "demos" / "round-0000.npz").is_file()
+
+
+def test_road_cosine_schedule_decays_over_all_rounds(toy, tmp_path):
+    from roadloop.train.road import round_lr
+
+    const = RoaDConfig(init="x", lr=3e-4)
+    assert round_lr(const, 0, 0.0) == round_lr(const, 9, 0.99) == 3e-4
+    cos = RoaDConfig(init="x", lr=3e-4, rounds=4, lr_schedule="cosine", min_lr_frac=0.1)
+    lrs = [round_lr(cos, r, f) for r in range(4) for f in (0.0, 0.5)]
+    assert lrs[0] == pytest.approx(3e-4) and all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert round_lr(cos, 2, 0.0) == pytest.approx(3e-4 * (0.1 + 0.9 * 0.5))  # half way: the cosine's midpoint
+    assert round_lr(cos, 3, 1.0) == pytest.approx(3e-5)  # the last step of the last round: min_lr_frac x lr
+    with pytest.raises(ConfigError, match="lr_schedule must be one of constant, cosine"):
+        RoaDConfig(init="x", lr_schedule="linear").validate()
+    with pytest.raises(ConfigError, match="min_lr_frac must be in"):
+        RoaDConfig(init="x", min_lr_frac=1.5).validate()
+    cfg = RoaDConfig(init=str(toy["init"]), out=str(tmp_path / "road"), suites=str(toy["suite"]), scenarios_per_round=2,
+                     rounds=2, k=2, max_steps=30, epochs=1, batch_size=4, lr=1e-3, lr_schedule="cosine",
+                     eval_every=0, track=False, register=False)
+    h = train_road(cfg, log=lambda m: None).history
+    n = [math.ceil(x["road/demos_total"] / 4) for x in h]  # learning steps of each round
+    assert [x["road/lr"] for x in h] == [pytest.approx(round_lr(cfg, r, (n[r] - 1) / n[r])) for r in range(2)]
+    assert h[0]["road/lr"] > h[1]["road/lr"] > 1e-4  # the last step's lr: just above min_lr_frac x lr
 
 
 def _expert_setup(toy, tmp_path, n_scenarios: int) -> tuple[Path, VLAConfig]:

@@ -10,6 +10,10 @@ The rows (``COMPARE_METRICS``) are the evaluation's per-rollout metrics plus ``i
 collision or an off-road excursion, counted once (the GRPO issue's safety target).  Failed rollouts and
 non-finite values (e.g. reasoning metrics of a policy without text) leave their pair out.
 
+A policy whose rollouts do not depend on the seed (rule-based, or a learned one decoded greedily: the
+evaluation's ``extra.seed_independent``) drives the same rollout under every seed; where both sides are such
+policies, each scenario is paired once, so evaluating them under several seeds does not narrow the interval.
+
 ``compare_by_family`` (``roadloop compare --by-family``) gives the score and incident rows within each
 scenario family, where post-training's gains and losses usually differ most.
 """
@@ -50,13 +54,28 @@ def metric_value(name: str) -> Callable[[dict[str, float]], float]:
     return lambda m: get(m, name)
 
 
+def seed_independent(reports: Iterable[EvalReport]) -> bool:
+    """Whether every report is of a policy whose rollouts do not depend on the seed (``extra``'s
+    ``seed_independent``, written by ``evaluate``: a rule-based policy, a learned one decoded greedily)."""
+    reports = list(reports)
+    return bool(reports) and all(rep.extra.get("seed_independent") is True for rep in reports)
+
+
 def paired_metrics(before: Iterable[EvalReport], after: Iterable[EvalReport]
                    ) -> list[tuple[dict[str, float], dict[str, float]]]:
     """(metrics before, metrics after) of every (scenario, seed) rollout both sides evaluated without
-    failure, in ``after``'s order."""
+    failure, in ``after``'s order.  Where both sides are ``seed_independent``, another seed repeats the same
+    two rollouts, so each scenario is paired once (its lowest seed): copies are not more evidence."""
+    before, after = list(before), list(after)
     ref = {(r.scenario_id, r.seed): r.metrics for rep in before for r in rep.rollouts if not r.failed}
-    return [(ref[k], r.metrics) for rep in after for r in rep.rollouts
-            if not r.failed and (k := (r.scenario_id, r.seed)) in ref]
+    pairs = [(k, ref[k], r.metrics) for rep in after for r in rep.rollouts
+             if not r.failed and (k := (r.scenario_id, r.seed)) in ref]
+    if seed_independent(before) and seed_independent(after):
+        first: dict[str, int] = {}
+        for (sid, seed), _, _ in pairs:
+            first[sid] = min(seed, first.get(sid, seed))
+        pairs = [p for p in pairs if p[0][1] == first[p[0][0]]]
+    return [(b, a) for _, b, a in pairs]
 
 
 def paired_diffs(before: Iterable[EvalReport], after: Iterable[EvalReport],

@@ -159,7 +159,7 @@ def evaluate(policy: Policy, scenarios: list[Scenario], *, suite_name: str = "",
             for k in per:
                 per[k].append(mv[k])
         if record:
-            record_batch(ro, suite_name, suite_hash, policy.name, policy.version, cfg)
+            record_batch(ro, suite_name, suite_hash, policy, cfg)
         if keep_rollouts:
             kept.append((ro, batch))
         if on_batch:
@@ -180,7 +180,8 @@ def evaluate(policy: Policy, scenarios: list[Scenario], *, suite_name: str = "",
     rep = EvalReport(policy=f"{policy.name}@{policy.version}", suite=suite_name, suite_hash=suite_hash, seed=seed,
                      overall=overall, per_family=per_family, rollouts=summaries,
                      n_failed=sum(s.failed for s in summaries), km_between_incidents=kbi,
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0,
+                     extra={"seed_independent": bool(policy.seed_independent), "policy_settings": policy.settings()})
     return rep, kept
 
 

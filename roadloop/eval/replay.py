@@ -7,6 +7,11 @@ content hash), the exact batch composition and order, the seed, the rollout conf
 SHA-256 digest of every rollout's recorded tensors.  ``replay(rollout_id)`` reloads the suite,
 checks its hash, re-runs that batch with the same policy, seed and config, and compares the
 digest: replay is bit-identical on the same machine.
+
+The policy is rebuilt from its ``source`` (``Policy.source``: a registered name, a checkpoint folder, or
+a registry reference ``registry:NAME@VERSION``) with its recorded ``settings`` (a learned policy's
+decoding: temperature, top-p), and must have the recorded version (for a learned policy the weights'
+hash and the decoding).  Records written before the source was kept replay registered policies only.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from roadloop.errors import RoadloopError
+from roadloop.errors import RoadloopError, UnknownNameError
 from roadloop.io import atomic_write_text, roadloop_home
+from roadloop.policies.base import Policy
 from roadloop.rollout import Rollout, RolloutConfig, rollout
 from roadloop.sim.config import IDMParams, SimConfig
 
@@ -62,6 +68,8 @@ class BatchRecord:
     scenario_ids: list[str]  # batch order
     digests: list[str]
     rollout_cfg: dict
+    policy_source: str | None = None  # what get_policy rebuilds it from (None: its name)
+    policy_settings: dict = dataclasses.field(default_factory=dict)  # Policy.settings(), set again on replay
 
     @property
     def rollout_ids(self) -> list[str]:
@@ -80,12 +88,12 @@ def _cfg_from_dict(d: dict) -> RolloutConfig:
                          sim=SimConfig(**sim))
 
 
-def record_batch(ro: Rollout, suite: str, suite_hash: str, policy_name: str, policy_version: str,
-                 cfg: RolloutConfig) -> BatchRecord:
-    """Write the replay record of one evaluated batch (atomically) and return it."""
-    rec = BatchRecord(suite=suite, suite_hash=suite_hash, policy=policy_name, policy_version=policy_version,
+def record_batch(ro: Rollout, suite: str, suite_hash: str, policy: Policy, cfg: RolloutConfig) -> BatchRecord:
+    """Write the replay record of one batch ``policy`` drove (atomically) and return it."""
+    rec = BatchRecord(suite=suite, suite_hash=suite_hash, policy=policy.name, policy_version=policy.version,
                       seed=int(ro.seeds[0]), scenario_ids=list(ro.scenario_ids),
-                      digests=[row_digest(ro, b) for b in range(ro.batch_size)], rollout_cfg=_cfg_to_dict(cfg))
+                      digests=[row_digest(ro, b) for b in range(ro.batch_size)], rollout_cfg=_cfg_to_dict(cfg),
+                      policy_source=policy.source, policy_settings=dict(policy.settings()))
     key = hashlib.sha256(json.dumps(dataclasses.asdict(rec), sort_keys=True).encode()).hexdigest()[:24]
     atomic_write_text(store_dir() / f"{key}.json", json.dumps(dataclasses.asdict(rec)))
     return rec
@@ -132,9 +140,14 @@ def replay(rollout_id_: str) -> ReplayResult:
     missing = [i for i in rec.scenario_ids if i not in by_id]
     if missing:
         raise RoadloopError(f"suite '{rec.suite}' lacks scenarios {missing[:3]}")
-    policy = get_policy(rec.policy)
+    source = rec.policy_source or rec.policy
+    try:
+        policy = get_policy(source)
+    except UnknownNameError as e:
+        raise RoadloopError(f"cannot rebuild the policy of {rollout_id_}: {e}") from e
+    policy.apply_settings(rec.policy_settings)
     if policy.version != rec.policy_version:
-        raise RoadloopError(f"policy '{rec.policy}' is now version {policy.version}, the rollout was recorded "
+        raise RoadloopError(f"policy '{source}' is now version {policy.version}, the rollout was recorded "
                             f"with version {rec.policy_version}")
     batch = collate([by_id[i] for i in rec.scenario_ids])
     seeds = torch.full((len(rec.scenario_ids),), rec.seed, dtype=torch.int64)

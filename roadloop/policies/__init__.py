@@ -47,7 +47,9 @@ def get_policy(name: str, device: str = "cpu") -> Policy:
     device = resolve_device(device, "--device")  # checked for every policy, used by learned ones
     _builtin()
     if name in _REGISTRY:
-        return _REGISTRY[name]()
+        pol = _REGISTRY[name]()
+        pol.source = name
+        return pol
     if name == "champion" or name.startswith(("champion:", "registry:")):
         from roadloop.registry.store import resolve_policy
 

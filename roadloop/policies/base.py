@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from roadloop.errors import ControlError
+from roadloop.errors import ConfigError, ControlError
 from roadloop.sim.datatypes import SimState
 
 PLAN_STEPS = 64  # 6.4 s at 10 Hz
@@ -81,6 +81,19 @@ class Policy:
     # it draws nothing at random (``reset`` ignores the seeds): a scenario's rollout is the same for every seed, so
     # an evaluation over several seeds drives it once (``roadloop.registry.matrix.evaluate_matrix``)
     seed_independent: bool = False
+    # what ``get_policy`` builds this policy from again (a registered name, a checkpoint folder, a registry
+    # reference), recorded with every evaluated rollout so ``roadloop replay`` can drive it again; None: unknown
+    source: str | None = None
+
+    def settings(self) -> dict:
+        """Settings beyond ``name`` and ``version`` that change its rollouts (a learned policy's decoding),
+        recorded with every evaluated rollout and set again by ``roadloop replay``.  Default: none."""
+        return {}
+
+    def apply_settings(self, settings: dict) -> None:
+        """Set what ``settings()`` returned (``roadloop replay``); a policy without settings accepts only {}."""
+        if settings:
+            raise ConfigError(f"policy '{self.name}' has no settings, got {sorted(settings)}")
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         """Called once per rollout batch with the initial state and one seed (B,) per rollout."""

@@ -132,9 +132,9 @@ def evaluate_matrix(policy, cfg: MatrixConfig, suites: list[MatrixSuite] | None 
 
     suites = load_matrix(cfg) if suites is None else suites
     if cfg.temperature is not None:
-        if not hasattr(policy, "temperature"):
+        if "temperature" not in policy.settings():
             raise ConfigError(f"gates matrix.temperature applies to sampling policies; '{policy.name}' is not one")
-        policy.temperature = float(cfg.temperature)
+        policy.apply_settings({"temperature": float(cfg.temperature)})
     every = policy.replan_every
     if cfg.replan_hz is not None:
         every = round(10.0 / cfg.replan_hz) if cfg.replan_hz > 0 else 0
@@ -160,8 +160,9 @@ def evaluate_matrix(policy, cfg: MatrixConfig, suites: list[MatrixSuite] | None 
     suite_hash = canonical_sha256([[s.name, s.content_hash] for s in suites])
     extra = {"matrix": {"key": key, "suites": {s.name: s.content_hash for s in suites}, "seeds": list(cfg.seeds),
                         "max_per_family": cfg.max_per_family, "batch_size": cfg.batch_size, "replan_every": every,
-                        "temperature": getattr(policy, "temperature", None), "eval_code": eval_code_hash()},
-             "maps": dict(sorted(maps.items()))}
+                        "temperature": getattr(policy, "temperature", None), "policy_settings": policy.settings(),
+                        "eval_code": eval_code_hash()},
+             "maps": dict(sorted(maps.items())), "seed_independent": bool(policy.seed_independent)}
     return merge_reports(reports, name, suite_hash, extra)
 
 

@@ -590,7 +590,9 @@ class Registry:
         from roadloop.policies.vla.policy import VLAPolicy
 
         mv = self.resolve(ref, name)
-        return VLAPolicy.from_checkpoint(self.artifact_dir(mv), **kw)
+        pol = VLAPolicy.from_checkpoint(self.artifact_dir(mv), **kw)
+        pol.source = f"registry:{mv.name}@{mv.version}"  # the version itself, not "champion", which moves
+        return pol
 
     # ---------------------------------------------------------------- register
     def register(self, checkpoint_dir: str | Path, lineage: dict | None = None, *, name: str = DEFAULT_NAME,

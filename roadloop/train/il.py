@@ -69,7 +69,7 @@ from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAConfig, VLAModel, param_count, save_checkpoint
 from roadloop.reasoning.checks import decision_spans
 from roadloop.train.checkpointing import GoodState, NonFiniteError, check_finite, save_train_state
-from roadloop.train.run import adamw, begin_run, open_run_dir, restore
+from roadloop.train.run import adamw, begin_run, cosine_lr, open_run_dir, restore
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -285,8 +285,7 @@ def lr_at(step: int, total: int, cfg: ILConfig) -> float:
     """Linear warm-up over ``warmup_steps`` then cosine decay to ``min_lr_frac`` x lr at ``total``."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+    return cosine_lr(cfg.lr, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps), cfg.min_lr_frac)
 
 
 FIT_SKIP_STEPS = 5  # steps at the start of a process left out of the timing (allocation, first batches)

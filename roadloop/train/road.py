@@ -55,8 +55,10 @@ Departures from the paper:
   the labels the expert's.
 * All committed decisions are kept, including those after an incident (none is filtered); failed
   rollouts (the policy raised) are dropped.
-* Dropout follows the checkpoint's config while learning (model in train mode); the constant ``lr``
-  has no schedule.
+* Dropout follows the checkpoint's config while learning (model in train mode).  ``lr`` is constant
+  by default; ``lr_schedule=cosine`` (beyond the paper) decays it over all rounds' learning steps to
+  ``min_lr_frac`` x ``lr`` (``round_lr``: by round progress, since a round's data size is known only
+  once it is collected).
 """
 
 from __future__ import annotations
@@ -92,12 +94,13 @@ from roadloop.train.grpo import (
 )
 from roadloop.train.il import TokenizedDemos, load_expert_demos
 from roadloop.train.release import register_final
-from roadloop.train.run import adamw, begin_run, restore, start_post_training
+from roadloop.train.run import adamw, begin_run, cosine_lr, restore, start_post_training
 
 _SEED_SALT = 0x0A0D_5EED
 SELECT_MODES = ("ade", "ade_reasoning")
 TEXT_TARGETS = ("own", "label")
 RECORD_MODES = ("candidate", "expert")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -126,6 +129,8 @@ class RoaDConfig:
     epochs: int = 2  # passes over the demonstrations per round
     batch_size: int = 64
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # "constant", or "cosine": from lr down to min_lr_frac x lr over all rounds' steps
+    min_lr_frac: float = 0.1  # with lr_schedule=cosine: the last step's share of lr
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     action_weight: float = 1.0
@@ -176,6 +181,10 @@ class RoaDConfig:
         if self.record == "expert" and (self.text_target != "own" or self.select != "ade"):
             raise ConfigError("road.record=expert records the expert's plan and its CoC label: text_target and select "
                               "do not apply (leave them at 'own' and 'ade')")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"road.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if not 0 <= self.min_lr_frac <= 1:
+            raise ConfigError(f"road.min_lr_frac must be in [0, 1], got {self.min_lr_frac}")
         if not 0 <= self.expert_share < 1:
             raise ConfigError(f"road.expert_share must be in [0, 1), got {self.expert_share}")
         if not self.init:
@@ -452,6 +461,15 @@ def failure_crops(scenarios: list[Scenario], incident: torch.Tensor, cfg: RoaDCo
     return out, n
 
 
+def round_lr(cfg: RoaDConfig, rnd: int, frac: float) -> float:
+    """Learning rate at ``frac`` in [0, 1) of round ``rnd``'s learning steps: ``cfg.lr``, or with
+    ``lr_schedule=cosine`` the cosine from ``lr`` (first step of round 0) to ``min_lr_frac`` x ``lr`` (end of
+    the last round), by round progress; a function of (round, position) only, so a resumed run repeats it."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cosine_lr(cfg.lr, (rnd + frac) / max(cfg.rounds, 1), cfg.min_lr_frac)
+
+
 @torch.no_grad()
 def demo_loss(model: VLAModel, demos: RoaDDemos, action_weight: float, chunk: int = 256) -> float:
     """Mean imitation loss of ``model`` (eval mode) over ``demos``."""
@@ -547,9 +565,12 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
             gen = torch.Generator().manual_seed(cfg.seed * 7919 + rnd)
             model.train()
             n_seen, steps, loss_sum = 0, 0, 0.0
-            for _ in range(cfg.epochs):
+            per_epoch = math.ceil(len(data) / cfg.batch_size)
+            for ep in range(cfg.epochs):
                 perm = torch.randperm(len(data), generator=gen)
-                for i in range(0, len(data), cfg.batch_size):
+                for j, i in enumerate(range(0, len(data), cfg.batch_size)):
+                    for gr in opt.param_groups:
+                        gr["lr"] = round_lr(cfg, rnd, (ep * per_epoch + j) / (cfg.epochs * per_epoch))
                     mb = data.batch(perm[i:i + cfg.batch_size])
                     if expert is not None:
                         mb = _with_expert(mb, expert, cfg.expert_share, gen)
@@ -578,6 +599,7 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
             dt = time.perf_counter() - tl
             m["road/loss_after"] = demo_loss(model, g.demos, cfg.action_weight)
             m["loss/loss"] = loss_sum / max(steps, 1)
+            m["road/lr"] = float(opt.param_groups[0]["lr"])
             m["road/demos"] = float(len(g.demos))
             m["road/demos_total"] = float(len(data))
             m["perf/env_steps_per_s"] = g.env_steps / max(g.seconds, 1e-9)
@@ -624,6 +646,6 @@ def train_road(cfg: RoaDConfig, resume: bool = False, on_progress: Callable[[int
     return RoaDResult(final, rnd, train_s, env_sps, learn_sps, history, last_eval, tracker.run_id, stopped_early)
 
 
-__all__ = ["RECORD_MODES", "SELECT_MODES", "TEXT_TARGETS", "ClosestOfK", "GuidedRollouts", "RoaDConfig", "RoaDDemos",
-           "RoaDResult", "choose_candidate", "collect_guided", "demo_loss", "failure_crops", "probe_failures",
-           "train_road"]
+__all__ = ["LR_SCHEDULES", "RECORD_MODES", "SELECT_MODES", "TEXT_TARGETS", "ClosestOfK", "GuidedRollouts", "RoaDConfig",
+           "RoaDDemos", "RoaDResult", "choose_candidate", "collect_guided", "demo_loss", "failure_crops",
+           "probe_failures", "round_lr", "train_road"]

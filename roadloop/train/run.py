@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,12 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[f
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas)
+
+
+def cosine_lr(lr: float, progress: float, min_frac: float) -> float:
+    """Cosine decay from ``lr`` at ``progress`` 0 to ``min_frac`` x ``lr`` at 1 (progress clamped to [0, 1])."""
+    p = min(1.0, max(0.0, progress))
+    return lr * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
 def check_init_model(model: VLAModel, cfg) -> None:
@@ -171,5 +178,5 @@ def start_post_training(cfg, resume: bool) -> PostTrainingStart:
     return PostTrainingStart(model, init_dir, init_sha, pool, hashes, run_dir, prev, ev_pool, ev_hash)
 
 
-__all__ = ["PostTrainingStart", "adamw", "begin_run", "check_init_model", "eval_pool", "load_pool", "make_tracker",
-           "open_run_dir", "restore", "spread", "start_post_training"]
+__all__ = ["PostTrainingStart", "adamw", "begin_run", "check_init_model", "cosine_lr", "eval_pool", "load_pool",
+           "make_tracker", "open_run_dir", "restore", "spread", "start_post_training"]

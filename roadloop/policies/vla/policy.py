@@ -9,11 +9,13 @@ rollout's samples do not depend on the batch it runs in (up to float rounding).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from roadloop.errors import ConfigError
 from roadloop.policies.base import Observation, Policy, PolicyOutput
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAModel, check_greedy_actions, load_checkpoint, state_hash
@@ -29,6 +31,8 @@ from roadloop.sim import dynamics
 from roadloop.sim.datatypes import SimState
 
 _SEED_SALT = 0x5EED_F00D
+DEFAULT_TEMPERATURE = 1.0  # the policy's own decoding (roadloop eval, the registry's gates) ...
+DEFAULT_TOP_P = 0.95  # ... and its nucleus
 # from this batch size up the live raster is drawn channels-last for the vision stem (oneDNN's convolutions:
 # 1.5-2x faster on it at batch 64, about even at 4, 0.1-0.5 ms slower at 1-2; docs/LOG.md 2026-12-06)
 CHANNELS_LAST_MIN_BATCH = 4
@@ -62,6 +66,14 @@ class DecisionRecord:
     speed: torch.Tensor  # (B,) float32 m/s, ego speed (plans start at the ego pose: x = y = yaw = 0)
 
 
+def decoding_tag(temperature: float, top_p: float, greedy_actions: str = "mean") -> str:
+    """A decoding as a short tag: ``greedy`` (``greedy-mode`` with mode-decoded actions) or ``t1p0.95``
+    (temperature, top-p)."""
+    if temperature <= 0:
+        return "greedy" if greedy_actions == "mean" else f"greedy-{greedy_actions}"
+    return f"t{temperature:g}p{top_p:g}"
+
+
 class VLAPolicy(Policy):
     """``record=True`` appends a ``DecisionRecord`` to ``self.trace`` at every decision (cleared by
     ``reset``); ``temperature`` <= 0 decodes greedily (action tokens by ``greedy_actions``, see
@@ -71,23 +83,50 @@ class VLAPolicy(Policy):
     replan_every = 5  # 2 Hz: the rate of its demonstrations (roadloop data collect)
     writes_coc = True
 
-    def __init__(self, model: VLAModel, temperature: float = 1.0, top_p: float = 0.95, version: str | None = None,
-                 record: bool = False, greedy_actions: str = "mean"):
+    def __init__(self, model: VLAModel, temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
+                 version: str | None = None, record: bool = False, greedy_actions: str = "mean"):
         self.model = model.eval()
         self.record = record
         self.trace: list[DecisionRecord] = []
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.greedy_actions = check_greedy_actions(greedy_actions)
-        self.version = version or state_hash(model)[:12]
+        self.apply_settings({"temperature": temperature, "top_p": top_p, "greedy_actions": greedy_actions})
+        self.weights_version = version or state_hash(model)[:12]
         cfg = model.cfg
         self.raster = cfg.raster_config()
         self._gens: list[torch.Generator] | None = None
 
+    @property
+    def version(self) -> str:
+        """The weights' id and the decoding (``decoding_tag``): one checkpoint driven greedily and sampled are
+        two policies, whose rollouts have different ids."""
+        return f"{self.weights_version}+{decoding_tag(self.temperature, self.top_p, self.greedy_actions)}"
+
+    @property
+    def seed_independent(self) -> bool:
+        """Greedy decoding draws nothing at random: every seed drives the same rollout."""
+        return self.temperature <= 0
+
+    def settings(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p, "greedy_actions": self.greedy_actions}
+
+    def apply_settings(self, settings: dict) -> None:
+        unknown = set(settings) - {"temperature", "top_p", "greedy_actions"}
+        if unknown:
+            raise ConfigError(f"VLAPolicy settings are temperature, top_p and greedy_actions, got {sorted(unknown)}")
+        t = float(settings.get("temperature", getattr(self, "temperature", DEFAULT_TEMPERATURE)))
+        p = float(settings.get("top_p", getattr(self, "top_p", DEFAULT_TOP_P)))
+        if not (math.isfinite(t) and t >= 0):
+            raise ConfigError(f"VLAPolicy temperature must be >= 0 (0: greedy), got {t}")
+        if not 0 < p <= 1:
+            raise ConfigError(f"VLAPolicy top_p must be in (0, 1], got {p}")
+        ga = check_greedy_actions(settings.get("greedy_actions", getattr(self, "greedy_actions", "mean")))
+        self.temperature, self.top_p, self.greedy_actions = t, p, ga
+
     @classmethod
     def from_checkpoint(cls, path_dir: str | Path, device: str | torch.device = "cpu", **kw) -> VLAPolicy:
         model, meta = load_checkpoint(path_dir, device)
-        return cls(model, version=meta["weights_sha256"][:12], **kw)
+        pol = cls(model, version=meta["weights_sha256"][:12], **kw)
+        pol.source = str(Path(path_dir).expanduser().resolve())
+        return pol
 
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         self.trace = []
@@ -119,4 +158,5 @@ class VLAPolicy(Policy):
                             reasoning=tok.decode_batch(text.cpu()), logp=(lp_text + lp_act).float().cpu())
 
 
-__all__ = ["CHANNELS_LAST_MIN_BATCH", "DecisionRecord", "VLAPolicy", "observation_tensors"]
+__all__ = ["CHANNELS_LAST_MIN_BATCH", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "DecisionRecord", "VLAPolicy",
+           "decoding_tag", "observation_tensors"]
