@@ -160,8 +160,7 @@ def evaluate_matrix(policy, cfg: MatrixConfig, suites: list[MatrixSuite] | None 
     suite_hash = canonical_sha256([[s.name, s.content_hash] for s in suites])
     extra = {"matrix": {"key": key, "suites": {s.name: s.content_hash for s in suites}, "seeds": list(cfg.seeds),
                         "max_per_family": cfg.max_per_family, "batch_size": cfg.batch_size, "replan_every": every,
-                        "temperature": getattr(policy, "temperature", None), "policy_settings": policy.settings(),
-                        "eval_code": eval_code_hash()},
+                        "policy_settings": policy.settings(), "eval_code": eval_code_hash()},
              "maps": dict(sorted(maps.items())), "seed_independent": bool(policy.seed_independent)}
     return merge_reports(reports, name, suite_hash, extra)
 
