@@ -70,6 +70,10 @@ Departures from the papers / AlpaGym:
   (optional) gives each decision the growth of the ego's distance to its log over the next seconds.
   None is in AlpaGym (one reward per rollout, rollouts from the scenario start).
 * The learner trains on at most ``max_decisions`` decisions per iteration (uniform subset).
+* ``groups = branch`` (optional; ``BranchPolicy``): the G rollouts of a group share a sampled trunk of
+  ``pick_branch`` decisions, differ by one sampled decision, and then drive greedily; only that decision is
+  trained.  A group then compares G actions from one state (the grouping GRPO's advantage assumes), with no
+  sampling noise after them; AlpaGym's groups differ at every one of their ~14 decisions.
 * ``ptx_coef`` (optional, off by default): every gradient step adds ``ptx_coef`` x the imitation loss of
   ``ptx_batch`` expert demonstrations (``expert_data``, streamed by ``roadloop.train.il.ExpertStream``;
   its position is checkpointed), InstructGPT's PPO-ptx; neither AlpaGym nor Alpamayo-R1's RL has it.
@@ -102,6 +106,7 @@ import torch
 from roadloop.config import resolve_device, to_dict
 from roadloop.errors import ConfigError, RoadloopError
 from roadloop.policies.vla.model import TRAINABLE, VLAConfig, VLAModel, param_count, save_checkpoint
+from roadloop.policies.vla.policy import VLAPolicy
 from roadloop.registry.lineage import code_version
 from roadloop.sim.batching import crop_log
 from roadloop.sim.datatypes import DT, Scenario
@@ -148,6 +153,10 @@ class GRPOConfig:
     max_steps: int | None = 80  # closed-loop steps per rollout incl. warm-up (None: the whole log; LOG: 8 s learns
     # more stably than whole 15-20 s logs, whose one reward per rollout is spread over ~30 decisions)
     replan_every: int = 5  # 2 Hz
+    groups: str = "rollout"  # rollout (AlpaGym): G independent rollouts of a scenario, every decision trained;
+    # branch: the G rollouts share a sampled trunk, differ by ONE sampled decision, then drive greedily, and only
+    # that decision is trained (``BranchPolicy``: its advantage is the whole difference of outcomes; LOG)
+    branch_trunk: int = 4  # groups=branch: the shared trunk's decisions, drawn per iteration in [0, branch_trunk]
     ppo_epochs: int = 2
     minibatch_size: int = 64  # decisions per gradient step
     random_start: bool = False  # start each iteration's rollouts at a random point of the logs (log replay up
@@ -157,8 +166,9 @@ class GRPOConfig:
     replay_lead_s: float = 3.0  # the policy takes over this long before the replayed incident
     replay_size: int = 64  # incidents kept (the most recent)
     max_decisions: int = 512  # decisions the learner trains on per iteration, drawn uniformly (0: all)
-    drive_tokens: str = "all"  # action tokens the driving advantage trains: all (AlpaGym: every token) or
-    # executed (the chunks driven before the next decision, the plan's tail gets the reasoning part only; LOG)
+    drive_tokens: str = "all"  # tokens the driving advantage trains: all (AlpaGym: every token), executed (the text
+    # and the chunks driven before the next decision, the plan's tail gets the reasoning part only) or actions (the
+    # action tokens get the driving part only, the text the reasoning part only; LOG)
     clip_eps: float = 0.2
     dual_clip: float = 3.0  # cap of the loss for negative advantages (Cosmos-RL); 0: off
     logratio_clamp: float = 5.0
@@ -244,11 +254,15 @@ class GRPOConfig:
             raise ConfigError(f"grpo.ptx_batch and ptx_window must be >= 1, got {self.ptx_batch} / {self.ptx_window}")
         if 0 < self.dual_clip <= 1:
             raise ConfigError(f"grpo.dual_clip must be > 1 (or 0: off), got {self.dual_clip}")
-        if self.drive_tokens not in ("executed", "all"):
-            raise ConfigError(f"grpo.drive_tokens must be 'executed' or 'all', got '{self.drive_tokens}'")
+        if self.drive_tokens not in ("executed", "all", "actions"):
+            raise ConfigError(f"grpo.drive_tokens must be 'all', 'executed' or 'actions', got '{self.drive_tokens}'")
         if not re.fullmatch(TRAINABLE, self.trainable):
             raise ConfigError(f"grpo.trainable must be 'all' or 'top:K' (the last K transformer blocks and the "
                               f"output heads), got {self.trainable!r}")
+        if self.groups not in ("rollout", "branch"):
+            raise ConfigError(f"grpo.groups must be 'rollout' or 'branch', got '{self.groups}'")
+        if self.branch_trunk < 0:
+            raise ConfigError(f"grpo.branch_trunk must be >= 0 (decisions before the branch), got {self.branch_trunk}")
         if self.advantage not in ("std", "centered"):
             raise ConfigError(f"grpo.advantage must be 'std' or 'centered', got '{self.advantage}'")
         if not self.init:
@@ -349,12 +363,61 @@ def rollout_steps(scenarios: list[Scenario], num_steps: int, max_steps: int | No
     return T
 
 
+def pick_branch(cfg: GRPOConfig, iteration: int) -> int | None:
+    """The decision at which the groups of ``iteration`` branch (``groups = branch``; None otherwise): uniform
+    in [0, ``branch_trunk``], a pure function of (seed, iteration)."""
+    if cfg.groups != "branch":
+        return None
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration + 33_333)
+    return int(torch.randint(0, cfg.branch_trunk + 1, (1,), generator=g))
+
+
 def collect_iteration(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig, iteration: int) -> GroupBatch:
     """The collection of ``iteration`` of a run with ``cfg.seed`` (no incident replay): its scenarios
-    (``pick_scenarios``), rollout seeds (``group_seeds``) and start (``pick_start``)."""
+    (``pick_scenarios``), rollout seeds (``group_seeds``), start (``pick_start``) and branch (``pick_branch``)."""
     picked = [pool[i] for i in pick_scenarios(len(pool), cfg.scenarios_per_iter, cfg.seed, iteration)]
     return collect_groups(model, picked, group_seeds(len(picked), cfg.group_size, cfg.seed, iteration), cfg,
-                          pick_start(picked, cfg, iteration))
+                          pick_start(picked, cfg, iteration), pick_branch(cfg, iteration))
+
+
+class BranchPolicy(VLAPolicy):
+    """The policy of a branched collection (``groups = branch``), over S groups of G consecutive batch rows.
+
+    Decisions before ``branch_at`` (the trunk) are sampled once per group, with the generator of its first
+    row, and every row of the group takes that output: the simulator is deterministic, so the G rollouts stay
+    identical.  Decision ``branch_at`` is sampled per row with the row's own generator and is the only one
+    recorded (``trace``).  Later decisions are greedy, so that the G outcomes differ by the branch decision
+    alone: the group's spread of driving rewards is that decision's effect, not the noise of the 10-15
+    sampled decisions that follow it in a rollout group."""
+
+    def __init__(self, model: VLAModel, group_size: int, branch_at: int, temperature: float, top_p: float):
+        super().__init__(model, temperature=temperature, top_p=top_p, version="grpo-branch")
+        self.group_size, self.branch_at = group_size, branch_at
+        self._decision = 0
+
+    def reset(self, state, seeds: torch.Tensor) -> None:
+        super().reset(state, seeds)
+        if state.batch_size % self.group_size:
+            raise ConfigError(f"BranchPolicy: batch of {state.batch_size} is not groups of {self.group_size}")
+        self._decision = 0
+
+    def act(self, obs):
+        self.record = self._decision == self.branch_at
+        try:
+            return super().act(obs)
+        finally:
+            self._decision += 1
+
+    def decode(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        d, G = self._decision, self.group_size
+        if d == self.branch_at:
+            return super().decode(inputs)
+        if d > self.branch_at:
+            return self.model.sample(inputs, 0.0, self.top_p, None, self.greedy_actions)
+        lead = torch.arange(0, inputs["command"].shape[0], G)
+        out = self.model.sample({k: v[lead] for k, v in inputs.items()}, self.temperature, self.top_p,
+                                [self._gens[i] for i in lead.tolist()], self.greedy_actions)
+        return tuple(x.repeat_interleave(G, 0) for x in out)
 
 
 def crop_limit(scenario: Scenario, max_steps: int) -> int:
@@ -430,16 +493,17 @@ class IncidentReplay:
 
 
 def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: GRPOConfig,
-                   start: int | None = None) -> GroupBatch:
+                   start: int | None = None, branch_at: int | None = None) -> GroupBatch:
     """Roll each of the S ``scenarios`` out G times (``seeds`` (S, G)) in one batch and score them.
     ``start``: log-replay steps before the policy drives (``pick_start``; None: the scenarios' own
-    warm-up); the policy then drives ``max_steps`` minus the scenarios' warm-up steps.
+    warm-up); the policy then drives ``max_steps`` minus the scenarios' warm-up steps.  With
+    ``groups = branch`` the G rollouts branch at decision ``branch_at`` (``pick_branch``; None: 0, and at
+    most the rollouts' last decision) and the batch holds that one decision (D = 1; ``BranchPolicy``).
 
-    A pure function of (weights, scenarios, seeds, cfg, start): no global RNG is used.
+    A pure function of (weights, scenarios, seeds, cfg, start, branch_at): no global RNG is used.
     """
     from roadloop.eval.metrics import compute_metrics
     from roadloop.policies.vla import tokenizer as tok
-    from roadloop.policies.vla.policy import VLAPolicy
     from roadloop.rollout import RolloutConfig, rollout
     from roadloop.sim.batching import collate
 
@@ -449,7 +513,15 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     t0 = time.perf_counter()
     batch = collate([sc for sc in scenarios for _ in range(G)])
     T = rollout_steps(scenarios, batch.num_steps, cfg.max_steps, start)
-    policy = VLAPolicy(model, temperature=cfg.temperature, top_p=cfg.top_p, version="grpo", record=True)
+    warm = max(sc.meta.warmup_steps for sc in scenarios) if start is None else start
+    n_dec = len(range(warm, T, cfg.replan_every))
+    if n_dec == 0:
+        raise ConfigError(f"rollouts of {T} steps made no decision (warm-up too long for max_steps={cfg.max_steps})")
+    if cfg.groups == "branch":
+        k = min(branch_at or 0, n_dec - 1)
+        policy: VLAPolicy = BranchPolicy(model, G, k, cfg.temperature, cfg.top_p)
+    else:
+        policy = VLAPolicy(model, temperature=cfg.temperature, top_p=cfg.top_p, version="grpo", record=True)
     with torch.no_grad():
         ro = rollout(policy, batch, seeds.reshape(-1),
                      RolloutConfig(replan_every=cfg.replan_every, max_steps=T, warmup=start))
@@ -457,11 +529,12 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     drive, terms = driving_reward(ro, batch, cfg.reward, metrics)
     tr = policy.trace
     B = S * G
-    if not tr:
-        raise ConfigError(f"rollouts of {T} steps made no decision (warm-up too long for max_steps={cfg.max_steps})")
     D = len(tr)
     chunk = model.cfg.action_chunk
     gr = ro.grounded == 1.0  # (D, B): checked by the rollout engine against the scene at each decision
+    local = local_incident_reward(ro, cfg.reward) + log_gap_reward(ro, cfg.reward)
+    if cfg.groups == "branch":  # the branch decision alone
+        gr, local = gr[k:k + 1], local[k:k + 1]
     co = torch.zeros(D, B, dtype=torch.bool)
     if cfg.reward.uses_reasoning:
         for d, rec in enumerate(tr):
@@ -474,7 +547,7 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
         actions=torch.stack([r.actions for r in tr]),
         logp=torch.stack([r.logp_text + r.logp_action for r in tr]),
         grounding=gr, consistency=co, drive_reward=drive, reason_reward=reasoning_reward(gr, co, cfg.reward),
-        local_reward=local_incident_reward(ro, cfg.reward) + log_gap_reward(ro, cfg.reward),
+        local_reward=local,
         terms=terms, metrics=metrics, failed=ro.failed.clone(), incident_step=first_incident(ro),
         env_steps=B * ro.num_steps,
         seconds=time.perf_counter() - t0)
@@ -544,12 +617,17 @@ def executed_action_tokens(cfg: GRPOConfig, model_cfg: VLAConfig) -> int:
     return 2 * min(-(-cfg.replan_every // model_cfg.action_chunk), model_cfg.n_action)
 
 
-def token_advantages(adv: torch.Tensor, text_len: int, n_action_tokens: int, n_exec: int | None) -> torch.Tensor:
+def token_advantages(adv: torch.Tensor, text_len: int, n_action_tokens: int, n_exec: int | None,
+                     split: bool = False) -> torch.Tensor:
     """Per-token advantages (M, L + 2N) from decision advantage parts (M, 2) (``decision_advantages``).
 
     Text tokens and the ``n_exec`` executed action tokens carry driving + reasoning; with ``n_exec`` not
     None, the later action tokens (a plan tail replaced at the next decision before it is driven) carry
-    the reasoning part only, since the driving outcome does not depend on them."""
+    the reasoning part only, since the driving outcome does not depend on them.  ``split``
+    (``drive_tokens = actions``): the text tokens carry the reasoning part only, the action tokens the
+    driving part only."""
+    if split:
+        return torch.cat((adv[:, 1:2].expand(-1, text_len), adv[:, 0:1].expand(-1, n_action_tokens)), 1)
     total = adv.sum(-1, keepdim=True)
     out = total.expand(adv.shape[0], text_len + n_action_tokens).clone()
     if n_exec is not None:
@@ -663,7 +741,8 @@ def ppo_update(model: VLAModel, ref: VLAModel, opt: torch.optim.Optimizer, gb: G
     out["old_logp_mismatch"] = float(((old * mask).sum(1) - rec).abs().max())
     L = gb.text.shape[-1]
     n_exec = executed_action_tokens(cfg, model.cfg) if cfg.drive_tokens == "executed" else None
-    adv_tok = token_advantages(adv.reshape(-1, 2)[idx], L, old.shape[1] - L, n_exec).to(old.device)
+    adv_tok = token_advantages(adv.reshape(-1, 2)[idx], L, old.shape[1] - L, n_exec,
+                               split=cfg.drive_tokens == "actions").to(old.device)
 
     def minibatch(p: torch.Tensor) -> dict:
         if hidden is None:
@@ -850,7 +929,8 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 fresh = pick_scenarios(len(pool), cfg.scenarios_per_iter, cfg.seed, it)
                 picks, offsets, n_rep = replay.draw(pool, fresh, it)
                 cropped = [crop_log(pool[i], o) for i, o in zip(picks, offsets, strict=True)]
-                gb = collect_groups(model, cropped, group_seeds(len(picks), cfg.group_size, cfg.seed, it), cfg)
+                gb = collect_groups(model, cropped, group_seeds(len(picks), cfg.group_size, cfg.seed, it), cfg,
+                                    branch_at=pick_branch(cfg, it))
                 n_new = replay.add(gb, picks, offsets)
             adv = decision_advantages(gb, cfg)
             if cfg.shuffle_advantages:
@@ -947,6 +1027,7 @@ def _fmt(m: dict[str, float]) -> str:
 
 
 __all__ = [
+    "BranchPolicy",
     "GRPOConfig",
     "GRPOResult",
     "GroupBatch",
@@ -969,6 +1050,7 @@ __all__ = [
     "group_seeds",
     "iteration_metrics",
     "load_pool",
+    "pick_branch",
     "pick_scenarios",
     "pick_start",
     "probe_reward",

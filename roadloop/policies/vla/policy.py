@@ -146,8 +146,7 @@ class VLAPolicy(Policy):
         if self._gens is None or len(self._gens) != B:
             self.reset(state, torch.zeros(B, dtype=torch.int64))
         inputs, bev_q = self.model_inputs(obs)
-        text, acts, lp_text, lp_act = self.model.sample(inputs, self.temperature, self.top_p, self._gens,
-                                                             self.greedy_actions)
+        text, acts, lp_text, lp_act = self.decode(inputs)
         if self.record:
             self.trace.append(DecisionRecord(obs.step, bev_q, inputs["history"].float(),
                                              inputs["command"], text.cpu(), acts.cpu(), lp_text.float().cpu(),
@@ -156,6 +155,11 @@ class VLAPolicy(Policy):
         xy, yaw, speed = dynamics.unicycle_rollout(state.xy[:, 0], state.yaw[:, 0], state.speed[:, 0], controls)
         return PolicyOutput(plan_xy=xy, plan_yaw=yaw, plan_speed=speed, controls=controls,
                             reasoning=tok.decode_batch(text.cpu()), logp=(lp_text + lp_act).float().cpu())
+
+    def decode(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's output for the inputs of one decision (``VLAModel.sample`` with this policy's decoding and
+        per-row generators): text ids (B, L), action bins (B, N, 2), log-likelihoods of text and actions (B,)."""
+        return self.model.sample(inputs, self.temperature, self.top_p, self._gens, self.greedy_actions)
 
 
 __all__ = ["CHANNELS_LAST_MIN_BATCH", "DEFAULT_TEMPERATURE", "DEFAULT_TOP_P", "DecisionRecord", "VLAPolicy",
