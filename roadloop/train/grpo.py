@@ -22,7 +22,8 @@ One iteration:
    (``token_advantages``): the text tokens and the action tokens the ego executes before the next
    decision get A_drive + A_reason; with ``drive_tokens = executed`` (2 of the 16 chunks at 2 Hz) the rest
    of the plan, replaced before it is driven, gets A_reason only (it still decides consistency); with
-   ``all`` (default, AlpaGym) every token gets A_drive + A_reason.
+   ``all`` (default, AlpaGym) every token gets A_drive + A_reason; with ``actions`` the text tokens get
+   A_reason and the action tokens A_drive.
 3. **PPO** for ``ppo_epochs`` over shuffled minibatches of up to ``max_decisions`` decisions drawn
    uniformly from the collection (whole-log rollouts give ~2,000 decisions per iteration; the
    learner, not the simulator, is the slow part): per-token clipped surrogate
