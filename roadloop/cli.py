@@ -332,12 +332,7 @@ def eval_cmd(policy: str = typer.Option(..., help="Policy name (route-idm, exper
     from roadloop.sim.backend import with_agent_model
 
     pol = get_policy(policy, device=device)
-    decoding = {k: float(v) for k, v in (("temperature", temperature), ("top_p", top_p)) if v is not None}
-    if decoding:
-        if "temperature" not in pol.settings():
-            raise RoadloopError(f"--{'temperature' if temperature is not None else 'top-p'} applies to sampling "
-                                f"policies; '{policy}' is deterministic")
-        pol.apply_settings(decoding)
+    pol.set_decoding("--temperature" if temperature is not None else "--top-p", temperature=temperature, top_p=top_p)
     every = pol.replan_every if replan_hz is None else _replan_every(replan_hz)
     if traffic not in ("sim", "sumo"):
         raise RoadloopError(f"--traffic must be 'sim' or 'sumo', got '{traffic}'")
@@ -444,7 +439,8 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
                 by_family: bool = typer.Option(False, "--by-family", help="Also the score and incident changes "
                                                "within each scenario family.")) -> None:
     """Paired comparison of two policies' closed-loop evaluations: per metric, the change over the rollouts
-    both drove (same scenario, same seed) with its 95% interval; a change whose interval holds 0 is noise."""
+    both drove (same scenario, same seed) with its 95% interval (clustered by scenario: seeds of one scenario
+    are not independent); a change whose interval holds 0 is noise."""
     from roadloop.eval.compare import MIN_FAMILY_PAIRS, compare_by_family, compare_reports, load_reports, rows_to_json
     from roadloop.io import atomic_write_text, json_clean
 
@@ -452,7 +448,8 @@ def compare_cmd(before: str = typer.Argument(..., help="Evaluation JSON(s) of th
     rows = compare_reports(b, a)
     fam_rows, few = compare_by_family(b, a) if by_family else (None, {})
     names = [", ".join(sorted({r.policy for r in reps})) for reps in (b, a)]
-    t = Table(title=f"{names[0]} -> {names[1]} ({rows[0].n} paired rollouts; 95% intervals of the paired change)")
+    t = Table(title=f"{names[0]} -> {names[1]} ({rows[0].n} paired rollouts of {rows[0].scenarios} scenarios; 95% "
+                    f"intervals of the paired change, clustered by scenario)")
     for c in ("metric", "before", "after", "change", "relative", "verdict"):
         t.add_column(c, justify="left" if c in ("metric", "verdict") else "right")
     for r in rows:

@@ -143,7 +143,35 @@ def test_compare_pairs_seed_independent_policies_once_per_scenario():
     assert row.metric == "score" and row.n == 12 and row.change == pytest.approx(0.1)
     assert row.halfwidth == pytest.approx(compare_reports(greedy_a[:1], greedy_b[:1])[0].halfwidth)
     sampled_b = [report("b", s, b, False) for s in (0, 1)]
-    assert compare_reports(greedy_a, sampled_b)[0].n == 24
+    row2 = compare_reports(greedy_a, sampled_b)[0]
+    assert row2.n == 24 and row2.scenarios == 12
+    # the two seeds' differences are the same here: clustered by scenario, the copies add no evidence
+    assert row2.halfwidth == pytest.approx(row.halfwidth)
+
+
+def test_paired_interval_is_clustered_by_scenario():
+    """Differences of one scenario under several seeds are one unit of evidence: the cluster-robust half-width
+    is the plain one when every value is its own cluster, is unchanged by copying every cluster, and widens
+    when a scenario's seeds move together."""
+    import math
+
+    from roadloop.errors import RoadloopError
+    from roadloop.eval.compare import mean_and_halfwidth
+
+    d = [0.3, -0.1, 0.5, 0.2, 0.0, 0.4]
+    m, hw = mean_and_halfwidth(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / 5)
+    assert hw == pytest.approx(1.96 * sd / math.sqrt(6))
+    assert mean_and_halfwidth(d, list("abcdef")) == (m, hw)
+    assert mean_and_halfwidth(d + d, list("abcdef") * 2) == pytest.approx((m, hw))
+    assert mean_and_halfwidth(d + d)[1] < hw  # unclustered, the copies would look like twice the evidence
+    # hand-computed CR1 variance: clusters {a: 0.3, -0.1}, {b: 0.5, 0.2}, {c: 0.0, 0.4}
+    sums = [0.3 - m - 0.1 - m, 0.5 - m + 0.2 - m, 0.0 - m + 0.4 - m]
+    cr1 = 1.96 * math.sqrt(1.5 * sum(s * s for s in sums) / 36)
+    assert mean_and_halfwidth(d, list("aabbcc"))[1] == pytest.approx(cr1)
+    assert math.isnan(mean_and_halfwidth(d, ["a"] * 6)[1])  # one scenario: no interval
+    with pytest.raises(RoadloopError, match="cluster keys"):
+        mean_and_halfwidth(d, ["a", "b"])
 
 
 def test_eval_decoding_options_name_the_decoding(tmp_path, monkeypatch):

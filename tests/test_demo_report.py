@@ -322,9 +322,10 @@ def test_demo_page_in_headless_chromium(page_path: Path, data: DemoReportData, t
 
 
 def _paired_report(base: EvalReport, coll: list[int], off: list[int], score: list[float]) -> EvalReport:
-    """A report of len(coll) rollouts of one scenario (seeds 0..n-1) with these per-rollout outcomes."""
+    """A report of len(coll) rollouts of as many scenarios (copies of the first one) with these outcomes."""
     t = base.rollouts[0]
-    rows = [dataclasses.replace(t, seed=i, rollout_id=f"{t.scenario_id}#{i}", failed=False,
+    rows = [dataclasses.replace(t, scenario_id=f"{t.scenario_id}.{i}", rollout_id=f"{t.scenario_id}.{i}#{t.seed}",
+                                failed=False,
                                 metrics={**t.metrics, "collision_at_fault": float(c), "offroad": float(o), "score": s})
             for i, (c, o, s) in enumerate(zip(coll, off, score, strict=True))]
     n = len(rows)

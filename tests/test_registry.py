@@ -542,3 +542,22 @@ def test_seed_independent_policy_is_driven_once_per_scenario(monkeypatch):
     assert rows(fast) == rows(slow)
     assert {r.seed for r in fast.rollouts} == {0, 3} and any("#3@expert" in r.rollout_id for r in fast.rollouts)
     assert fast.overall["score"] == slow.overall["score"]
+    with pytest.raises(ConfigError, match="gates matrix.temperature applies to sampling policies; 'expert'"):
+        evaluate_matrix(expert, MatrixConfig(seeds=[0], temperature=0.5), [suite])
+
+
+def test_matrix_intervals_resample_scenarios_not_seeds():
+    """A matrix over several seeds holds each scenario several times: its CIs resample scenarios, so copies of
+    the same rollouts (a seed-independent policy) give the one-seed interval instead of a narrower one."""
+    one = fake_report(rows(n=30, coll=6, off=3))
+    base = EvalReport("p@1", "matrix:t", "h", 0, {k: None for k in METRICS}, {}, one.rollouts, 0, 0.0)
+    copies = [dataclasses.replace(base, seed=s, rollouts=[dataclasses.replace(r, seed=s) for r in base.rollouts])
+              for s in (0, 1, 2)]
+    three = merge_reports(copies, "matrix:t", "h", {})
+    for k in ("score", "collision_at_fault", "offroad"):
+        assert three.overall[k].mean == pytest.approx(one.overall[k].mean)
+        assert three.overall[k].ci == pytest.approx(one.overall[k].ci)
+        assert three.overall[k].n == 3 * one.overall[k].n
+    assert three.per_family["a"]["collision_at_fault"].ci == pytest.approx(one.per_family["a"]["collision_at_fault"].ci)
+    lo, hi = one.overall["collision_at_fault"].ci
+    assert lo < one.overall["collision_at_fault"].mean < hi

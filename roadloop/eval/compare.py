@@ -2,9 +2,11 @@
 
 Two policies evaluated on the same scenarios with the same rollout seeds (``roadloop eval --json``) give
 one pair of rollouts per (scenario, seed).  The change of a per-rollout metric is the mean of the
-per-pair differences, with a 95% interval from the normal approximation of that mean (the pairs are
-independent scenarios; pairing removes the scenario-to-scenario spread, which dominates an unpaired
-interval).  A change whose interval holds 0 is "within noise".
+per-pair differences, with a 95% interval from the normal approximation of that mean; pairing removes the
+scenario-to-scenario spread, which dominates an unpaired interval.  The independent units are the scenarios,
+not the pairs: two seeds of one scenario share its layout and its traffic, so their differences are
+correlated, and the interval is clustered by scenario (``mean_and_halfwidth``'s cluster-robust variance;
+with one seed it is the plain one).  A change whose interval holds 0 is "within noise".
 
 The rows (``COMPARE_METRICS``) are the evaluation's per-rollout metrics plus ``incident``: an at-fault
 collision or an off-road excursion, counted once (the GRPO issue's safety target).  Failed rollouts and
@@ -23,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -61,11 +63,13 @@ def seed_independent(reports: Iterable[EvalReport]) -> bool:
     return bool(reports) and all(rep.extra.get("seed_independent") is True for rep in reports)
 
 
-def paired_metrics(before: Iterable[EvalReport], after: Iterable[EvalReport]
-                   ) -> list[tuple[dict[str, float], dict[str, float]]]:
-    """(metrics before, metrics after) of every (scenario, seed) rollout both sides evaluated without
-    failure, in ``after``'s order.  Where both sides are ``seed_independent``, another seed repeats the same
-    two rollouts, so each scenario is paired once (its lowest seed): copies are not more evidence."""
+Pair = tuple[str, dict[str, float], dict[str, float]]  # (scenario id, metrics before, metrics after)
+
+
+def paired_metrics(before: Iterable[EvalReport], after: Iterable[EvalReport]) -> list[Pair]:
+    """(scenario id, metrics before, metrics after) of every (scenario, seed) rollout both sides evaluated
+    without failure, in ``after``'s order.  Where both sides are ``seed_independent``, another seed repeats the
+    same two rollouts, so each scenario is paired once (its lowest seed): copies are not more evidence."""
     before, after = list(before), list(after)
     ref = {(r.scenario_id, r.seed): r.metrics for rep in before for r in rep.rollouts if not r.failed}
     pairs = [(k, ref[k], r.metrics) for rep in after for r in rep.rollouts
@@ -75,30 +79,45 @@ def paired_metrics(before: Iterable[EvalReport], after: Iterable[EvalReport]
         for (sid, seed), _, _ in pairs:
             first[sid] = min(seed, first.get(sid, seed))
         pairs = [p for p in pairs if p[0][1] == first[p[0][0]]]
-    return [(b, a) for _, b, a in pairs]
+    return [(sid, b, a) for (sid, _), b, a in pairs]
 
 
 def paired_diffs(before: Iterable[EvalReport], after: Iterable[EvalReport],
-                 value: Callable[[dict[str, float]], float],
-                 pairs: list[tuple[dict[str, float], dict[str, float]]] | None = None
-                 ) -> tuple[list[float], list[float]]:
-    """(values before, values after) of the ``paired_metrics`` pairs (given, or built from the reports)
-    whose ``value`` is finite on both sides."""
-    vb, va = [], []
-    for mb, ma in paired_metrics(before, after) if pairs is None else pairs:
+                 value: Callable[[dict[str, float]], float], pairs: list[Pair] | None = None
+                 ) -> tuple[list[float], list[float], list[str]]:
+    """(values before, values after, scenario ids) of the ``paired_metrics`` pairs (given, or built from the
+    reports) whose ``value`` is finite on both sides."""
+    vb, va, ids = [], [], []
+    for sid, mb, ma in paired_metrics(before, after) if pairs is None else pairs:
         b, a = value(mb), value(ma)
         if math.isfinite(a) and math.isfinite(b):
             vb.append(b)
             va.append(a)
-    return vb, va
+            ids.append(sid)
+    return vb, va, ids
 
 
-def mean_and_halfwidth(diffs: Sequence[float]) -> tuple[float, float]:
-    """(mean, 95% half-width of the mean, normal approximation) of ``diffs`` (at least 2 values)."""
+def mean_and_halfwidth(diffs: Sequence[float], clusters: Sequence[Hashable] | None = None) -> tuple[float, float]:
+    """(mean, 95% half-width of the mean, normal approximation) of ``diffs`` (at least 2 values).
+
+    ``clusters`` (one key per value, e.g. the scenario of each pair): values of one cluster are not independent,
+    so the variance of the mean is the cluster-robust one, C / (C - 1) * sum_c (sum_{i in c} (x_i - mean))^2 / n^2
+    over C clusters (at least 2); with every value its own cluster it is the plain sd^2 / n."""
     n = len(diffs)
     mean = sum(diffs) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
-    return mean, 1.96 * sd / math.sqrt(n)
+    if clusters is None or len(set(clusters)) == n:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
+        return mean, 1.96 * sd / math.sqrt(n)
+    if len(clusters) != n:
+        raise RoadloopError(f"mean_and_halfwidth: {n} values but {len(clusters)} cluster keys")
+    sums: dict[Hashable, float] = {}
+    for x, c in zip(diffs, clusters, strict=True):
+        sums[c] = sums.get(c, 0.0) + (x - mean)
+    c = len(sums)
+    if c < 2:
+        return mean, math.nan
+    var = c / (c - 1) * sum(v * v for v in sums.values()) / (n * n)
+    return mean, 1.96 * math.sqrt(var)
 
 
 def verdict(change: float, halfwidth: float, kind: str) -> str:
@@ -139,6 +158,7 @@ class PairedRow:
     change: float  # mean of after - before over the pairs
     halfwidth: float  # 95% half-width of ``change``
     verdict: str  # better / worse / within noise (the interval holds 0) / unchanged (every pair equal)
+    scenarios: int = 0  # distinct scenarios among the pairs (the interval's independent units)
 
     @property
     def relative(self) -> float:
@@ -154,12 +174,12 @@ def compare_reports(before: Sequence[EvalReport], after: Sequence[EvalReport],
     rows = []
     pairs = paired_metrics(before, after)
     for name, kind in metrics:
-        vb, va = paired_diffs(before, after, metric_value(name), pairs)
-        if len(vb) < max(2, min_pairs):
+        vb, va, ids = paired_diffs(before, after, metric_value(name), pairs)
+        if len(vb) < max(2, min_pairs) or len(set(ids)) < 2:
             continue
-        change, hw = mean_and_halfwidth([a - b for a, b in zip(va, vb, strict=True)])
+        change, hw = mean_and_halfwidth([a - b for a, b in zip(va, vb, strict=True)], ids)
         rows.append(PairedRow(name, kind, len(vb), sum(vb) / len(vb), sum(va) / len(va), change, hw,
-                              verdict(change, hw, kind)))
+                              verdict(change, hw, kind), len(set(ids))))
     if not rows:
         raise RoadloopError(f"the two evaluations share fewer than {min_pairs} (scenario, seed) rollouts "
                             f"without failure: evaluate both policies on the same suites with the same --seed")

@@ -59,14 +59,19 @@ class Stat:
     n: int
 
 
-def summarize(values: dict[str, np.ndarray]) -> dict[str, Stat]:
+def summarize(values: dict[str, np.ndarray], groups: np.ndarray | None = None) -> dict[str, Stat]:
+    """{metric: Stat} of per-rollout values (R,) each: sums, or means with their 95% bootstrap CI.  ``groups``
+    (R,): the scenario of each rollout where one scenario is rolled out several times (seeds): the CI then
+    resamples scenarios (``bootstrap_ci``), since seeds of one scenario are not independent draws."""
     out = {}
     for k, v in values.items():
-        fin = v[np.isfinite(v)]
+        keep = np.isfinite(v)
+        fin = v[keep]
         if METRICS[k].aggregate == "sum":
             out[k] = Stat(float(fin.sum()), (float(fin.sum()), float(fin.sum())), int(fin.size))
         else:
-            out[k] = Stat(float(fin.mean()) if fin.size else math.nan, bootstrap_ci(fin), int(fin.size))
+            ci = bootstrap_ci(fin, groups=None if groups is None else np.asarray(groups)[keep])
+            out[k] = Stat(float(fin.mean()) if fin.size else math.nan, ci, int(fin.size))
     return out
 
 

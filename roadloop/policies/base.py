@@ -95,6 +95,16 @@ class Policy:
         if settings:
             raise ConfigError(f"policy '{self.name}' has no settings, got {sorted(settings)}")
 
+    def set_decoding(self, what: str = "decoding", **decoding: float | None) -> None:
+        """Set a sampling policy's ``temperature`` / ``top_p`` (None: leave it); ``ConfigError`` naming ``what``
+        was asked (a CLI flag, a config key) when the policy samples nothing."""
+        given = {k: float(v) for k, v in decoding.items() if v is not None}
+        if not given:
+            return
+        if "temperature" not in self.settings():
+            raise ConfigError(f"{what} applies to sampling policies; '{self.name}' is deterministic")
+        self.apply_settings(given)
+
     def reset(self, state: SimState, seeds: torch.Tensor) -> None:
         """Called once per rollout batch with the initial state and one seed (B,) per rollout."""
 

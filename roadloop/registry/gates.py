@@ -13,7 +13,8 @@ Gates (``thresholds.*`` names the config keys):
 * ``envelope``: every family and map of the declared operating envelope was validated, each with at least
   ``envelope.min_rollouts`` rollouts.
 * ``collision_at_fault`` / ``offroad``: the candidate's rate is at most the upper end of the champion's 95%
-  bootstrap CI plus ``safety_slack``: worse than the champion only within the champion's own sampling noise.
+  bootstrap CI (resampling scenarios) plus ``safety_slack``: worse than the champion only within the
+  champion's own sampling noise.
 * ``family_score``: no family's mean score is more than ``family_score_drop`` below the champion's.
 * ``mean_score``: overall mean score >= champion's - ``score_tolerance`` (a tolerance, not a CI: a candidate
   must not be worse on average, and equal is fine; the tolerance absorbs float-level differences and, if

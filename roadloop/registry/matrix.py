@@ -106,15 +106,18 @@ def matrix_key(cfg: MatrixConfig, suites: list[MatrixSuite]) -> str:
 
 
 def merge_reports(reports: list[EvalReport], suite: str, suite_hash: str, extra: dict | None = None) -> EvalReport:
-    """One report over the rollouts of several (suite, seed) reports: aggregates and CIs recomputed."""
+    """One report over the rollouts of several (suite, seed) reports: aggregates recomputed, and CIs that
+    resample scenarios (a cluster bootstrap: the seeds of one scenario, or a seed-independent policy's copies
+    of one rollout, are not independent draws)."""
     rollouts = [r for rep in reports for r in rep.rollouts]
     keys = list(reports[0].overall) if reports else []
     arr = {k: np.array([r.metrics.get(k, math.nan) for r in rollouts], dtype=np.float64) for k in keys}
-    overall = summarize(arr) if rollouts else {}
+    scen = np.array([r.scenario_id for r in rollouts], dtype=object)
+    overall = summarize(arr, scen) if rollouts else {}
     per_family = {}
     for f in sorted({r.family for r in rollouts}):
         mask = np.array([r.family == f for r in rollouts])
-        per_family[f] = summarize({k: v[mask] for k, v in arr.items()})
+        per_family[f] = summarize({k: v[mask] for k, v in arr.items()}, scen[mask])
     incidents = np.nansum(arr["collision_at_fault"]) + np.nansum(arr["offroad"]) if rollouts else 0.0
     km = float(np.nansum(arr["km"])) if rollouts else 0.0
     return EvalReport(policy=reports[0].policy if reports else "", suite=suite, suite_hash=suite_hash,
@@ -131,10 +134,7 @@ def evaluate_matrix(policy, cfg: MatrixConfig, suites: list[MatrixSuite] | None 
     from roadloop.rollout import RolloutConfig
 
     suites = load_matrix(cfg) if suites is None else suites
-    if cfg.temperature is not None:
-        if "temperature" not in policy.settings():
-            raise ConfigError(f"gates matrix.temperature applies to sampling policies; '{policy.name}' is not one")
-        policy.apply_settings({"temperature": float(cfg.temperature)})
+    policy.set_decoding("gates matrix.temperature", temperature=cfg.temperature)
     every = policy.replan_every
     if cfg.replan_hz is not None:
         every = round(10.0 / cfg.replan_hz) if cfg.replan_hz > 0 else 0
