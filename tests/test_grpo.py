@@ -484,6 +484,8 @@ def test_branch_groups_share_a_trunk_and_differ_by_one_decision(toy):
         replace(cfg, groups="tree").validate()
     with pytest.raises(ConfigError, match="branch_trunk must be >= 0"):
         replace(cfg, branch_trunk=-1).validate()
+    with pytest.raises(ConfigError, match="credit=local does not apply to groups=branch"):
+        replace(cfg, reward=replace(cfg.reward, credit="local")).validate()
 
 
 def test_branch_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):

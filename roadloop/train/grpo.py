@@ -264,6 +264,10 @@ class GRPOConfig:
             raise ConfigError(f"grpo.groups must be 'rollout' or 'branch', got '{self.groups}'")
         if self.branch_trunk < 0:
             raise ConfigError(f"grpo.branch_trunk must be >= 0 (decisions before the branch), got {self.branch_trunk}")
+        if self.groups == "branch" and self.reward.credit == "local":
+            raise ConfigError("grpo.reward.credit=local does not apply to groups=branch: the branch decision is the "
+                              "only sampled one, so every incident after it is its consequence (credit=rollout), "
+                              "and a window would drop the later ones")
         if self.advantage not in ("std", "centered"):
             raise ConfigError(f"grpo.advantage must be 'std' or 'centered', got '{self.advantage}'")
         if not self.init:
