@@ -51,7 +51,7 @@ def toy(tmp_path_factory):
 def _cfg(toy, out, **kw) -> GRPOConfig:
     base = dict(init=str(toy["init"]), out=str(out), suites=str(toy["suite"]), scenarios_per_iter=2, group_size=2,
                 iterations=2, max_steps=30, eval_every=0, track=False, register=False, minibatch_size=16,
-                reward=RewardConfig(preset="progress_safety"))
+                random_start=False, lr=1e-4, reward=RewardConfig(preset="progress_safety"))
     base.update(kw)
     return GRPOConfig(**base)
 
@@ -174,7 +174,7 @@ def test_random_start_is_a_pure_function_within_the_logs():
     assert starts == [pick_start(scs, cfg, it) for it in range(200)]  # same seed and iteration, same start
     assert min(starts) == 10 and max(starts) == 150 - 1 - 70  # the policy's 70 steps fit in the shortest log
     assert len(set(starts)) > 30
-    assert pick_start(scs, GRPOConfig(init="x", max_steps=80), 0) is None  # off by default
+    assert pick_start(scs, GRPOConfig(init="x", max_steps=80, random_start=False), 0) is None  # off
     assert pick_start(scs, GRPOConfig(init="x", max_steps=None, random_start=True), 0) is None
     assert pick_start([SimpleNamespace(meta=SimpleNamespace(warmup_steps=10), num_steps=70)], cfg, 0) is None
 
@@ -388,7 +388,8 @@ def test_kill_and_resume_loses_at_most_the_work_since_the_last_checkpoint(toy, t
     assert m and int(m.group(1)) >= 2, r.stdout + r.stderr
     # the resumed run ends exactly where an uninterrupted one does: collection and minibatch order are
     # functions of (seed, iteration), and weights, optimizer and RNG were restored
-    ref = train_grpo(_cfg(toy, tmp_path / "ref", iterations=5, ckpt_every=2, minibatch_size=16), log=lambda m: None)
+    ref = train_grpo(_cfg(toy, tmp_path / "ref", iterations=5, ckpt_every=2, minibatch_size=16,
+                          random_start=GRPOConfig.random_start, lr=GRPOConfig.lr), log=lambda m: None)  # the CLI's
     a, _ = load_checkpoint(out / "final")
     b, _ = load_checkpoint(ref.checkpoint)
     for k, v in a.state_dict().items():

@@ -148,7 +148,7 @@ class GRPOConfig:
     suites: str = "train,sumo-real-train"  # comma-separated suite names or directories
     families: str = ""  # comma-separated families to keep (empty: all)
     max_scenarios: int = 0  # keep the first N scenarios of the pool (0: all)
-    scenarios_per_iter: int = 8  # S
+    scenarios_per_iter: int = 16  # S (16 x 8 rollouts an iteration: LOG 2026-12-07)
     group_size: int = 8  # G rollouts per scenario (>= 2)
     iterations: int = 100
     max_steps: int | None = 80  # closed-loop steps per rollout incl. warm-up (None: the whole log; LOG: 8 s learns
@@ -160,7 +160,7 @@ class GRPOConfig:
     branch_trunk: int = 4  # groups=branch: the shared trunk's decisions, drawn per iteration in [0, branch_trunk]
     ppo_epochs: int = 2
     minibatch_size: int = 64  # decisions per gradient step
-    random_start: bool = False  # start each iteration's rollouts at a random point of the logs (log replay up
+    random_start: bool = True  # start each iteration's rollouts at a random point of the logs (log replay up
     # to it): short, low-noise rollouts that still cover the whole scenario (LOG)
     replay_share: float = 0.0  # share of each iteration's scenarios restarted shortly before an incident (at-fault
     # collision / off-road) of an earlier collection (incident replay, ``IncidentReplay``; LOG); 0: off
@@ -179,7 +179,7 @@ class GRPOConfig:
     expert_data: str = ""  # demonstration directories (``roadloop data collect``), comma-separated, for ``ptx_coef``
     ptx_batch: int = 64  # expert samples per gradient step
     ptx_window: int = 4  # shards streamed together (``ExpertStream``: shuffled passes, ptx_window + 2 in memory)
-    lr: float = 1e-4
+    lr: float = 5e-5  # LOG 2026-12-07: at 1e-4 / 2e-4 runs drifted more than they learned
     trainable: str = "all"  # parameters GRPO trains: all, or top:K (the last K blocks and the output heads,
     # ``VLAModel.trainable_parameters``; the frozen blocks run once per iteration): top:1 learns 3x faster and
     # measured as well as all at the same KL to the init (LOG)
