@@ -161,14 +161,14 @@ def test_paired_interval_is_clustered_by_scenario():
     d = [0.3, -0.1, 0.5, 0.2, 0.0, 0.4]
     m, hw = mean_and_halfwidth(d)
     sd = math.sqrt(sum((x - m) ** 2 for x in d) / 5)
-    assert hw == pytest.approx(1.96 * sd / math.sqrt(6))
+    assert hw == pytest.approx(2.5706 * sd / math.sqrt(6), rel=1e-4)  # t_{0.975, 5}
     assert mean_and_halfwidth(d, list("abcdef")) == (m, hw)
     assert mean_and_halfwidth(d + d, list("abcdef") * 2) == pytest.approx((m, hw))
     assert mean_and_halfwidth(d + d)[1] < hw  # unclustered, the copies would look like twice the evidence
     # hand-computed CR1 variance: clusters {a: 0.3, -0.1}, {b: 0.5, 0.2}, {c: 0.0, 0.4}
     sums = [0.3 - m - 0.1 - m, 0.5 - m + 0.2 - m, 0.0 - m + 0.4 - m]
-    cr1 = 1.96 * math.sqrt(1.5 * sum(s * s for s in sums) / 36)
-    assert mean_and_halfwidth(d, list("aabbcc"))[1] == pytest.approx(cr1)
+    cr1 = 4.3027 * math.sqrt(1.5 * sum(s * s for s in sums) / 36)  # t_{0.975, 2}: 3 clusters
+    assert mean_and_halfwidth(d, list("aabbcc"))[1] == pytest.approx(cr1, rel=1e-4)
     assert math.isnan(mean_and_halfwidth(d, ["a"] * 6)[1])  # one scenario: no interval
     with pytest.raises(RoadloopError, match="cluster keys"):
         mean_and_halfwidth(d, ["a", "b"])

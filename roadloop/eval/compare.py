@@ -2,7 +2,7 @@
 
 Two policies evaluated on the same scenarios with the same rollout seeds (``roadloop eval --json``) give
 one pair of rollouts per (scenario, seed).  The change of a per-rollout metric is the mean of the
-per-pair differences, with a 95% interval from the normal approximation of that mean; pairing removes the
+per-pair differences, with a 95% interval of that mean (Student's t); pairing removes the
 scenario-to-scenario spread, which dominates an unpaired interval.  The independent units are the scenarios,
 not the pairs: two seeds of one scenario share its layout and its traffic, so their differences are
 correlated, and the interval is clustered by scenario (``mean_and_halfwidth``'s cluster-robust variance;
@@ -97,17 +97,25 @@ def paired_diffs(before: Iterable[EvalReport], after: Iterable[EvalReport],
     return vb, va, ids
 
 
+def t95(df: int) -> float:
+    """The two-sided 95% critical value of Student's t with ``df`` degrees of freedom (1.96 as df grows):
+    the intervals below are over a handful of scenarios in a small family, where 1.96 would be too narrow."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
 def mean_and_halfwidth(diffs: Sequence[float], clusters: Sequence[Hashable] | None = None) -> tuple[float, float]:
-    """(mean, 95% half-width of the mean, normal approximation) of ``diffs`` (at least 2 values).
+    """(mean, 95% half-width of the mean) of ``diffs`` (at least 2 values): t_{n-1} x sd / sqrt(n).
 
     ``clusters`` (one key per value, e.g. the scenario of each pair): values of one cluster are not independent,
     so the variance of the mean is the cluster-robust one, C / (C - 1) * sum_c (sum_{i in c} (x_i - mean))^2 / n^2
-    over C clusters (at least 2); with every value its own cluster it is the plain sd^2 / n."""
+    over C clusters (at least 2), with t_{C-1}; with every value its own cluster it is the plain one."""
     n = len(diffs)
     mean = sum(diffs) / n
     if clusters is None or len(set(clusters)) == n:
         sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
-        return mean, 1.96 * sd / math.sqrt(n)
+        return mean, t95(n - 1) * sd / math.sqrt(n)
     if len(clusters) != n:
         raise RoadloopError(f"mean_and_halfwidth: {n} values but {len(clusters)} cluster keys")
     sums: dict[Hashable, float] = {}
@@ -117,7 +125,7 @@ def mean_and_halfwidth(diffs: Sequence[float], clusters: Sequence[Hashable] | No
     if c < 2:
         return mean, math.nan
     var = c / (c - 1) * sum(v * v for v in sums.values()) / (n * n)
-    return mean, 1.96 * math.sqrt(var)
+    return mean, t95(c - 1) * math.sqrt(var)
 
 
 def verdict(change: float, halfwidth: float, kind: str) -> str:
@@ -195,7 +203,7 @@ def compare_by_family(before: Sequence[EvalReport], after: Sequence[EvalReport],
                       ) -> tuple[dict[str, list[PairedRow]], dict[str, int]]:
     """``compare_reports`` within each scenario family (of the ``after`` rollouts): ({family: rows} for the
     families with at least ``min_pairs`` pairs, {family: pairs} for the others).  The intervals are the same
-    normal approximation over fewer pairs: coarse for a family of a few scenarios."""
+    t interval over fewer scenarios: wide for a family of a few scenarios."""
     fams = sorted({r.family for rep in after for r in rep.rollouts})
     rows, few = {}, {}
     for f in fams:

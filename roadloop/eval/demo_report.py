@@ -234,7 +234,7 @@ def incident_rate(rep: EvalReport) -> float:
 def paired_change(b: EvalReport, c: EvalReport, value: Callable[[dict[str, float]], float]
                   ) -> tuple[float, float, int] | None:
     """Paired change of a per-rollout ``value`` from ``b`` to ``c``: (mean of value(c) - value(b), 95% half-width
-    of that mean (normal approximation, clustered by scenario), number of pairs), over the (scenario, seed)
+    of that mean (Student's t, clustered by scenario), number of pairs), over the (scenario, seed)
     rollouts that both evaluated without failure and with a finite value (``roadloop.eval.compare``); None with
     fewer than 10 pairs."""
     vb, vc, ids = paired_diffs([b], [c], value)
