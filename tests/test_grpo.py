@@ -409,7 +409,7 @@ def _mean_reward(model, toy, cfg) -> float:
 def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
     cfg = _cfg(toy, tmp_path / "run", scenarios_per_iter=3, group_size=8, iterations=16, max_steps=40, lr=1e-2,
                ppo_epochs=4, minibatch_size=32, kl_coef=0.0, advantage="centered", adv_scale=2.0, ckpt_every=16,
-               probe_batches=2, eval_every=0)
+               probe_batches=4, eval_every=0)
     before = _mean_reward(toy["model"], toy, cfg)
     res = train_grpo(cfg, log=lambda m: None)
     model, meta = load_checkpoint(res.checkpoint)
@@ -432,7 +432,7 @@ def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
     # `roadloop probe` with the run's own config reproduces both probes and pairs them
     js = tmp_path / "probe.json"
     r = CliRunner().invoke(app, ["probe", str(toy["init"]), str(res.checkpoint), "--config", str(tmp_path / "run" /
-                                 "config.yaml"), "--batches", "2", "--scenarios", "3", "--group", "8",
+                                 "config.yaml"), "--batches", "4", "--scenarios", "3", "--group", "8",
                                  "--json", str(js)])
     assert r.exit_code == 0, r.output
     doc = __import__("json").loads(js.read_text())
@@ -440,8 +440,8 @@ def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
     assert first["means"]["reward"] == pytest.approx(res.probe[0]["probe/reward"], abs=1e-5)
     assert last["means"]["reward"] == pytest.approx(res.probe[16]["probe/reward"], abs=1e-5)
     ch = last["changes"]["reward"]
-    assert ch["groups"] == 6 and ch["verdict"] == "better" and ch["change"] > 0.5, ch
-    assert len(last["rollouts"]["reward"]) == 48 and "changes" not in first
+    assert ch["groups"] == 12 and ch["verdict"] == "better" and ch["change"] > 0.5, ch  # t interval over 12 groups
+    assert len(last["rollouts"]["reward"]) == 96 and "changes" not in first
     r = CliRunner().invoke(app, ["probe", str(tmp_path / "nope"), "--suites", str(toy["suite"])])
     assert r.exit_code == 2 and "missing config.json" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["probe", str(toy["init"]), "--suites", str(toy["suite"]), "--group", "1"])
