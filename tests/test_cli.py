@@ -172,6 +172,8 @@ def test_paired_interval_is_clustered_by_scenario():
     assert math.isnan(mean_and_halfwidth(d, ["a"] * 6)[1])  # one scenario: no interval
     with pytest.raises(RoadloopError, match="cluster keys"):
         mean_and_halfwidth(d, ["a", "b"])
+    with pytest.raises(RoadloopError, match="6 values but 7 cluster keys"):
+        mean_and_halfwidth(d, list("abcdefg"))
 
 
 def test_eval_decoding_options_name_the_decoding(tmp_path, monkeypatch):

@@ -112,12 +112,12 @@ def mean_and_halfwidth(diffs: Sequence[float], clusters: Sequence[Hashable] | No
     so the variance of the mean is the cluster-robust one, C / (C - 1) * sum_c (sum_{i in c} (x_i - mean))^2 / n^2
     over C clusters (at least 2), with t_{C-1}; with every value its own cluster it is the plain one."""
     n = len(diffs)
+    if clusters is not None and len(clusters) != n:
+        raise RoadloopError(f"mean_and_halfwidth: {n} values but {len(clusters)} cluster keys")
     mean = sum(diffs) / n
     if clusters is None or len(set(clusters)) == n:
         sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1))
         return mean, t95(n - 1) * sd / math.sqrt(n)
-    if len(clusters) != n:
-        raise RoadloopError(f"mean_and_halfwidth: {n} values but {len(clusters)} cluster keys")
     sums: dict[Hashable, float] = {}
     for x, c in zip(diffs, clusters, strict=True):
         sums[c] = sums.get(c, 0.0) + (x - mean)
