@@ -98,6 +98,12 @@ def _history(buf: list[SimState]) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
             torch.stack([s.speed[:, 0] for s in hist], 1))
 
 
+def decision_schedule(warmup: int, num_steps: int, replan_every: int) -> range:
+    """The steps at which a rollout of ``num_steps`` steps calls its policy: every ``replan_every``-th
+    step from the end of the ``warmup`` (log-replay steps)."""
+    return range(warmup, num_steps, replan_every)
+
+
 def rollout(policy: Policy, scenarios: Scenario, seeds: torch.Tensor | None = None,
             cfg: RolloutConfig | None = None, traffic: TrafficBackend | None = None) -> Rollout:
     """Drive ``policy`` through the batched ``scenarios`` in closed loop (see module docstring).
@@ -142,11 +148,12 @@ def _run(policy: Policy, scenarios: Scenario, seeds: torch.Tensor, cfg: RolloutC
     plan: PolicyOutput | None = None
     ungraded = torch.full((B,), float("nan"))  # texts of a policy whose reasoning is not CoC (e.g. a rule trace)
     k_in_plan = 0
+    schedule = decision_schedule(warmup, T, cfg.replan_every)  # a range: O(1) membership
     for t in range(T):
         if t < warmup:
             ctrl = None
         else:
-            if (t - warmup) % cfg.replan_every == 0:
+            if t in schedule:
                 plan, bad, err = _decide(policy, state, states, t, B)
                 if err is not None:
                     for b in range(B):

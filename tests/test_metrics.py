@@ -7,7 +7,7 @@ import torch
 
 from roadloop.eval.evaluate import bootstrap_ci, evaluate
 from roadloop.eval.metrics import METRICS, alpasim_score, compute_metrics
-from roadloop.rollout import RolloutConfig, rollout
+from roadloop.rollout import RolloutConfig, decision_schedule, rollout
 from roadloop.scenarios.builder import ScenarioBuilder, straight
 from roadloop.sim.batching import collate
 from roadloop.sim.datatypes import ScenarioMeta
@@ -147,6 +147,7 @@ def test_replan_rate_two_hz_runs():
     sc = collate([scenes.lead_vehicle_scene()])
     ro = rollout(RouteSpeed(8.0), sc, cfg=RolloutConfig(replan_every=5))
     assert ro.decision_steps.tolist()[:3] == [10, 15, 20]
+    assert ro.decision_steps.tolist() == list(decision_schedule(10, ro.num_steps, 5))  # what GRPO counts on
 
 
 def test_wrong_length_and_raising_policies_fail_rollouts_with_reasons():
