@@ -298,6 +298,52 @@ def test_incident_replay_restarts_groups_before_their_incidents(toy, tmp_path):
         assert torch.equal(v, b.state_dict()[k]), k
 
 
+def test_level_replay_prefers_the_groups_whose_outcomes_differed(toy, tmp_path):
+    from types import SimpleNamespace
+
+    cfg = _cfg(toy, "unused", scenario_sampling="plr", scenarios_per_iter=4, group_size=2, plr_temperature=0.1)
+    lv = grpo.LevelSampler(cfg, n_pool=10)
+    picks, n_rep = lv.draw(4, iteration=0)  # nothing seen: exactly the uniform picks
+    assert n_rep == 0 and picks == grpo.pick_scenarios(10, 4, cfg.seed, 0)
+    # one group's rollouts ended differently (a crash beside a clean run), the others alike
+    drive = torch.tensor([1.0, 1.0, 2.0, -2.0, 0.5, 0.5, 3.0, 3.0])
+    gb = SimpleNamespace(group_size=2, drive_reward=drive, local_reward=torch.zeros(5, 8))
+    spread = lv.update(gb, picks, iteration=0)
+    assert spread.tolist() == [0.0, 2.0, 0.0, 0.0] and lv.score[picks[1]] == 2.0
+    # rank weights (1 / rank) ** 10 put nearly all of the score mass on the rank-1 scenario
+    idx, p = lv.replay_probs(iteration=1)
+    assert math.isclose(float(p.sum()), 1.0) and float(p[idx.index(picks[1])]) > 0.9
+    nxt, n_rep = lv.draw(4, iteration=1)
+    assert n_rep == 2 and len(set(nxt)) == 4 and nxt[0] == picks[1] and nxt[1] in picks  # two replayed
+    assert not set(nxt[2:]) & set(picks)  # then unseen ones
+    again = grpo.LevelSampler(cfg, 10, lv.to_state())
+    assert again.draw(4, iteration=1) == (nxt, n_rep)  # a pure function of the saved state
+    with pytest.raises(RoadloopError, match="pool changed"):
+        grpo.LevelSampler(cfg, 3, lv.to_state())
+    # once every scenario has been driven, every pick is a replay
+    full = grpo.LevelSampler(cfg, 5, {"score": [[i, float(i)] for i in range(5)], "seen": [[i, 0] for i in range(5)]})
+    picks5, n_rep = full.draw(4, iteration=3)
+    assert n_rep == 4 and len(set(picks5)) == 4
+    with pytest.raises(ConfigError, match="scenario_sampling must be"):
+        _cfg(toy, "unused", scenario_sampling="hard").validate()
+    with pytest.raises(ConfigError, match="use one of them"):
+        _cfg(toy, "unused", scenario_sampling="plr", replay_share=0.5).validate()
+    with pytest.raises(ConfigError, match="plr_temperature"):
+        _cfg(toy, "unused", scenario_sampling="plr", plr_temperature=0.0).validate()
+    # in training: the sampler's state is part of the checkpoint, so a resumed run draws the same scenarios
+    kw = dict(scenario_sampling="plr", scenarios_per_iter=2, group_size=2, ckpt_every=2)
+    run = train_grpo(_cfg(toy, tmp_path / "full", iterations=4, **kw), log=lambda m: None)
+    assert [h["levels/replayed"] for h in run.history] == [0, 1, 2, 2]  # 3 scenarios: unseen ones first
+    assert [h["levels/seen"] for h in run.history] == [2, 3, 3, 3]
+    train_grpo(_cfg(toy, tmp_path / "part", iterations=2, **kw), log=lambda m: None)
+    resumed = train_grpo(_cfg(toy, tmp_path / "part", iterations=4, **kw), resume=True, log=lambda m: None)
+    assert [h["levels/spread"] for h in resumed.history] == [h["levels/spread"] for h in run.history[2:]]
+    a, _ = load_checkpoint(resumed.checkpoint)
+    b, _ = load_checkpoint(run.checkpoint)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
 # ---------------------------------------------------------------------------------------------
 # collection and PPO invariants
 

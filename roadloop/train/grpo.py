@@ -69,7 +69,9 @@ Departures from the papers / AlpaGym:
   of the logs after a log replay; ``replay_share`` (optional, ``IncidentReplay``) restarts a share of
   each iteration's groups a few seconds before incidents of earlier collections; ``reward.log_gap``
   (optional) gives each decision the growth of the ego's distance to its log over the next seconds.
-  None is in AlpaGym (one reward per rollout, rollouts from the scenario start).
+  ``scenario_sampling = plr`` (optional, ``LevelSampler``) replays the scenarios whose last groups' driving
+  rewards differed most (Prioritized Level Replay).
+  None is in AlpaGym (one reward per rollout, rollouts from the scenario start, scenarios drawn uniformly).
 * The learner trains on at most ``max_decisions`` decisions per iteration (uniform subset).
 * ``groups = branch`` (optional; ``BranchPolicy``): the G rollouts of a group share a sampled trunk of
   ``pick_branch`` decisions, differ by one sampled decision, and then drive greedily; only that decision is
@@ -166,6 +168,12 @@ class GRPOConfig:
     # collision / off-road) of an earlier collection (incident replay, ``IncidentReplay``; LOG); 0: off
     replay_lead_s: float = 3.0  # the policy takes over this long before the replayed incident
     replay_size: int = 64  # incidents kept (the most recent)
+    scenario_sampling: str = "uniform"  # uniform: S new scenarios of the pool an iteration (a permutation per
+    # iteration); plr: Prioritized Level Replay (``LevelSampler``): a share of them replayed from the scenarios
+    # already driven, the more often the more their last group's driving rewards differed (LOG)
+    plr_replay_share: float = 0.5  # plr: share of each iteration's scenarios replayed (the rest unseen ones)
+    plr_temperature: float = 0.1  # plr: beta of the rank prioritisation, P ~ (1 / rank) ** (1 / beta)
+    plr_staleness: float = 0.1  # plr: rho, the share of the replay distribution given by staleness
     max_decisions: int = 512  # decisions the learner trains on per iteration, drawn uniformly (0: all)
     drive_tokens: str = "all"  # tokens the driving advantage trains: all (AlpaGym: every token), executed (the text
     # and the chunks driven before the next decision, the plan's tail gets the reasoning part only) or actions (the
@@ -264,6 +272,16 @@ class GRPOConfig:
             raise ConfigError(f"grpo.groups must be 'rollout' or 'branch', got '{self.groups}'")
         if self.branch_trunk < 0:
             raise ConfigError(f"grpo.branch_trunk must be >= 0 (decisions before the branch), got {self.branch_trunk}")
+        if self.scenario_sampling not in ("uniform", "plr"):
+            raise ConfigError(f"grpo.scenario_sampling must be 'uniform' or 'plr', got '{self.scenario_sampling}'")
+        if not 0 <= self.plr_replay_share <= 1 or not 0 <= self.plr_staleness <= 1:
+            raise ConfigError(f"grpo.plr_replay_share and plr_staleness must be in [0, 1], got "
+                              f"{self.plr_replay_share} / {self.plr_staleness}")
+        if not (self.plr_temperature > 0 and math.isfinite(self.plr_temperature)):
+            raise ConfigError(f"grpo.plr_temperature must be > 0, got {self.plr_temperature}")
+        if self.scenario_sampling == "plr" and self.replay_share > 0:
+            raise ConfigError("grpo.scenario_sampling=plr and replay_share > 0 both choose which scenarios an "
+                              "iteration drives: use one of them")
         if self.groups == "branch" and self.reward.credit == "local":
             raise ConfigError("grpo.reward.credit=local does not apply to groups=branch: the branch decision is the "
                               "only sampled one, so every incident after it is its consequence (credit=rollout), "
@@ -497,6 +515,80 @@ class IncidentReplay:
         return n
 
 
+class LevelSampler:
+    """Prioritized Level Replay (Jiang, Grefenstette & Rocktaeschel 2021) over the scenario pool
+    (``scenario_sampling = plr``).
+
+    Each scenario driven so far has a score, the spread of its last group's driving rewards (mean
+    |R_g - mean_g R| over the G rollouts, the driving reward plus its per-decision local terms): the
+    mean size of the group's driving advantage before scaling, zero for a group whose rollouts all
+    ended alike, which teaches GRPO nothing about driving.  An iteration drives
+    ``round(plr_replay_share x S)`` scenarios replayed from the seen ones and the rest new ones (the
+    unseen scenarios in the iteration's permutation of the pool, ``pick_scenarios``; all replayed once
+    none is left).  The replayed ones are drawn without replacement from PLR's mixture::
+
+        P = (1 - rho) P_score + rho P_stale,   P_score(i) ~ (1 / rank(score_i)) ** (1 / beta),
+        P_stale(i) ~ iteration - last_iteration_i
+
+    (``plr_temperature`` = beta, ``plr_staleness`` = rho; rank 1 is the largest spread; staleness
+    keeps old scores from going stale forever).  Scores are replaced, not averaged, by each new group
+    (PLR's rule).  Departure from PLR: a fixed replay share per iteration instead of a Bernoulli draw
+    per level, so each batch mixes both.  With no scenario seen yet the picks equal ``uniform``'s.  The
+    state is two plain maps, saved in the trainer checkpoint, so a resumed run draws what it would have.
+    """
+
+    def __init__(self, cfg: GRPOConfig, n_pool: int, state: dict | None = None):
+        self.cfg, self.n_pool = cfg, n_pool
+        state = state or {}
+        self.score: dict[int, float] = {int(i): float(v) for i, v in state.get("score", [])}
+        self.seen: dict[int, int] = {int(i): int(t) for i, t in state.get("seen", [])}
+        if any(not 0 <= i < n_pool for i in self.score):
+            raise RoadloopError(f"the checkpoint's level-replay state names scenarios beyond the pool of {n_pool}: "
+                                "the pool changed since the run started")
+
+    def to_state(self) -> dict[str, list]:
+        return {"score": [[i, v] for i, v in sorted(self.score.items())],
+                "seen": [[i, t] for i, t in sorted(self.seen.items())]}
+
+    def replay_probs(self, iteration: int) -> tuple[list[int], torch.Tensor]:
+        """(seen pool indices (ascending), their replay probabilities (n,) float64)."""
+        idx = sorted(self.score)
+        sc = torch.tensor([self.score[i] for i in idx], dtype=torch.float64)
+        rank = torch.empty_like(sc)
+        rank[torch.argsort(-sc, stable=True)] = torch.arange(1, len(idx) + 1, dtype=torch.float64)
+        p_score = rank.pow(-1.0 / self.cfg.plr_temperature)
+        p_score = p_score / p_score.sum()
+        stale = torch.tensor([iteration - self.seen[i] for i in idx], dtype=torch.float64).clamp_min(0)
+        rho = self.cfg.plr_staleness if float(stale.sum()) > 0 else 0.0
+        p_stale = stale / stale.sum() if rho > 0 else torch.zeros_like(sc)
+        return idx, (1 - rho) * p_score + rho * p_stale
+
+    def draw(self, n: int, iteration: int) -> tuple[list[int], int]:
+        """(pool indices, number replayed) of ``iteration``'s ``n`` scenarios (replayed first); a pure
+        function of (state, seed, iteration)."""
+        cfg = self.cfg
+        order = pick_scenarios(self.n_pool, self.n_pool, cfg.seed, iteration)
+        unseen = [i for i in order if i not in self.score]
+        n = min(n, self.n_pool)
+        n_rep = min(max(round(cfg.plr_replay_share * n), n - len(unseen)), len(self.score))
+        picks: list[int] = []
+        if n_rep:
+            idx, p = self.replay_probs(iteration)
+            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + iteration + 99_991)
+            picks = [idx[k] for k in torch.multinomial(p, n_rep, replacement=False, generator=g).tolist()]
+        return picks + unseen[:n - n_rep], n_rep
+
+    def update(self, gb: GroupBatch, picks: list[int], iteration: int) -> torch.Tensor:
+        """Score the groups of ``gb`` (one per pick) and mark them seen at ``iteration``; returns (S,) scores."""
+        S, G = len(picks), gb.group_size
+        r = (gb.drive_reward + gb.local_reward.sum(0)).view(S, G).double()
+        dev = (r - r.mean(1, keepdim=True)).abs().mean(1)
+        for i, v in zip(picks, dev.tolist(), strict=True):
+            self.score[i] = v if math.isfinite(v) else 0.0
+            self.seen[i] = iteration
+        return dev
+
+
 def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tensor, cfg: GRPOConfig,
                    start: int | None = None, branch_at: int | None = None) -> GroupBatch:
     """Roll each of the S ``scenarios`` out G times (``seeds`` (S, G)) in one batch and score them.
@@ -509,7 +601,7 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     """
     from roadloop.eval.metrics import compute_metrics
     from roadloop.policies.vla import tokenizer as tok
-    from roadloop.rollout import RolloutConfig, rollout
+    from roadloop.rollout import RolloutConfig, decision_schedule, rollout
     from roadloop.sim.batching import collate
 
     S, G = seeds.shape
@@ -519,7 +611,7 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
     batch = collate([sc for sc in scenarios for _ in range(G)])
     T = rollout_steps(scenarios, batch.num_steps, cfg.max_steps, start)
     warm = max(sc.meta.warmup_steps for sc in scenarios) if start is None else start
-    n_dec = len(range(warm, T, cfg.replan_every))
+    n_dec = len(decision_schedule(warm, T, cfg.replan_every))
     if n_dec == 0:
         raise ConfigError(f"rollouts of {T} steps made no decision (warm-up too long for max_steps={cfg.max_steps})")
     if cfg.groups == "branch":
@@ -921,6 +1013,8 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 log("iteration 0: " + _fmt(last_eval))
             _probe(model, pool, cfg, 0, probes, tracker, log)
         replay = IncidentReplay(cfg, (state or {}).get("extra", {}).get("replay", [])) if cfg.replay_share > 0 else None
+        levels = LevelSampler(cfg, len(pool), (state or {}).get("extra", {}).get("levels")) \
+            if cfg.scenario_sampling == "plr" else None
         good = GoodState(model, opt)
         good.snapshot(it)
         lower = frozen_lower_layers(model, ref)
@@ -928,7 +1022,13 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
         t0 = time.perf_counter() - elapsed
         stopped_early = False
         while it < cfg.iterations:
-            if replay is None:
+            if levels is not None:
+                picks, n_rep = levels.draw(cfg.scenarios_per_iter, it)
+                picked = [pool[i] for i in picks]
+                gb = collect_groups(model, picked, group_seeds(len(picks), cfg.group_size, cfg.seed, it), cfg,
+                                    pick_start(picked, cfg, it), pick_branch(cfg, it))
+                spreads = levels.update(gb, picks, it)
+            elif replay is None:
                 gb = collect_iteration(model, pool, cfg, it)
             else:
                 fresh = pick_scenarios(len(pool), cfg.scenarios_per_iter, cfg.seed, it)
@@ -972,12 +1072,17 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
             if replay is not None:
                 m.update({"replay/replayed": float(n_rep), "replay/new_incidents": float(n_new),
                           "replay/queue": float(len(replay.entries))})
+            if levels is not None:
+                m.update({"levels/replayed": float(n_rep), "levels/seen": float(len(levels.score)),
+                          "levels/spread": float(spreads.mean()),
+                          "levels/spread_replayed": float(spreads[:n_rep].mean()) if n_rep else math.nan,
+                          "levels/spread_new": float(spreads[n_rep:].mean()) if n_rep < len(spreads) else math.nan})
             tracker.log_metrics(m, it)
             history.append({"iteration": float(it), **m})
             if on_progress:
                 on_progress(it, cfg.iterations, m)
             if it % cfg.ckpt_every == 0 or it == cfg.iterations:
-                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay, ptx_pos), keep=2)
+                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay, ptx_pos, levels), keep=2)
             if ev_pool and it % cfg.eval_every == 0:
                 last_eval = evaluate_model(model, ev_pool, cfg, cfg.eval_suite, ev_hash)
                 tracker.log_metrics(last_eval, it)
@@ -986,7 +1091,7 @@ def train_grpo(cfg: GRPOConfig, resume: bool = False, on_progress: Callable[[int
                 _probe(model, pool, cfg, it, probes, tracker, log)
             if cfg.time_limit_min > 0 and time.perf_counter() - t0 > 60 * cfg.time_limit_min and it < cfg.iterations:
                 log(f"time limit {cfg.time_limit_min} min reached at iteration {it}/{cfg.iterations}: stopping")
-                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay, ptx_pos), keep=2)
+                save_train_state(run_dir, it, model, opt, extra=_ckpt_extra(t0, replay, ptx_pos, levels), keep=2)
                 stopped_early = True
                 break
         train_s = time.perf_counter() - t0
@@ -1020,10 +1125,13 @@ def _probe(model: VLAModel, pool: list[Scenario], cfg: GRPOConfig, it: int, prob
         log(f"iteration {it}: probe " + _fmt(probes[it]))
 
 
-def _ckpt_extra(t0: float, replay: IncidentReplay | None, ptx_pos: int = 0) -> dict:
+def _ckpt_extra(t0: float, replay: IncidentReplay | None, ptx_pos: int = 0,
+                levels: LevelSampler | None = None) -> dict:
     extra: dict = {"elapsed": time.perf_counter() - t0, "ptx_pos": ptx_pos}
     if replay is not None:
         extra["replay"] = replay.to_state()
+    if levels is not None:
+        extra["levels"] = levels.to_state()
     return extra
 
 
@@ -1037,6 +1145,7 @@ __all__ = [
     "GRPOResult",
     "GroupBatch",
     "IncidentReplay",
+    "LevelSampler",
     "check_init_model",
     "collect_groups",
     "collect_iteration",
