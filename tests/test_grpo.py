@@ -310,6 +310,9 @@ def test_level_replay_prefers_the_groups_whose_outcomes_differed(toy, tmp_path):
     gb = SimpleNamespace(group_size=2, drive_reward=drive, local_reward=torch.zeros(5, 8))
     spread = lv.update(gb, picks, iteration=0)
     assert spread.tolist() == [0.0, 2.0, 0.0, 0.0] and lv.score[picks[1]] == 2.0
+    assert grpo.group_spread(gb).tolist() == spread.tolist()  # three of the four groups are flat
+    with pytest.raises(ConfigError, match="3 picks for 8 rollouts"):
+        lv.update(gb, picks[:3], iteration=0)
     # rank weights (1 / rank) ** 10 put nearly all of the score mass on the rank-1 scenario
     idx, p = lv.replay_probs(iteration=1)
     assert math.isclose(float(p.sum()), 1.0) and float(p[idx.index(picks[1])]) > 0.9
@@ -335,6 +338,7 @@ def test_level_replay_prefers_the_groups_whose_outcomes_differed(toy, tmp_path):
     run = train_grpo(_cfg(toy, tmp_path / "full", iterations=4, **kw), log=lambda m: None)
     assert [h["levels/replayed"] for h in run.history] == [0, 1, 2, 2]  # 3 scenarios: unseen ones first
     assert [h["levels/seen"] for h in run.history] == [2, 3, 3, 3]
+    assert all(h["rollout/flat_groups"] in (0.0, 0.5, 1.0) for h in run.history)  # of 2 groups
     train_grpo(_cfg(toy, tmp_path / "part", iterations=2, **kw), log=lambda m: None)
     resumed = train_grpo(_cfg(toy, tmp_path / "part", iterations=4, **kw), resume=True, log=lambda m: None)
     assert [h["levels/spread"] for h in resumed.history] == [h["levels/spread"] for h in run.history[2:]]

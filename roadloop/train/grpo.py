@@ -138,6 +138,7 @@ if TYPE_CHECKING:
     from roadloop.train.road import RoaDConfig
 
 ADV_EPS = 1e-6
+FLAT_SPREAD = 1e-6  # reward units: a group whose driving rewards spread less has no driving advantage
 ROLLOUT_METRICS = ("score", "progress", "collision_at_fault", "collision_any", "offroad", "comfort_violation",
                    "red_light", "wrong_way", "dist_to_log")  # computed per collection and tracked
 
@@ -515,6 +516,14 @@ class IncidentReplay:
         return n
 
 
+def group_spread(gb: GroupBatch) -> torch.Tensor:
+    """(S,) float64 spread of each group's driving rewards, mean_g |R_g - mean R| (reward units): the
+    per-rollout driving reward plus its per-decision local terms.  0 for a group whose rollouts all
+    ended alike, which gives GRPO no driving advantage."""
+    r = (gb.drive_reward + gb.local_reward.sum(0)).double().view(-1, gb.group_size)
+    return (r - r.mean(1, keepdim=True)).abs().mean(1)
+
+
 class LevelSampler:
     """Prioritized Level Replay (Jiang, Grefenstette & Rocktaeschel 2021) over the scenario pool
     (``scenario_sampling = plr``).
@@ -580,9 +589,10 @@ class LevelSampler:
 
     def update(self, gb: GroupBatch, picks: list[int], iteration: int) -> torch.Tensor:
         """Score the groups of ``gb`` (one per pick) and mark them seen at ``iteration``; returns (S,) scores."""
-        S, G = len(picks), gb.group_size
-        r = (gb.drive_reward + gb.local_reward.sum(0)).view(S, G).double()
-        dev = (r - r.mean(1, keepdim=True)).abs().mean(1)
+        if len(picks) * gb.group_size != gb.drive_reward.numel():
+            raise ConfigError(f"LevelSampler.update: {len(picks)} picks for {gb.drive_reward.numel()} rollouts "
+                              f"in groups of {gb.group_size}")
+        dev = group_spread(gb)
         for i, v in zip(picks, dev.tolist(), strict=True):
             self.score[i] = v if math.isfinite(v) else 0.0
             self.seen[i] = iteration
@@ -901,7 +911,8 @@ class GRPOResult:
 
 
 def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
-    """Tracked rollout values of one collection (means over the non-failed rollouts / decisions)."""
+    """Tracked rollout values of one collection (means over the non-failed rollouts / decisions), and
+    ``rollout/flat_groups``, the share of its groups whose driving rewards are all equal (``group_spread``)."""
     ok = ~gb.failed
     mean = lambda x: float(x[ok].float().mean()) if bool(ok.any()) else math.nan  # noqa: E731
     dmean = lambda x: float(x[:, ok].float().mean()) if bool(ok.any()) and gb.num_decisions else math.nan  # noqa: E731
@@ -910,6 +921,7 @@ def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
          "rollout/consistency": dmean(gb.consistency), "rollout/failed": float(gb.failed.float().mean())}
     for k in ROLLOUT_METRICS:
         m[f"rollout/{k}"] = mean(gb.metrics[k])
+    m["rollout/flat_groups"] = float((group_spread(gb) < FLAT_SPREAD).double().mean())
     return m
 
 
@@ -1162,6 +1174,7 @@ __all__ = [
     "make_optimizer",
     "group_advantages",
     "group_seeds",
+    "group_spread",
     "iteration_metrics",
     "load_pool",
     "pick_branch",
