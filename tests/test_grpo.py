@@ -56,6 +56,24 @@ def _cfg(toy, out, **kw) -> GRPOConfig:
     return GRPOConfig(**base)
 
 
+def _assert_same_weights(ckpt_a, ckpt_b) -> None:
+    a, _ = load_checkpoint(ckpt_a)
+    b, _ = load_checkpoint(ckpt_b)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k  # bit-identical
+
+
+def _full_and_resumed(toy, tmp_path, **kw):
+    """4 iterations of 2 x 2 rollouts straight, and 2 then resumed to 4 (checkpoints every 2): asserts the
+    two end with the same weights and returns (full, resumed) results."""
+    kw = dict(scenarios_per_iter=2, group_size=2, ckpt_every=2, **kw)
+    full = train_grpo(_cfg(toy, tmp_path / "full", iterations=4, **kw), log=lambda m: None)
+    train_grpo(_cfg(toy, tmp_path / "part", iterations=2, **kw), log=lambda m: None)
+    resumed = train_grpo(_cfg(toy, tmp_path / "part", iterations=4, **kw), resume=True, log=lambda m: None)
+    _assert_same_weights(resumed.checkpoint, full.checkpoint)
+    return full, resumed
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 
@@ -285,17 +303,10 @@ def test_incident_replay_restarts_groups_before_their_incidents(toy, tmp_path):
         _cfg(toy, "unused", replay_share=0.5, max_steps=None).validate()
     # in training: the random policy leaves the road in most rollouts, so the queue fills and later
     # iterations replay; the queue is part of the checkpoint, so a resumed run draws the same scenarios
-    kw = dict(replay_share=0.5, scenarios_per_iter=2, group_size=2, ckpt_every=2)
-    full = train_grpo(_cfg(toy, tmp_path / "full", iterations=4, **kw), log=lambda m: None)
+    full, resumed = _full_and_resumed(toy, tmp_path, replay_share=0.5)
     assert full.history[0]["replay/replayed"] == 0 and sum(h["replay/replayed"] for h in full.history) >= 2
     assert all(h["replay/queue"] <= 64 for h in full.history)
-    train_grpo(_cfg(toy, tmp_path / "part", iterations=2, **kw), log=lambda m: None)
-    resumed = train_grpo(_cfg(toy, tmp_path / "part", iterations=4, **kw), resume=True, log=lambda m: None)
     assert [h["replay/replayed"] for h in resumed.history] == [h["replay/replayed"] for h in full.history[2:]]
-    a, _ = load_checkpoint(resumed.checkpoint)
-    b, _ = load_checkpoint(full.checkpoint)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
 
 
 def test_level_replay_prefers_the_groups_whose_outcomes_differed(toy, tmp_path):
@@ -334,18 +345,11 @@ def test_level_replay_prefers_the_groups_whose_outcomes_differed(toy, tmp_path):
     with pytest.raises(ConfigError, match="plr_temperature"):
         _cfg(toy, "unused", scenario_sampling="plr", plr_temperature=0.0).validate()
     # in training: the sampler's state is part of the checkpoint, so a resumed run draws the same scenarios
-    kw = dict(scenario_sampling="plr", scenarios_per_iter=2, group_size=2, ckpt_every=2)
-    run = train_grpo(_cfg(toy, tmp_path / "full", iterations=4, **kw), log=lambda m: None)
+    run, resumed = _full_and_resumed(toy, tmp_path, scenario_sampling="plr")
     assert [h["levels/replayed"] for h in run.history] == [0, 1, 2, 2]  # 3 scenarios: unseen ones first
     assert [h["levels/seen"] for h in run.history] == [2, 3, 3, 3]
     assert all(h["rollout/flat_groups"] in (0.0, 0.5, 1.0) for h in run.history)  # of 2 groups
-    train_grpo(_cfg(toy, tmp_path / "part", iterations=2, **kw), log=lambda m: None)
-    resumed = train_grpo(_cfg(toy, tmp_path / "part", iterations=4, **kw), resume=True, log=lambda m: None)
     assert [h["levels/spread"] for h in resumed.history] == [h["levels/spread"] for h in run.history[2:]]
-    a, _ = load_checkpoint(resumed.checkpoint)
-    b, _ = load_checkpoint(run.checkpoint)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,10 +444,7 @@ def test_kill_and_resume_loses_at_most_the_work_since_the_last_checkpoint(toy, t
     # functions of (seed, iteration), and weights, optimizer and RNG were restored
     ref = train_grpo(_cfg(toy, tmp_path / "ref", iterations=5, ckpt_every=2, minibatch_size=16,
                           random_start=GRPOConfig.random_start, lr=GRPOConfig.lr), log=lambda m: None)  # the CLI's
-    a, _ = load_checkpoint(out / "final")
-    b, _ = load_checkpoint(ref.checkpoint)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k
+    _assert_same_weights(out / "final", ref.checkpoint)
     assert "5 iterations" in " ".join(r.stdout.split())
 
 
