@@ -161,6 +161,32 @@ def test_decision_advantages_add_driving_and_reasoning_parts():
     assert torch.allclose(adv[..., 0], torch.tensor([[1.5, 0.5], [1.5, -3.5]])) and torch.equal(adv[..., 1], z)
 
 
+def test_iteration_metrics_track_each_family_driven():
+    S, G, D = 3, 2, 1
+    z = torch.zeros(D, S * G)
+    nan = float("nan")
+    metrics = {k: torch.zeros(S * G) for k in grpo.ROLLOUT_METRICS}
+    metrics["score"] = torch.tensor([1.0, 0.0, 0.5, 0.7, nan, 0.9])
+    metrics["collision_at_fault"] = torch.tensor([0.0, 1.0, 0.0, 0.0, nan, 0.0])
+    metrics["offroad"] = torch.tensor([0.0, 1.0, 1.0, 0.0, nan, 0.0])
+    gb = grpo.GroupBatch(scenario_ids=["a/1", "b/1", "a/2"], group_size=G, seeds=torch.arange(S * G),
+                         decision_steps=torch.arange(D), bev=z, history=z, command=z, text=z, actions=z, logp=z,
+                         grounding=z.bool(), consistency=z.bool(), drive_reward=torch.tensor([4.0, -4, 1, 2, 0, 3]),
+                         reason_reward=z, local_reward=z, terms={}, metrics=metrics,
+                         failed=torch.tensor([False, False, False, False, True, False]),
+                         incident_step=torch.full((S * G,), -1), env_steps=0, seconds=0.0,
+                         families=["lead_braking", "merge", "lead_braking"])
+    m = grpo.iteration_metrics(gb)
+    # lead_braking: rollouts 0, 1, 4 (failed: left out), 5; merge: rollouts 2, 3
+    assert m["family/lead_braking/score"] == pytest.approx((1.0 + 0.0 + 0.9) / 3)
+    assert m["family/lead_braking/incident"] == pytest.approx(1 / 3)
+    assert m["family/merge/score"] == pytest.approx(0.6) and m["family/merge/incident"] == 0.5
+    assert sorted(k for k in m if k.startswith("family/")) == [
+        "family/lead_braking/incident", "family/lead_braking/score", "family/merge/incident", "family/merge/score"]
+    gb.families = []  # not recorded: no family curves
+    assert not any(k.startswith("family/") for k in grpo.iteration_metrics(gb))
+
+
 def test_driving_advantage_trains_text_and_executed_action_tokens_only():
     from roadloop.policies.vla.model import VLAConfig
     from roadloop.train.grpo import executed_action_tokens, token_advantages
@@ -369,6 +395,7 @@ def test_collection_is_pure_and_first_ppo_epoch_has_ratio_one_and_zero_kl(toy):
     D, B = gb.num_decisions, gb.batch_size
     assert D == 4 and B == 4 and gb.bev.dtype == torch.uint8 and gb.text.shape == (D, B, MICRO.max_text_len)
     assert torch.isfinite(gb.drive_reward).all() and gb.env_steps == B * 30
+    assert gb.families == [sc.meta.family for sc in toy["scenarios"][:2]]
     # a later start: the log replays 5 more steps, then the policy drives as many steps as before
     late = collect_groups(model, toy["scenarios"][:2], seeds, cfg, start=toy["scenarios"][0].meta.warmup_steps + 5)
     assert late.decision_steps.tolist() == (gb.decision_steps + 5).tolist() and late.env_steps == B * 35

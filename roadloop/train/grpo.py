@@ -345,6 +345,7 @@ class GroupBatch:
     # in the scored steps, -1 none (log step: + the scenario's ``log_start``)
     env_steps: int  # scenario-steps simulated (B x T)
     seconds: float
+    families: list[str] = field(default_factory=list)  # (S,) each scenario's family (empty: not recorded)
 
     @property
     def num_decisions(self) -> int:
@@ -657,7 +658,7 @@ def collect_groups(model: VLAModel, scenarios: list[Scenario], seeds: torch.Tens
         local_reward=local,
         terms=terms, metrics=metrics, failed=ro.failed.clone(), incident_step=first_incident(ro),
         env_steps=B * ro.num_steps,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, families=[sc.meta.family for sc in scenarios])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,8 +912,11 @@ class GRPOResult:
 
 
 def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
-    """Tracked rollout values of one collection (means over the non-failed rollouts / decisions), and
-    ``rollout/flat_groups``, the share of its groups whose driving rewards are all equal (``group_spread``)."""
+    """Tracked rollout values of one collection (means over the non-failed rollouts / decisions),
+    ``rollout/flat_groups``, the share of its groups whose driving rewards are all equal (``group_spread``),
+    and per scenario family driven in it ``family/<family>/score`` and ``family/<family>/incident`` (the
+    share of its rollouts with an at-fault collision or off-road): a family's curve has a point at each
+    iteration that drew one of its scenarios."""
     ok = ~gb.failed
     mean = lambda x: float(x[ok].float().mean()) if bool(ok.any()) else math.nan  # noqa: E731
     dmean = lambda x: float(x[:, ok].float().mean()) if bool(ok.any()) and gb.num_decisions else math.nan  # noqa: E731
@@ -922,6 +926,14 @@ def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
     for k in ROLLOUT_METRICS:
         m[f"rollout/{k}"] = mean(gb.metrics[k])
     m["rollout/flat_groups"] = float((group_spread(gb) < FLAT_SPREAD).double().mean())
+    if gb.families and bool(ok.any()):
+        fam = [f for f in gb.families for _ in range(gb.group_size)]  # (B,) rollout b = s G + g
+        incident = (gb.metrics["collision_at_fault"] > 0) | (gb.metrics["offroad"] > 0)
+        for f in sorted(set(gb.families)):
+            sel = torch.tensor([x == f for x in fam]) & ok
+            if bool(sel.any()):
+                m[f"family/{f}/score"] = float(gb.metrics["score"][sel].float().mean())
+                m[f"family/{f}/incident"] = float(incident[sel].float().mean())
     return m
 
 
