@@ -56,6 +56,8 @@ Departures from the papers / AlpaGym:
 * Log-probs for ratios and KL are those of the untempered, untruncated model distribution
   (``VLAModel.token_logps``), while sampling uses ``temperature`` / ``top_p``; exact only for the
   defaults (1.0 / 1.0).  Tokens outside the nucleus are never sampled, so they never enter the loss.
+  Measured (LOG 2026-12-07): ``top_p=0.95`` in training lowered the training reward itself and the
+  held-out score on two seeds, so sample GRPO's rollouts from the whole distribution.
 * The reasoning reward is per decision with its own group normalisation (over all decisions of the
   group's G rollouts, since only the first decision of a group shares one state), not folded into
   one per-rollout reward; with ``std`` each part is unit-scale, so the reasoning weights set only
@@ -195,7 +197,7 @@ class GRPOConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     temperature: float = 1.0  # sampling (ratios use the untempered model: see departures)
-    top_p: float = 1.0
+    top_p: float = 1.0  # < 1 measured worse (departures)
     advantage: str = "centered"  # std: (r - mean) / (std + 1e-6); centered: (r - mean) / adv_scale (LOG: std lets
     # reasoning weigh as much as driving and the reward fell)
     adv_scale: float = 2.0  # reward units per unit advantage (centered)
