@@ -507,6 +507,9 @@ def test_grpo_raises_the_reward_of_a_weak_policy(toy, tmp_path):
                                                     "rollout/grounding", "rollout/consistency", "loss/kl",
                                                     "loss/clip_frac", "perf/env_steps_per_s",
                                                     "perf/learner_samples_per_s"))
+    (fam,) = {sc.meta.family for sc in toy["scenarios"]}  # one family, all of it drawn every iteration:
+    assert all(x[f"family/{fam}/score"] == pytest.approx(x["rollout/score"]) for x in h)  # its curve is the mean's
+    assert any(x[f"family/{fam}/incident"] > 0 for x in h)
     # `roadloop probe` with the run's own config reproduces both probes and pairs them
     js = tmp_path / "probe.json"
     r = CliRunner().invoke(app, ["probe", str(toy["init"]), str(res.checkpoint), "--config", str(tmp_path / "run" /

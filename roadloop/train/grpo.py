@@ -929,10 +929,11 @@ def iteration_metrics(gb: GroupBatch) -> dict[str, float]:
         m[f"rollout/{k}"] = mean(gb.metrics[k])
     m["rollout/flat_groups"] = float((group_spread(gb) < FLAT_SPREAD).double().mean())
     if gb.families and bool(ok.any()):
-        fam = [f for f in gb.families for _ in range(gb.group_size)]  # (B,) rollout b = s G + g
+        names = sorted(set(gb.families))
+        code = torch.tensor([names.index(f) for f in gb.families]).repeat_interleave(gb.group_size)  # (B,)
         incident = (gb.metrics["collision_at_fault"] > 0) | (gb.metrics["offroad"] > 0)
-        for f in sorted(set(gb.families)):
-            sel = torch.tensor([x == f for x in fam]) & ok
+        for i, f in enumerate(names):
+            sel = (code == i) & ok
             if bool(sel.any()):
                 m[f"family/{f}/score"] = float(gb.metrics["score"][sel].float().mean())
                 m[f"family/{f}/incident"] = float(incident[sel].float().mean())
