@@ -531,10 +531,9 @@ class LevelSampler:
     """Prioritized Level Replay (Jiang, Grefenstette & Rocktaeschel 2021) over the scenario pool
     (``scenario_sampling = plr``).
 
-    Each scenario driven so far has a score, the spread of its last group's driving rewards (mean
-    |R_g - mean_g R| over the G rollouts, the driving reward plus its per-decision local terms): the
-    mean size of the group's driving advantage before scaling, zero for a group whose rollouts all
-    ended alike, which teaches GRPO nothing about driving.  An iteration drives
+    Each scenario driven so far has a score, the ``group_spread`` of its last group: the mean size of
+    the group's driving advantage before scaling, zero for a group whose rollouts all ended alike,
+    which teaches GRPO nothing about driving.  An iteration drives
     ``round(plr_replay_share x S)`` scenarios replayed from the seen ones and the rest new ones (the
     unseen scenarios in the iteration's permutation of the pool, ``pick_scenarios``; all replayed once
     none is left).  The replayed ones are drawn without replacement from PLR's mixture::
