@@ -26,6 +26,7 @@ from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint, sa
 from roadloop.rollout import RolloutConfig, rollout
 from roadloop.scenarios.suites import Suite, save_suite
 from roadloop.sim.batching import collate
+from roadloop.testing.checkpoints import assert_same_weights
 from roadloop.testing.scenes import build, straight_road
 from roadloop.train import grpo
 from roadloop.train.checkpointing import NonFiniteError
@@ -56,13 +57,6 @@ def _cfg(toy, out, **kw) -> GRPOConfig:
     return GRPOConfig(**base)
 
 
-def _assert_same_weights(ckpt_a, ckpt_b) -> None:
-    a, _ = load_checkpoint(ckpt_a)
-    b, _ = load_checkpoint(ckpt_b)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k  # bit-identical
-
-
 def _full_and_resumed(toy, tmp_path, **kw):
     """4 iterations of 2 x 2 rollouts straight, and 2 then resumed to 4 (checkpoints every 2): asserts the
     two end with the same weights and returns (full, resumed) results."""
@@ -70,7 +64,7 @@ def _full_and_resumed(toy, tmp_path, **kw):
     full = train_grpo(_cfg(toy, tmp_path / "full", iterations=4, **kw), log=lambda m: None)
     train_grpo(_cfg(toy, tmp_path / "part", iterations=2, **kw), log=lambda m: None)
     resumed = train_grpo(_cfg(toy, tmp_path / "part", iterations=4, **kw), resume=True, log=lambda m: None)
-    _assert_same_weights(resumed.checkpoint, full.checkpoint)
+    assert_same_weights(resumed.checkpoint, full.checkpoint)
     return full, resumed
 
 
@@ -471,7 +465,7 @@ def test_kill_and_resume_loses_at_most_the_work_since_the_last_checkpoint(toy, t
     # functions of (seed, iteration), and weights, optimizer and RNG were restored
     ref = train_grpo(_cfg(toy, tmp_path / "ref", iterations=5, ckpt_every=2, minibatch_size=16,
                           random_start=GRPOConfig.random_start, lr=GRPOConfig.lr), log=lambda m: None)  # the CLI's
-    _assert_same_weights(out / "final", ref.checkpoint)
+    assert_same_weights(out / "final", ref.checkpoint)
     assert "5 iterations" in " ".join(r.stdout.split())
 
 
@@ -799,8 +793,7 @@ def test_grpo_ptx_rehearses_expert_demonstrations_and_resumes_its_stream(toy, tm
     # interrupted after iteration 2 and resumed: the stream continues where it stopped, weights bit for bit
     train_grpo(cfg(tmp_path / "cut", iterations=2), log=lambda m: None)
     res = train_grpo(cfg(tmp_path / "cut", iterations=3), resume=True, log=lambda m: None)
-    a = load_checkpoint(res.checkpoint)[0].state_dict()
-    assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
+    assert_same_weights(res.checkpoint, full.checkpoint)
     with pytest.raises(RoadloopError, match="differs from the demonstrations this run started with"):
         train_grpo(replace(cfg(tmp_path / "cut", iterations=4), expert_data="", ptx_coef=0.0), resume=True)
     # bad input, before any compute

@@ -18,6 +18,7 @@ from roadloop.policies import get_policy
 from roadloop.policies.vla import tokenizer as tok
 from roadloop.policies.vla.model import VLAConfig, VLAModel, load_checkpoint
 from roadloop.policies.vla.policy import VLAPolicy
+from roadloop.testing.checkpoints import assert_same_weights
 from roadloop.train.il import (
     ILConfig,
     ModelSpec,
@@ -88,13 +89,6 @@ def _interrupt_at_step_15(demos, out, **kw) -> None:
         train_il(_cfg(demos, out, **{**kw, "log_every": 1}), on_progress=boom, log=lambda m: None)
 
 
-def _assert_same_weights(ckpt_a, ckpt_b) -> None:
-    a, _ = load_checkpoint(ckpt_a)
-    b, _ = load_checkpoint(ckpt_b)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k]), k  # bit-identical
-
-
 def test_interrupted_run_resumes_to_the_same_weights(demos, home, tmp_path):
     full = train_il(_cfg(demos, tmp_path / "full", epochs=6.0), log=lambda m: None)
     _interrupt_at_step_15(demos, tmp_path / "cut", epochs=6.0)
@@ -104,7 +98,7 @@ def test_interrupted_run_resumes_to_the_same_weights(demos, home, tmp_path):
     msgs = []
     res = train_il(_cfg(demos, tmp_path / "cut", epochs=6.0), resume=True, log=msgs.append)
     assert any("resumed" in m and "step 10" in m for m in msgs)  # last checkpoint before the interruption
-    _assert_same_weights(full.checkpoint, res.checkpoint)  # as if never interrupted
+    assert_same_weights(full.checkpoint, res.checkpoint)  # as if never interrupted
     assert res.run_id == json.loads((tmp_path / "cut" / "run.json").read_text())["run_id"]
 
 
@@ -119,7 +113,7 @@ def test_streamed_rasters_train_and_resume(demos, home, tmp_path):
     assert losses[-1] < 0.7 * losses[0]
     _interrupt_at_step_15(demos, tmp_path / "cut", **kw)
     res = train_il(_cfg(demos, tmp_path / "cut", **kw), resume=True, log=lambda m: None)
-    _assert_same_weights(full.checkpoint, res.checkpoint)
+    assert_same_weights(full.checkpoint, res.checkpoint)
     with pytest.raises(ConfigError, match="data_loading must be one of memory, stream"):
         train_il(_cfg(demos, tmp_path / "r0", data_loading="disk"), log=lambda m: None)
 
@@ -210,7 +204,7 @@ def test_schedule_is_fitted_to_the_time_limit_and_resumes_as_fitted(demos, home,
                    log=msgs.append, clock=clk)
     assert res.steps == 30 and not res.stopped_early
     assert any(f"as fitted before the interruption: 30 of {fitted.planned_steps} planned" in m for m in msgs)
-    _assert_same_weights(fitted.checkpoint, res.checkpoint)
+    assert_same_weights(fitted.checkpoint, res.checkpoint)
 
 
 def test_weight_average_is_the_bias_corrected_ema_of_the_steps():
@@ -255,7 +249,7 @@ def test_weight_averaged_run_evaluates_and_resumes_with_the_average(demos, home,
     with pytest.raises(ConfigError, match="ema_decay=0.9, this config has 0.5"):
         train_il(_cfg(demos, tmp_path / "cut", epochs=6.0, ema_decay=0.5), resume=True, log=lambda m: None)
     res = train_il(_cfg(demos, tmp_path / "cut", **kw), resume=True, log=lambda m: None)
-    _assert_same_weights(full.checkpoint, res.checkpoint)
+    assert_same_weights(full.checkpoint, res.checkpoint)
     with pytest.raises(ConfigError, match="ema_decay must be in"):
         _cfg(demos, tmp_path / "r", ema_decay=1.0).validate()
 
